@@ -1,0 +1,1 @@
+"""One module per pipeline stage; `vigorl` (jobs.cli) dispatches to them."""

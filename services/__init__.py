@@ -1,0 +1,1 @@
+"""Ray Serve deployments: thin wrappers over vigorl_core."""
