@@ -1,0 +1,36 @@
+"""`vigorl <command> ARGS`: the same parser as `python -m jobs.<module> ARGS`.
+
+    vigorl tiny --out runs/models/tiny
+    vigorl synth --task visual_search --n 16 --seed 0 --out runs/data/vs
+    vigorl quickstart
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "tiny": ("jobs.tiny", "build a random-weight Qwen2.5-VL (tiny, 3b or 7b shape) offline"),
+    "synth": ("jobs.synth", "write a deterministic synthetic benchmark (visual_search, grounding, spatial)"),
+    "quickstart": ("jobs.quickstart", "run the pipeline on the tiny model and synthetic data"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print("usage: vigorl <command> [--help] [--key value ...]\n\ncommands:")
+        for name, (_, summary) in COMMANDS.items():
+            print(f"  {name:<12}{summary}")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"vigorl: unknown command {name!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""What every job needs before it starts: the process environment and the error style.
+
+The environment defaults are the measured ones for vLLM on CPU and Ray on small machines
+(../shared/design/PLATFORM.md); a variable the user already set is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from vigorl_core.config import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def set_runtime_env() -> None:
+    """Default environment for local runs: offline hub, one OMP thread, vLLM CPU cache, Ray auth off."""
+    defaults = {
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_HOST_IP": "127.0.0.1",
+        "VLLM_CACHE_ROOT": str(REPO_ROOT / ".vllm-cache"),
+        "TORCH_EXTENSIONS_DIR": str(REPO_ROOT / ".torch_ext"),
+        "DS_ACCELERATOR": "cpu",
+        "RAY_AUTH_MODE": "disabled",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+def run_main(body: Callable[[list[str]], int | None], argv: list[str] | None) -> int:
+    """Run a job body; configuration and input errors print one clear line instead of a traceback."""
+    set_runtime_env()
+    try:
+        return body(sys.argv[1:] if argv is None else argv) or 0
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,48 @@
+"""Shared test fixtures: the runtime environment, one tiny model per session.
+
+Environment variables are set before anything imports vLLM, Ray or torch (PLATFORM.md).
+Markers: `slow` (needs vLLM or Ray; integration), `gpu` (needs CUDA; skipped in CI).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from jobs.common import set_runtime_env  # noqa: E402
+
+set_runtime_env()
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight Qwen2.5-VL folder, built once per test session."""
+    from vigorl_core.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def subprocess_env() -> dict[str, str]:
+    """Environment for subprocess runs of jobs: the repo on the path, the test runtime settings."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env

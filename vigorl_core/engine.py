@@ -1,0 +1,173 @@
+"""The policy engine: one async interface over vLLM's in-process `AsyncLLM` (CPU or GPU build).
+
+Token-in/token-out: callers pass prompt token ids with ONE `<|image_pad|>` per image plus the images
+(already resized to the model frame); vLLM expands the placeholders itself. Results carry the engine's
+generated ids verbatim, their text and per-token log-probabilities (raw, before temperature, so a
+training forward reproduces them). Weight updates load a state dict into the running engine, clear the
+prefix and multimodal caches, and bump `version` (GRPO's weight sync calls this).
+
+    engine = await VLLMEngine.create(EngineConfig(model="runs/models/tiny"))
+    [gen] = await engine.generate(prompt_ids, [image], Sampling(max_tokens=64))
+    await engine.update_weights(model.state_dict())     # version 0 -> 1
+
+vllm is imported lazily so vigorl_core stays importable without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+# Vision tokens the policy must never sample: a generated `<|image_pad|>` breaks the training forward.
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings of one generate call (n > 1 = a GRPO group sharing one prompt prefill)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    logprobs: bool = True
+
+
+@dataclass
+class Generation:
+    """One sampled continuation: the engine's ids verbatim, their text, raw log-probs, why it stopped."""
+
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None
+    finish_reason: str  # "stop" (EOS, stop string or stop token), "length" or "abort"
+    stop_reason: str | int | None = None
+    policy_version: int = 0
+
+
+class PolicyEngine(Protocol):
+    """What rollouts need from a policy, wherever it runs (in-process vLLM, a Serve replica, a fake)."""
+
+    version: int
+
+    async def generate(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
+                       request_id: str | None = None) -> list[Generation]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def update_weights(self, state_dict: Mapping[str, Any]) -> int: ...
+
+
+@dataclass
+class EngineConfig:
+    """How to start a vLLM engine. Defaults suit the tiny model on CPU (eager, fp32, small cache)."""
+
+    model: str
+    max_model_len: int = 4096
+    dtype: str = "float32"
+    enforce_eager: bool = True
+    seed: int = 0
+    max_images_per_prompt: int = 8
+    gpu_memory_utilization: float = 0.85
+    tensor_parallel_size: int = 1
+    enable_prefix_caching: bool = True
+    max_num_seqs: int = 256
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class VLLMEngine:
+    """PolicyEngine over an in-process `vllm.v1.engine.async_llm.AsyncLLM`."""
+
+    def __init__(self, llm: Any, config: EngineConfig, suppressed_token_ids: list[int]):
+        self._llm = llm
+        self.config = config
+        self.version = 0
+        self._suppress = {token_id: -100.0 for token_id in suppressed_token_ids}
+        self._ids = itertools.count()
+        self._weights_lock = asyncio.Lock()
+
+    @classmethod
+    async def create(cls, config: EngineConfig) -> VLLMEngine:
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = AsyncEngineArgs(
+            model=config.model, tokenizer=config.model, dtype=config.dtype, max_model_len=config.max_model_len,
+            enforce_eager=config.enforce_eager, seed=config.seed,
+            limit_mm_per_prompt={"image": config.max_images_per_prompt, "video": 0},
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            tensor_parallel_size=config.tensor_parallel_size, enable_prefix_caching=config.enable_prefix_caching,
+            max_num_seqs=config.max_num_seqs, logprobs_mode="raw_logprobs",
+            worker_extension_cls="vigorl_core.engine_worker.WeightLoader", **config.extra,
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        suppressed = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS if t in tokenizer.get_vocab()]
+        return cls(llm, config, suppressed)
+
+    def _sampling_params(self, sampling: Sampling):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop) or None, stop_token_ids=list(sampling.stop_token_ids) or None,
+            include_stop_str_in_output=True, seed=sampling.seed, logprobs=0 if sampling.logprobs else None,
+            logit_bias=dict(self._suppress) or None, skip_special_tokens=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    async def generate(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
+                       request_id: str | None = None) -> list[Generation]:
+        prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_ids)}
+        if images:
+            prompt["multi_modal_data"] = {"image": list(images)}
+        request_id = request_id or f"gen-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        version = self.version
+        final = None
+        async for output in self._llm.generate(prompt, self._sampling_params(sampling), request_id):
+            final = output
+        if final is None:
+            return []
+        generations = []
+        for completion in sorted(final.outputs, key=lambda c: c.index):
+            logprobs = None
+            if sampling.logprobs and completion.logprobs is not None:
+                logprobs = [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs)]
+            generations.append(Generation(
+                token_ids=list(completion.token_ids), text=completion.text, logprobs=logprobs,
+                finish_reason=completion.finish_reason or "abort", stop_reason=completion.stop_reason,
+                policy_version=version,
+            ))
+        return generations
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    async def update_weights(self, state_dict: Mapping[str, Any]) -> int:
+        """Load `state_dict` (HF parameter names) into the running engine; returns the new version.
+        In-flight requests finish first (pause with mode "wait"), caches are cleared, then resume."""
+        from safetensors.torch import save
+
+        blob = save({name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()})
+        async with self._weights_lock:
+            await self._llm.pause_generation(mode="wait", clear_cache=True)
+            try:
+                await self._llm.collective_rpc("load_safetensors_bytes", args=(blob,))
+                await self._llm.reset_prefix_cache()
+                await self._llm.reset_mm_cache()
+                self.version += 1
+            finally:
+                await self._llm.resume_generation()
+        return self.version
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
