@@ -46,3 +46,38 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+class EngineHarness:
+    """One vLLM engine on an event loop in its own thread; tests call `run(coroutine)` from sync code.
+    AsyncLLM binds its output handler to the loop that created it, so every call goes through that loop."""
+
+    def __init__(self, model_dir: Path):
+        import asyncio
+        import threading
+
+        from vigorl_core.engine import EngineConfig, VLLMEngine
+
+        self.model_dir = model_dir
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="vllm-test-loop", daemon=True)
+        self._thread.start()
+        self.engine = self.run(VLLMEngine.create(EngineConfig(model=str(model_dir), max_model_len=4096)))
+
+    def run(self, coroutine, timeout: float = 300):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self):
+        self.engine.shutdown()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tiny_model_dir) -> EngineHarness:
+    """The session's one vLLM engine (CPU build, eager) on the tiny model."""
+    harness = EngineHarness(tiny_model_dir)
+    yield harness
+    harness.close()

@@ -170,4 +170,7 @@ class VLLMEngine:
         return self.version
 
     def shutdown(self) -> None:
-        self._llm.shutdown()
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
+            del llm  # collect now, while the interpreter can still run AsyncLLM.__del__ cleanly
