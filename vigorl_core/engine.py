@@ -38,6 +38,7 @@ class Sampling:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     logprobs: bool = True
+    regex: str | None = None  # constrain the output to a regular expression (structured outputs)
 
 
 @dataclass
@@ -115,7 +116,7 @@ class VLLMEngine:
 
     def _sampling_params(self, sampling: Sampling):
         from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         return SamplingParams(
             n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
@@ -123,6 +124,7 @@ class VLLMEngine:
             include_stop_str_in_output=True, seed=sampling.seed, logprobs=0 if sampling.logprobs else None,
             logit_bias=dict(self._suppress) or None, skip_special_tokens=False,
             output_kind=RequestOutputKind.FINAL_ONLY,
+            structured_outputs=StructuredOutputsParams(regex=sampling.regex) if sampling.regex else None,
         )
 
     async def generate(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,

@@ -83,3 +83,32 @@ class Trace(BaseModel):
     @property
     def points(self) -> list[Point]:
         return [p for s in self.steps for p in s.points]
+
+
+class RolloutRecord(Record):
+    """One finished conversation, ready for training (token contract in ARCHITECTURE.md).
+
+    `engine_ids` hold ONE `<|image_pad|>` per image (what the engine takes); `train_ids` expand each to
+    the processor's count; `loss_mask` and `logprobs` align with `train_ids` (1 / the engine's log-prob
+    on model-generated tokens, 0 / 0.0 elsewhere). `images` name the images in order (content hashes;
+    the pixels travel separately, by reference)."""
+
+    sample_id: str
+    group_index: int = 0
+    task: str
+    mode: str
+    engine_ids: list[int]
+    train_ids: list[int]
+    loss_mask: list[int]
+    logprobs: list[float]
+    prompt_len: int = Field(description="number of train_ids before the first generated token")
+    images: list[str] = Field(description="sha256 of each image's RGB bytes and size, in order")
+    image_tokens: list[int] = Field(description="expanded <|image_pad|> count of each image")
+    text: str = Field(description="the response as one string (turns and observations, tags present)")
+    trace: Trace
+    finish: str = Field(description="answer | no_tool_call | max_turns | response_budget | length")
+    num_turns: int
+    reward: float | None = None
+    reward_details: dict[str, Any] = Field(default_factory=dict)
+    policy_versions: list[int] = Field(description="policy version that generated each turn")
+    timings: dict[str, float] = Field(default_factory=dict)

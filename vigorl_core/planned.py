@@ -1,0 +1,70 @@
+"""PlannedTurnsEngine: a real engine whose output follows a per-conversation zoom plan.
+
+A random-weight model never emits a tool call, yet tests and benchmarks need real multi-turn
+conversations with varying turn counts on real vLLM. This wrapper constrains each turn with a regular
+expression (vLLM structured outputs): a prompt whose plan says k zooms gets k turns of
+`<think> ... (x, y). </think>` + a `search_coordinate` tool call, then a turn with an `<answer>`.
+The text inside the think block, the points and the answer are sampled by the model; k is
+`crc32(first user turn) % (max_zooms + 1)`, so it varies across prompts and is reproducible.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from vigorl_core.engine import Generation, PolicyEngine, Sampling
+
+_COORD = r"\d{1,3}"
+THINK = rf"<think> [a-z ]{{8,48}} \({_COORD}, {_COORD}\)\. </think>\n"
+ZOOM_TURN = THINK + (r'<tool_call>\n\{"name": "search_coordinate", "arguments": \{"coordinate": '
+                     rf'\[{_COORD}, {_COORD}\]\}}\}}\n</tool_call>')
+ANSWER_TURN = THINK + r"<answer> [a-z]{1,12} </answer>"
+FORCED_ANSWER = r" [a-z]{1,12} </answer>"
+
+
+class PlannedTurnsEngine:
+    """PolicyEngine over `engine` that makes prompt p zoom `plan(p)` times before answering."""
+
+    def __init__(self, engine: PolicyEngine, tokenizer: Any, max_zooms: int = 4):
+        self.engine = engine
+        self.max_zooms = max_zooms
+        self.assistant_header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
+        self.forced_tail = tokenizer.encode("</think>\n<answer>", add_special_tokens=False)
+
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
+    def _turn_and_plan(self, prompt_ids: Sequence[int]) -> tuple[int, int]:
+        ids = list(prompt_ids)
+        header = self.assistant_header
+        starts = [i for i in range(len(ids) - len(header) + 1) if ids[i:i + len(header)] == header]
+        first = starts[0] if starts else len(ids)
+        plan = zlib.crc32(bytes(str(ids[:first]), "ascii")) % (self.max_zooms + 1)
+        return len(starts) - 1, plan
+
+    def regex_for(self, prompt_ids: Sequence[int]) -> str:
+        if list(prompt_ids[-len(self.forced_tail):]) == self.forced_tail:
+            return FORCED_ANSWER
+        turn, plan = self._turn_and_plan(prompt_ids)
+        return ZOOM_TURN if turn < plan else ANSWER_TURN
+
+    async def generate(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
+                       request_id: str | None = None) -> list[Generation]:
+        return await self.engine.generate(prompt_ids, images, replace(sampling, regex=self.regex_for(prompt_ids)),
+                                          request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    async def update_weights(self, state_dict: Mapping[str, Any]) -> int:
+        return await self.engine.update_weights(state_dict)
+
+
+def planned_zooms(text: str) -> int:
+    """Number of tool calls in a conversation text (for checking a plan was followed)."""
+    return len(re.findall(r"</tool_call>", text))
