@@ -151,6 +151,24 @@ class VLLMEngine:
             ))
         return generations
 
+    async def score(self, prompt_ids: Sequence[int], images: Sequence[Any]) -> tuple[list[int], list[float | None]]:
+        """Teacher-forced log-probs of a whole sequence: (the engine's expanded ids, the log-prob of each id
+        given the ones before it; None for the first). Raw log-probs, no sampling constraints applied."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_ids)}
+        if images:
+            prompt["multi_modal_data"] = {"image": list(images)}
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        final = None
+        async for output in self._llm.generate(prompt, params, f"score-{next(self._ids)}-{uuid.uuid4().hex[:8]}"):
+            final = output
+        ids = list(final.prompt_token_ids)
+        logprobs = [None if step is None else step[token].logprob for token, step in zip(ids, final.prompt_logprobs)]
+        return ids, logprobs
+
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from vigorl_core.engine import Generation, PolicyEngine, Sampling
 
-_COORD = r"\d{1,3}"
+_COORD = r"(?:0|[1-9]\d{0,2})"  # JSON ints: no leading zeros
 THINK = rf"<think> [a-z ]{{8,48}} \({_COORD}, {_COORD}\)\. </think>\n"
 ZOOM_TURN = THINK + (r'<tool_call>\n\{"name": "search_coordinate", "arguments": \{"coordinate": '
                      rf'\[{_COORD}, {_COORD}\]\}}\}}\n</tool_call>')

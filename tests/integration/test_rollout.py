@@ -1,0 +1,169 @@
+"""Rollout driver on real vLLM (tiny model): token parity with the HF processor and an HF forward,
+budgets, malformed tool calls, group sampling, weight updates."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from vigorl_core.chat_tokens import ChatTokens
+from vigorl_core.engine import Sampling
+from vigorl_core.planned import ANSWER_TURN, PlannedTurnsEngine
+from vigorl_core.rollout import RolloutConfig, RolloutDriver
+from vigorl_core.synthetic import generate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_model_dir):
+    return ChatTokens.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def visual_search():
+    return generate("visual_search", 8, seed=1)
+
+
+class ForcedTurns(PlannedTurnsEngine):
+    """Planned engine whose turn t is forced to regexes[t] (then answers)."""
+
+    def __init__(self, engine, tokenizer, regexes):
+        super().__init__(engine, tokenizer)
+        self.regexes = regexes
+
+    def regex_for(self, prompt_ids):
+        turn, _ = self._turn_and_plan(prompt_ids)
+        forced = super().regex_for(prompt_ids)
+        if forced.startswith(" "):  # forced-final continuation
+            return forced
+        return self.regexes[turn] if turn < len(self.regexes) else ANSWER_TURN
+
+
+def _rollouts(vllm_engine, engine, chat, config, data):
+    driver = RolloutDriver(engine, chat, config)
+
+    async def collect():
+        return [r for group in [g async for g in driver.run([driver.prepare(s, [im]) for s, im in data])]
+                for r in group]
+
+    return vllm_engine.run(collect())
+
+
+def _segments(rollout):
+    """Split train_ids into (kind, ids) runs by loss mask: prompt/observation (0) and generated (1)."""
+    rec = rollout.record
+    runs, start = [], 0
+    for i in range(1, len(rec.loss_mask) + 1):
+        if i == len(rec.loss_mask) or rec.loss_mask[i] != rec.loss_mask[start]:
+            runs.append((rec.loss_mask[start], rec.train_ids[start:i]))
+            start = i
+    return runs
+
+
+def test_multiturn_parity_with_hf_processor_and_forward(vllm_engine, chat, processor, tiny_model_dir, visual_search):
+    from transformers import AutoModelForImageTextToText
+
+    engine = PlannedTurnsEngine(vllm_engine.engine, chat.tokenizer, max_zooms=4)
+    config = RolloutConfig(mode="multiturn", group_size=2, seed=0, max_tokens_per_turn=96)
+    rollouts = _rollouts(vllm_engine, engine, chat, config, visual_search)
+    multi = [r for r in rollouts if len(r.images) >= 3]
+    assert multi, "the plan gives some conversations several crops"
+    assert {r.record.num_turns for r in rollouts} != {1}, "turn counts vary"
+    tokenizer = processor.tokenizer
+    for rollout in rollouts:
+        rec = rollout.record
+        assert len(rec.train_ids) == len(rec.loss_mask) == len(rec.logprobs)
+        # Per-image pad counts equal the processor's.
+        grids = processor.image_processor(images=rollout.images, return_tensors="pt")["image_grid_thw"]
+        assert rec.image_tokens == (grids.prod(-1) // 4).tolist()
+        assert rec.train_ids.count(chat.image_pad_id) == sum(rec.image_tokens)
+        assert rec.engine_ids.count(chat.image_pad_id) == len(rollout.images)
+        assert chat.expand(rec.engine_ids, rollout.images) == rec.train_ids
+        # Template and observation runs equal the processor's tokenization of the same text + images;
+        # generated runs carry log-probs, masked runs carry none.
+        image_iter = iter(rollout.images)
+        for masked_in, ids in _segments(rollout):
+            if masked_in:
+                continue
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            images = [next(image_iter) for _ in range(text.count("<|vision_start|>"))]
+            ref = processor(text=[_collapse_pads(text)], images=images or None, return_tensors="pt")
+            assert ref["input_ids"][0].tolist() == ids
+        assert rec.text.count("<observation>") == len(rollout.images) - 1 + rec.text.count("could not be executed")
+    # The engine, given the finished conversation's engine_ids and images, expands them to exactly
+    # train_ids, and an HF forward on train_ids reproduces its teacher-forced log-probs (fp32), crops included.
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
+    rollout = max(multi, key=lambda r: len(r.images))
+    rec = rollout.record
+    engine_ids, engine_lp = vllm_engine.run(vllm_engine.engine.score(rec.engine_ids, rollout.images))
+    assert engine_ids == rec.train_ids
+    hf = _hf_logprobs(model, processor, rec.train_ids, rollout.images, chat.image_pad_id)
+    positions = [i for i, m in enumerate(rec.loss_mask) if m]
+    assert max(abs(hf[i] - engine_lp[i]) for i in positions) < 2e-3
+
+
+def _hf_logprobs(model, processor, train_ids, images, image_pad_id):
+    """log p(train_ids[i] | train_ids[:i]) from an HF forward (index 0 is meaningless)."""
+    pixels = processor.image_processor(images=images, return_tensors="pt")
+    ids = torch.tensor([train_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels["pixel_values"],
+                       image_grid_thw=pixels["image_grid_thw"], mm_token_type_ids=(ids == image_pad_id).long()).logits[0]
+    logprobs = torch.log_softmax(logits.float(), -1)
+    return [0.0] + [logprobs[i - 1, train_ids[i]].item() for i in range(1, len(train_ids))]
+
+
+def test_single_turn_sampling_logprobs_match_hf_forward(vllm_engine, chat, processor, tiny_model_dir):
+    """Unconstrained sampling: the log-probs returned with each generated token are raw (before
+    temperature and the vision-token bias) and match an HF forward on train_ids."""
+    from transformers import AutoModelForImageTextToText
+
+    data = generate("grounding", 2, seed=4)
+    config = RolloutConfig(mode="grounded", group_size=3, seed=1, temperature=1.0, max_tokens_per_turn=24)
+    rollouts = _rollouts(vllm_engine, vllm_engine.engine, chat, config, data)
+    assert len(rollouts) == 6 and {r.record.group_index for r in rollouts} == {0, 1, 2}
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
+    for rollout in rollouts[:2]:
+        rec = rollout.record
+        assert rec.finish in ("length", "answer", "no_tool_call") and rec.num_turns == 1
+        hf = _hf_logprobs(model, processor, rec.train_ids, rollout.images, chat.image_pad_id)
+        positions = [i for i, m in enumerate(rec.loss_mask) if m]
+        assert positions and positions[0] == rec.prompt_len
+        assert max(abs(hf[i] - rec.logprobs[i]) for i in positions) < 2e-3
+
+
+def _collapse_pads(text):
+    """Runs of expanded <|image_pad|> back to one per image, as a user would write the text."""
+    import re
+
+    return re.sub(r"(<\|image_pad\|>)+", "<|image_pad|>", text)
+
+
+def test_conversation_pieces_equal_the_chat_template(chat, processor):
+    """prompt + assistant turn + <|im_end|> + observation (+ forced prefix) is exactly what the model's chat
+    template renders for the same messages, so SFT data, RL rollouts and serving share one convention."""
+    from vigorl_core.prompts import observation_text
+    from vigorl_core.protocol import FORCED_FINAL_PREFIX, render_turn
+
+    turn1 = render_turn("The target is near (30, 40).", tool_call=(30, 40))
+    turn2 = " red </answer>"
+    messages = [
+        {"role": "system", "content": "SYS"},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]},
+        {"role": "assistant", "content": turn1},
+        {"role": "user", "content": [{"type": "text", "text": observation_text(True)}, {"type": "image"},
+                                     {"type": "text", "text": "\n</observation>"}]},
+        {"role": "assistant", "content": FORCED_FINAL_PREFIX + turn2},
+    ]
+    rendered = processor.apply_chat_template(messages)
+    ours = (chat.prompt_text("SYS", "Q?", 1) + turn1 + "<|im_end|>" + chat.observation_text(True)
+            + FORCED_FINAL_PREFIX + turn2 + "<|im_end|>\n")
+    assert ours == rendered
