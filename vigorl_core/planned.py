@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from vigorl_core.engine import Generation, PolicyEngine, Sampling
+from vigorl_core.protocol import FORCED_FINAL_PREFIX
 
 _COORD = r"(?:0|[1-9]\d{0,2})"  # JSON ints: no leading zeros
 THINK = rf"<think> [a-z ]{{8,48}} \({_COORD}, {_COORD}\)\. </think>\n"
@@ -32,8 +33,10 @@ class PlannedTurnsEngine:
     def __init__(self, engine: PolicyEngine, tokenizer: Any, max_zooms: int = 4):
         self.engine = engine
         self.max_zooms = max_zooms
+        self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.assistant_header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
-        self.forced_tail = tokenizer.encode("</think>\n<answer>", add_special_tokens=False)
+        # The rollout driver appends exactly encode(FORCED_FINAL_PREFIX) when it forces the answer.
+        self.forced_tail = tokenizer.encode(FORCED_FINAL_PREFIX, add_special_tokens=False)
 
     @property
     def version(self) -> int:
@@ -55,8 +58,10 @@ class PlannedTurnsEngine:
 
     async def generate(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
                        request_id: str | None = None) -> list[Generation]:
-        return await self.engine.generate(prompt_ids, images, replace(sampling, regex=self.regex_for(prompt_ids)),
-                                          request_id)
+        # The grammar spells `</tool_call>` with sub-word tokens; were the single `</tool_call>` token still a
+        # stop token, the model could append it after the grammar completes. Only EOS ends a planned turn.
+        constrained = replace(sampling, regex=self.regex_for(prompt_ids), stop_token_ids=(self.eos_id,))
+        return await self.engine.generate(prompt_ids, images, constrained, request_id)
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)

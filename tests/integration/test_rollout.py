@@ -167,3 +167,87 @@ def test_conversation_pieces_equal_the_chat_template(chat, processor):
     ours = (chat.prompt_text("SYS", "Q?", 1) + turn1 + "<|im_end|>" + chat.observation_text(True)
             + FORCED_FINAL_PREFIX + turn2 + "<|im_end|>\n")
     assert ours == rendered
+
+
+ZOOM = (r'<think> [a-z ]{4,20} \((?:0|[1-9]\d{0,2}), (?:0|[1-9]\d{0,2})\)\. </think>\n<tool_call>\n'
+        r'\{"name": "search_coordinate", "arguments": \{"coordinate": \[COORD\]\}\}\n</tool_call>')
+
+
+def _zoom_at(coord: str) -> str:
+    return ZOOM.replace("COORD", coord)
+
+
+def _one(vllm_engine, chat, regexes, data, **config):
+    engine = ForcedTurns(vllm_engine.engine, chat.tokenizer, regexes)
+    config = RolloutConfig(mode="multiturn", seed=0, max_tokens_per_turn=96, **config)
+    return _rollouts(vllm_engine, engine, chat, config, data)
+
+
+def test_image_budget_forces_the_final_answer(vllm_engine, chat, visual_search):
+    zooms = [_zoom_at(r"1\d, 2\d"), _zoom_at(r"5\d, 6\d"), _zoom_at(r"9\d, 9\d"), _zoom_at(r"3\d, 3\d")]
+    [rollout] = _one(vllm_engine, chat, zooms, visual_search[:1], max_images=3)
+    rec = rollout.record
+    assert len(rollout.images) == 3  # original + 2 crops, then the forced final answer
+    assert rec.text.count("<tool_call>") == 2
+    assert "I'll now provide my final answer. </think>\n<answer>" in rec.text and rec.finish == "answer"
+    assert rec.trace.answer and rec.num_turns == 3
+    # The forced prefix and the observations are masked: only generated tokens carry loss.
+    forced = chat.forced_final_ids
+    start = next(i for i in range(len(rec.train_ids)) if rec.train_ids[i:i + len(forced)] == forced)
+    assert set(rec.loss_mask[start:start + len(forced)]) == {0}
+    assert rec.reward is not None and rec.reward_details["unique_points"] == 2, rec.text
+
+
+def test_turn_budget_and_response_budget(vllm_engine, chat, visual_search):
+    zooms = [_zoom_at(r"1\d, 2\d")] * 6
+    [rollout] = _one(vllm_engine, chat, zooms, visual_search[:1], max_turns=2)
+    assert rollout.record.num_turns == 2 and len(rollout.images) == 2
+    assert "final answer. </think>\n<answer>" in rollout.record.text
+    [rollout] = _one(vllm_engine, chat, zooms, visual_search[:1], max_response_tokens=120)
+    rec = rollout.record
+    assert rec.finish == "response_budget"
+    assert len(rec.train_ids) - rec.prompt_len <= 120
+
+
+def test_malformed_and_out_of_image_tool_calls_are_handled(vllm_engine, chat, visual_search):
+    bad_json = r'<think> [a-z ]{4,10} \(1, 2\)\. </think>\n<tool_call>\n\{"name": "search_coordinate", "arguments": \{"coordinate": \[5\]\}\}\n</tool_call>'
+    [rollout] = _one(vllm_engine, chat, [bad_json, _zoom_at("900, 950")], visual_search[:1])
+    rec = rollout.record
+    assert "The tool call could not be executed" in rec.text
+    assert len(rollout.images) == 2  # the malformed call cut no crop; the out-of-image one was clamped
+    assert any("outside the 224x224 image, clamped to [223, 223]" in e for e in rec.trace.errors)
+    assert rec.trace.tool_calls[0].error and rec.trace.tool_calls[1].coordinate == (900, 950)
+    assert rec.finish == "answer" and rec.num_turns == 3
+
+
+def test_weight_update_changes_outputs_and_bumps_the_version(vllm_engine, tiny_model_dir, processor):
+    """Load other weights into the running engine: greedy output changes, equals HF greedy with those
+    weights for a prompt already in the prefix cache, and the version bumps; then restore."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    engine = vllm_engine.engine
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]}],
+                                         add_generation_prompt=True)
+    ids = processor.tokenizer(text)["input_ids"]
+    image = Image.new("RGB", (112, 112), (250, 200, 0))
+    greedy = Sampling(max_tokens=10, temperature=0)
+    [before] = vllm_engine.run(engine.generate(ids, [image], greedy))
+    version = engine.version
+    torch.manual_seed(7)
+    perturbed = {k: v + 0.05 * torch.randn_like(v) for k, v in original.items()}
+    assert vllm_engine.run(engine.update_weights(perturbed)) == version + 1
+    try:
+        [after] = vllm_engine.run(engine.generate(ids, [image], greedy))
+        assert after.policy_version == version + 1 and before.policy_version == version
+        assert after.token_ids != before.token_ids
+        model.load_state_dict(perturbed)
+        inputs = processor(text=[text], images=[image], return_tensors="pt")
+        hf = model.generate(**inputs, max_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        assert hf.tolist() == after.token_ids
+    finally:
+        vllm_engine.run(engine.update_weights(original))
+    [restored] = vllm_engine.run(engine.generate(ids, [image], greedy))
+    assert restored.token_ids == before.token_ids and engine.version == version + 2
