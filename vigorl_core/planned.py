@@ -20,19 +20,30 @@ from vigorl_core.engine import Generation, PolicyEngine, Sampling
 from vigorl_core.protocol import FORCED_FINAL_PREFIX
 
 _COORD = r"(?:0|[1-9]\d{0,2})"  # JSON ints: no leading zeros
-THINK = rf"<think> [a-z ]{{8,48}} \({_COORD}, {_COORD}\)\. </think>\n"
-ZOOM_TURN = THINK + (r'<tool_call>\n\{"name": "search_coordinate", "arguments": \{"coordinate": '
-                     rf'\[{_COORD}, {_COORD}\]\}}\}}\n</tool_call>')
-ANSWER_TURN = THINK + r"<answer> [a-z]{1,12} </answer>"
+_THINK = r"<think> [a-z ]{8,MAX} \(C, C\)\. </think>\n".replace("C", _COORD)
+_TOOL = r'<tool_call>\n\{"name": "search_coordinate", "arguments": \{"coordinate": \[C, C\]\}\}\n</tool_call>'
+_ANSWER = r"<answer> [a-z]{1,12} </answer>"
+
+
+def zoom_turn(max_think_chars: int = 48) -> str:
+    return _THINK.replace("MAX", str(max_think_chars)) + _TOOL.replace("C", _COORD)
+
+
+def answer_turn(max_think_chars: int = 48) -> str:
+    return _THINK.replace("MAX", str(max_think_chars)) + _ANSWER
+
+
+ANSWER_TURN = answer_turn()
 FORCED_ANSWER = r" [a-z]{1,12} </answer>"
 
 
 class PlannedTurnsEngine:
     """PolicyEngine over `engine` that makes prompt p zoom `plan(p)` times before answering."""
 
-    def __init__(self, engine: PolicyEngine, tokenizer: Any, max_zooms: int = 4):
+    def __init__(self, engine: PolicyEngine, tokenizer: Any, max_zooms: int = 4, max_think_chars: int = 48):
         self.engine = engine
         self.max_zooms = max_zooms
+        self.zoom_regex, self.answer_regex = zoom_turn(max_think_chars), answer_turn(max_think_chars)
         self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.assistant_header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
         # The rollout driver appends exactly encode(FORCED_FINAL_PREFIX) when it forces the answer.
@@ -54,7 +65,7 @@ class PlannedTurnsEngine:
         if list(prompt_ids[-len(self.forced_tail):]) == self.forced_tail:
             return FORCED_ANSWER
         turn, plan = self._turn_and_plan(prompt_ids)
-        return ZOOM_TURN if turn < plan else ANSWER_TURN
+        return self.zoom_regex if turn < plan else self.answer_regex
 
     async def generate(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
                        request_id: str | None = None) -> list[Generation]:

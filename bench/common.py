@@ -1,0 +1,34 @@
+"""Shared plumbing of bench scripts: provenance for result files and the JSON writer."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def provenance() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    return {
+        "commit": commit or "unknown",
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "processor": platform.processor() or platform.machine()},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_result(area: str, name: str, result: dict) -> Path:
+    """bench/results/<area>_<name>.json with exactly one `ratio` (new / baseline, > 1 = better)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{area}_{name}.json"
+    path.write_text(json.dumps({**result, **provenance()}, indent=2) + "\n")
+    return path
