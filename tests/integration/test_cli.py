@@ -39,3 +39,15 @@ def test_bad_arguments_give_one_clear_line(tmp_path, subprocess_env):
     assert "task: Input should be 'visual_search', 'grounding' or 'spatial'" in result.stderr
     assert "Traceback" not in result.stderr
     assert _vigorl(["frobnicate"], subprocess_env).returncode == 2
+
+
+def test_quickstart_smoke_run(tmp_path, subprocess_env):
+    result = _vigorl(["quickstart", "--runs_dir", str(tmp_path), "--n", "2", "--group_size", "2"], subprocess_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    metrics = json.loads((tmp_path / "quickstart" / "default" / "metrics.json").read_text())
+    assert metrics["grounded"]["conversations"] == 4 and metrics["multiturn"]["conversations"] == 2
+    assert metrics["multiturn"]["crops"] >= 1
+    lines = (tmp_path / "quickstart" / "default" / "rollouts.jsonl").read_text().splitlines()
+    assert len(lines) == 6
