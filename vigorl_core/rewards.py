@@ -178,13 +178,6 @@ def string_match(text: str, truth: Truth) -> Reward:
     return _combine(string_match_judge(answer, truth), fmt, 0.5, answer=answer)
 
 
-def string_match_grounded(text: str, truth: Truth) -> Reward:
-    """ViGoRL spatial / V* single-turn: as string_match, format multiplied by C_grounded."""
-    r = string_match(text, truth)
-    g = grounded(text)
-    return _combine(r.accuracy, r.format * g, 0.5, answer=r.details["answer"], grounded=g)
-
-
 def point_in_bbox(text: str, truth: Truth) -> Reward:
     """Vanilla grounding: format = F_tags and the answer is `(x, y)` with 2 ints; accuracy = inside box."""
     answer = find_answer(text, dotall=False)
@@ -194,21 +187,27 @@ def point_in_bbox(text: str, truth: Truth) -> Reward:
     return _combine(point_in_bbox_judge(answer, truth), fmt, 0.5, answer=answer)
 
 
-def point_in_bbox_grounded(text: str, truth: Truth) -> Reward:
-    r = point_in_bbox(text, truth)
-    g = grounded(text)
-    return _combine(r.accuracy, r.format * g, 0.5, answer=r.details["answer"], grounded=g)
-
-
 def web_action(text: str, truth: Truth) -> Reward:
     answer = find_answer(text, dotall=False)
     return _combine(web_action_accuracy(answer, truth.answer), float(tags_ok(text)), 0.5, answer=answer)
 
 
-def web_action_grounded(text: str, truth: Truth) -> Reward:
-    r = web_action(text, truth)
-    g = grounded(text)
-    return _combine(r.accuracy, r.format * g, 0.5, answer=r.details["answer"], grounded=g)
+def _with_grounding(base: Callable[[str, Truth], Reward]) -> Callable[[str, Truth], Reward]:
+    """The ViGoRL single-turn variant of a reward: its format multiplied by C_grounded (>= 1 point)."""
+
+    def reward(text: str, truth: Truth) -> Reward:
+        r = base(text, truth)
+        g = grounded(text)
+        return _combine(r.accuracy, r.format * g, 0.5, answer=r.details["answer"], grounded=g)
+
+    reward.__name__ = f"{base.__name__}_grounded"
+    reward.__doc__ = f"ViGoRL single-turn {base.__name__}: format multiplied by C_grounded."
+    return reward
+
+
+string_match_grounded = _with_grounding(string_match)
+point_in_bbox_grounded = _with_grounding(point_in_bbox)
+web_action_grounded = _with_grounding(web_action)
 
 
 # ---- multi-turn rewards (0.6 accuracy + 0.4 format, format with diversity bonus) ----
