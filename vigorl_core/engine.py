@@ -193,4 +193,6 @@ class VLLMEngine:
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()
-            del llm  # collect now, while the interpreter can still run AsyncLLM.__del__ cleanly
+            # AsyncLLM.__del__ calls shutdown() again, at interpreter exit when vLLM's module globals are
+            # already gone (a TypeError traceback after the program's last line); once is enough.
+            llm.shutdown = lambda *args, **kwargs: None
