@@ -127,16 +127,20 @@ class VLLMEngine:
             structured_outputs=StructuredOutputsParams(regex=sampling.regex) if sampling.regex else None,
         )
 
-    async def generate(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
-                       request_id: str | None = None) -> list[Generation]:
+    async def _final_output(self, prompt_ids: Sequence[int], images: Sequence[Any], params: Any, request_id: str):
+        """Submit token ids (one `<|image_pad|>` per image) plus images; the request's last output."""
         prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_ids)}
         if images:
             prompt["multi_modal_data"] = {"image": list(images)}
-        request_id = request_id or f"gen-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        version = self.version
         final = None
-        async for output in self._llm.generate(prompt, self._sampling_params(sampling), request_id):
+        async for output in self._llm.generate(prompt, params, f"{request_id}-{next(self._ids)}-{uuid.uuid4().hex[:8]}"):
             final = output
+        return final
+
+    async def generate(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
+                       request_id: str | None = None) -> list[Generation]:
+        version = self.version
+        final = await self._final_output(prompt_ids, images, self._sampling_params(sampling), request_id or "gen")
         if final is None:
             return []
         generations = []
@@ -157,14 +161,9 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_ids)}
-        if images:
-            prompt["multi_modal_data"] = {"image": list(images)}
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
                                 output_kind=RequestOutputKind.FINAL_ONLY)
-        final = None
-        async for output in self._llm.generate(prompt, params, f"score-{next(self._ids)}-{uuid.uuid4().hex[:8]}"):
-            final = output
+        final = await self._final_output(prompt_ids, images, params, "score")
         ids = list(final.prompt_token_ids)
         logprobs = [None if step is None else step[token].logprob for token, step in zip(ids, final.prompt_logprobs)]
         return ids, logprobs

@@ -10,7 +10,6 @@ The text inside the think block, the points and the answer are sampled by the mo
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -80,7 +79,3 @@ class PlannedTurnsEngine:
     async def update_weights(self, state_dict: Mapping[str, Any]) -> int:
         return await self.engine.update_weights(state_dict)
 
-
-def planned_zooms(text: str) -> int:
-    """Number of tool calls in a conversation text (for checking a plan was followed)."""
-    return len(re.findall(r"</tool_call>", text))

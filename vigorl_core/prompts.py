@@ -15,7 +15,7 @@ Modes:
 
 from __future__ import annotations
 
-from vigorl_core.protocol import render_single_turn, render_tool_call, render_turn
+from vigorl_core.protocol import render_single_turn, render_turn
 from vigorl_core.records import TASKS
 
 MODES: tuple[str, ...] = ("grounded", "multiturn", "vanilla", "answer_only", "mcts")

@@ -1,7 +1,6 @@
 """Rollout driver on real vLLM (tiny model): token parity with the HF processor and an HF forward,
 budgets, malformed tool calls, group sampling, weight updates."""
 
-from dataclasses import replace
 
 import pytest
 import torch

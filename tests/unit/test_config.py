@@ -1,5 +1,5 @@
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from vigorl_core.config import ConfigError, StageConfig, parse_config
 
