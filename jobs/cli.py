@@ -3,6 +3,7 @@
     vigorl tiny --out runs/models/tiny
     vigorl synth --task visual_search --n 16 --seed 0 --out runs/data/vs
     vigorl quickstart
+    vigorl serve --model runs/models/tiny --port 8000
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ COMMANDS = {
     "tiny": ("jobs.tiny", "build a random-weight Qwen2.5-VL (tiny, 3b or 7b shape) offline"),
     "synth": ("jobs.synth", "write a deterministic synthetic benchmark (visual_search, grounding, spatial)"),
     "quickstart": ("jobs.quickstart", "run the pipeline on the tiny model and synthetic data"),
+    "serve": ("jobs.serve", "serve a model over HTTP (OpenAI chat completions, /v1/grounded) on Ray Serve"),
 }
 
 

@@ -28,6 +28,7 @@ class ChatTokens:
 
     tokenizer: object
     profile: ModelProfile
+    chat_template: str | None = None  # the processor's, for folders whose tokenizer carries none
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ChatTokens:
@@ -38,7 +39,8 @@ class ChatTokens:
         size = ip.size if isinstance(ip.size, dict) else ip.size.__dict__
         profile = ModelProfile(name=Path(str(model_dir)).name, min_pixels=size["shortest_edge"],
                                max_pixels=size["longest_edge"], patch_size=ip.patch_size, merge_size=ip.merge_size)
-        return cls(processor.tokenizer, profile)
+        template = getattr(processor.tokenizer, "chat_template", None) or getattr(processor, "chat_template", None)
+        return cls(processor.tokenizer, profile, template)
 
     def __post_init__(self):
         t = self.tokenizer
@@ -58,6 +60,14 @@ class ChatTokens:
         `<image>` before the question) up to the assistant header."""
         return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"
                 f"{IMAGE_PLACEHOLDER * num_images}{user}<|im_end|>\n<|im_start|>assistant\n")
+
+    def chat_prompt_text(self, messages: list[dict]) -> str:
+        """Chat-template text of chat messages (`content` a string or parts `{"type": "text", "text": ...}` /
+        `{"type": "image"}`) up to the assistant header, one image placeholder per image part."""
+        if not self.chat_template:
+            raise ValueError("the model folder has no chat template (tokenizer or processor)")
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=True)
 
     def observation_text(self, draw_dot: bool, has_image: bool = True, note: str = "") -> str:
         """A zoom observation user turn, from the newline after the assistant's `<|im_end|>` to the next

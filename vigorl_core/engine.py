@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -114,7 +114,7 @@ class VLLMEngine:
         suppressed = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS if t in tokenizer.get_vocab()]
         return cls(llm, config, suppressed)
 
-    def _sampling_params(self, sampling: Sampling):
+    def _sampling_params(self, sampling: Sampling, stream: bool = False):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -123,17 +123,21 @@ class VLLMEngine:
             stop=list(sampling.stop) or None, stop_token_ids=list(sampling.stop_token_ids) or None,
             include_stop_str_in_output=True, seed=sampling.seed, logprobs=0 if sampling.logprobs else None,
             logit_bias=dict(self._suppress) or None, skip_special_tokens=False,
-            output_kind=RequestOutputKind.FINAL_ONLY,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
             structured_outputs=StructuredOutputsParams(regex=sampling.regex) if sampling.regex else None,
         )
 
-    async def _final_output(self, prompt_ids: Sequence[int], images: Sequence[Any], params: Any, request_id: str):
-        """Submit token ids (one `<|image_pad|>` per image) plus images; the request's last output."""
+    def _outputs(self, prompt_ids: Sequence[int], images: Sequence[Any], params: Any, request_id: str):
+        """Submit token ids (one `<|image_pad|>` per image) plus images; vLLM's stream of outputs.
+        Closing the stream early (a client that went away) aborts the request inside vLLM."""
         prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_ids)}
         if images:
             prompt["multi_modal_data"] = {"image": list(images)}
+        return self._llm.generate(prompt, params, f"{request_id}-{next(self._ids)}-{uuid.uuid4().hex[:8]}")
+
+    async def _final_output(self, prompt_ids: Sequence[int], images: Sequence[Any], params: Any, request_id: str):
         final = None
-        async for output in self._llm.generate(prompt, params, f"{request_id}-{next(self._ids)}-{uuid.uuid4().hex[:8]}"):
+        async for output in self._outputs(prompt_ids, images, params, request_id):
             final = output
         return final
 
@@ -154,6 +158,23 @@ class VLLMEngine:
                 policy_version=version,
             ))
         return generations
+
+    async def stream(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
+                     request_id: str | None = None) -> AsyncIterator[Generation]:
+        """Generate one sample (n must be 1) and yield what each engine step added: new ids, their text
+        and log-probs; the last delta carries the finish reason ("" before it)."""
+        if sampling.n != 1:
+            raise ValueError(f"stream generates one sample, got n={sampling.n}")
+        version = self.version
+        async for output in self._outputs(prompt_ids, images, self._sampling_params(sampling, stream=True),
+                                          request_id or "stream"):
+            completion = output.outputs[0]
+            logprobs = None
+            if sampling.logprobs and completion.logprobs is not None:
+                logprobs = [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs)]
+            yield Generation(token_ids=list(completion.token_ids), text=completion.text, logprobs=logprobs,
+                             finish_reason=completion.finish_reason or "", stop_reason=completion.stop_reason,
+                             policy_version=version)
 
     async def score(self, prompt_ids: Sequence[int], images: Sequence[Any]) -> tuple[list[int], list[float | None]]:
         """Teacher-forced log-probs of a whole sequence: (the engine's expanded ids, the log-prob of each id

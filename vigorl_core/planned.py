@@ -5,7 +5,8 @@ conversations with varying turn counts on real vLLM. This wrapper constrains eac
 expression (vLLM structured outputs): a prompt whose plan says k zooms gets k turns of
 `<think> ... (x, y). </think>` + a `search_coordinate` tool call, then a turn with an `<answer>`.
 The text inside the think block, the points and the answer are sampled by the model; k is
-`crc32(first user turn) % (max_zooms + 1)`, so it varies across prompts and is reproducible.
+`min_zooms + crc32(first user turn) % (max_zooms - min_zooms + 1)`, so it varies across prompts and is
+reproducible (min_zooms = max_zooms fixes it).
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ FORCED_ANSWER = r" [a-z]{1,12} </answer>"
 class PlannedTurnsEngine:
     """PolicyEngine over `engine` that makes prompt p zoom `plan(p)` times before answering."""
 
-    def __init__(self, engine: PolicyEngine, tokenizer: Any, max_zooms: int = 4, max_think_chars: int = 48):
+    def __init__(self, engine: PolicyEngine, tokenizer: Any, max_zooms: int = 4, max_think_chars: int = 48,
+                 min_zooms: int = 0):
+        if not 0 <= min_zooms <= max_zooms:
+            raise ValueError(f"need 0 <= min_zooms <= max_zooms, got {min_zooms}, {max_zooms}")
         self.engine = engine
-        self.max_zooms = max_zooms
+        self.min_zooms, self.max_zooms = min_zooms, max_zooms
         self.zoom_regex, self.answer_regex = zoom_turn(max_think_chars), answer_turn(max_think_chars)
         self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.assistant_header = tokenizer.encode("<|im_start|>assistant\n", add_special_tokens=False)
@@ -57,7 +61,7 @@ class PlannedTurnsEngine:
         header = self.assistant_header
         starts = [i for i in range(len(ids) - len(header) + 1) if ids[i:i + len(header)] == header]
         first = starts[0] if starts else len(ids)
-        plan = zlib.crc32(bytes(str(ids[:first]), "ascii")) % (self.max_zooms + 1)
+        plan = self.min_zooms + zlib.crc32(bytes(str(ids[:first]), "ascii")) % (self.max_zooms - self.min_zooms + 1)
         return len(starts) - 1, plan
 
     def regex_for(self, prompt_ids: Sequence[int]) -> str:

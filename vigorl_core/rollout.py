@@ -41,7 +41,7 @@ from vigorl_core.prompts import observation_text, system_prompt, user_text
 from vigorl_core.protocol import FORCED_FINAL_PREFIX, parse_conversation, parse_response
 from vigorl_core.records import RolloutRecord, Sample, Trace
 from vigorl_core.rewards import Truth, reward_for
-from vigorl_core.zoom import ZoomEnv, ZoomSettings, zoom_settings
+from vigorl_core.zoom import Crop, ZoomEnv, ZoomSettings, zoom_settings
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,12 @@ class RolloutConfig:
 
 @dataclass
 class Rollout:
-    """A finished conversation: the record and the images it refers to (in order, by reference)."""
+    """A finished conversation: the record, the images it refers to (in order, by reference) and the
+    zoom crops it made (their windows map crop pixels back to the model frame)."""
 
     record: RolloutRecord
     images: list[Image.Image]
+    crops: list[Crop] = field(default_factory=list)
 
 
 @dataclass
@@ -235,7 +237,7 @@ class Conversation:
             reward = reward_for(p.sample.task, self.config.mode)(text, p.truth)
             record.reward = reward.overall
             record.reward_details = {"format": reward.format, "accuracy": reward.accuracy, **reward.details}
-        return Rollout(record, images_seen)
+        return Rollout(record, images_seen, list(self.env.crops))
 
 
 def _conversation_trace(segments: list[_Segment]) -> Trace:
@@ -260,16 +262,21 @@ class RolloutDriver:
         self.config = config
         self.profile = config.profile or ("tiny" if chat.profile.max_pixels <= 200_704 else "qwen2.5-vl")
 
-    def prepare(self, sample: Sample, images: Sequence[Image.Image] | None = None) -> PreparedSample:
-        """Decode and resize the sample's images once (pass `images` to reuse already decoded ones)."""
+    def prepare(self, sample: Sample, images: Sequence[Image.Image] | None = None,
+                frame: FrameMap | None = None) -> PreparedSample:
+        """Decode and resize the sample's images once. Pass `images` to reuse decoded originals, or
+        model-frame images plus the `frame` of the first (images that were resized elsewhere)."""
         if images is None:
             images = []
             for path in sample.images:
                 with Image.open(path) as im:
                     im.load()
                     images.append(im)
-        resized, frames = zip(*(resize_to_model(im, self.chat.profile) for im in images))
-        frame = frames[0]
+        if frame is None:
+            resized, frames = zip(*(resize_to_model(im, self.chat.profile) for im in images))
+            frame = frames[0]
+        else:
+            resized = tuple(images)
         truth = Truth(answer=sample.answer,
                       box=frame.box_to_model(sample.bbox) if sample.bbox else None,
                       point=frame.to_model(*sample.point) if sample.point else None)

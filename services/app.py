@@ -1,0 +1,75 @@
+"""The Serve application: Gateway (HTTP ingress) over PolicyServer, ZoomServer and Critic.
+
+`build_app(args)` is an application builder, so the same app runs three ways:
+
+    vigorl serve --model runs/models/tiny --port 8000          # local Ray (jobs/serve.py)
+    serve deploy configs/serve.yaml                              # a running cluster (import_path below)
+    serve.run(build_app({"model": "runs/models/tiny"}))          # tests, notebooks
+
+`args` are the fields of `ServeConfig`; configs/serve.yaml shows them with the autoscaling of the policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from services.critic import Critic
+from services.gateway import Gateway
+from services.policy import PolicyServer
+from services.schemas import GatewaySettings
+from services.zoom import ZoomServer
+from vigorl_core.config import StageConfig
+
+
+class EngineSettings(StageConfig):
+    """The policy engine of each PolicyServer replica (vigorl_core.engine.EngineConfig)."""
+
+    max_model_len: int = Field(4096, description="context length (prompt + images + response)")
+    dtype: str = Field("float32", description="float32 on CPU (tiny model), bfloat16 on GPUs")
+    enforce_eager: bool = Field(True, description="skip CUDA graphs / torch.compile (fast start; off on GPUs)")
+    gpu_memory_utilization: float = Field(0.85, description="fraction of GPU memory vLLM may take")
+    tensor_parallel_size: int = Field(1, description="GPUs per replica")
+    max_num_seqs: int = Field(256, description="sequences the engine batches at once")
+    max_images_per_prompt: int = Field(8, description="images one prompt may carry (original + crops)")
+
+
+class ServeConfig(StageConfig):
+    """Serve a grounded model over HTTP (chat completions, the grounded loop, scoring)."""
+
+    model: str = Field(description="Hugging Face folder (or hub id) of a Qwen2.5-VL model")
+    model_name: str | None = Field(None, description="id in /v1/models and responses (default: folder name)")
+    host: str = Field("127.0.0.1", description="HTTP host (vigorl serve; clusters set it in the Serve config)")
+    port: int = Field(8000, description="HTTP port (vigorl serve)")
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    policy_gpus: float = Field(0.0, description="GPUs per PolicyServer replica (0 on CPU machines)")
+    policy_replicas: int = Field(1, ge=1, description="PolicyServer replicas (configs/serve.yaml autoscales)")
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    judge_model: str | None = Field(None, description="model folder of an LLM judge hosted by the Critic")
+
+
+def build_app(args: dict[str, Any]):
+    """Application builder for Serve (`import_path: services.app:build_app`)."""
+    from vigorl_core.chat_tokens import ChatTokens
+
+    cfg = ServeConfig.model_validate(args)
+    gateway = cfg.gateway.model_copy()
+    if gateway.model_name == "vigorl":
+        gateway.model_name = cfg.model_name or Path(cfg.model).name
+    engine = {"model": cfg.model, **cfg.engine.model_dump()}
+    if cfg.policy_gpus == 0 and cfg.engine.tensor_parallel_size > 1:
+        raise ValueError("engine.tensor_parallel_size > 1 needs policy_gpus")
+    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": 1, "num_gpus": cfg.policy_gpus}}
+    if cfg.policy_replicas > 1:  # left unset otherwise, so a Serve config's autoscaling_config applies
+        options["num_replicas"] = cfg.policy_replicas
+    policy = PolicyServer.options(**options).bind(engine)
+    limits = gateway.limits
+    zoom = ZoomServer.bind(asdict(ChatTokens.from_pretrained(cfg.model).profile),
+                           {"max_pixels": limits.max_image_pixels, "max_bytes": limits.max_image_bytes,
+                            "formats": tuple(limits.image_formats)})
+    judge = {"model": cfg.judge_model, **cfg.engine.model_dump()} if cfg.judge_model else None
+    critic = Critic.bind(judge)
+    return Gateway.bind(cfg.model, gateway.model_dump(), policy, zoom, critic)

@@ -1,0 +1,287 @@
+"""Gateway: the HTTP ingress (FastAPI on Ray Serve). Limits, auth and request validation live here.
+
+Endpoints (README "HTTP endpoint" has curl and Python examples):
+- `POST /v1/chat/completions`: OpenAI-compatible; images as `image_url` data URLs (or allow-listed
+  http(s) URLs); `stream: true` answers with server-sent events. The `openai` client works against it.
+- `POST /v1/grounded`: image + query; runs the grounded loop server-side (single turn, or the multi-turn
+  zoom loop) and returns the answer, the steps with their points in the model AND the original frame,
+  the zooms (optionally their crops) and, on request, an annotated PNG.
+- `POST /v1/score`: the reward of a response against a ground truth (the Critic).
+- `GET /healthz`, `GET /v1/models`. Serve's own metrics plus `vigorl_requests` / `vigorl_latency_ms`
+  reach Ray's Prometheus endpoint.
+
+Every bad request gets a 4xx JSON `{"error": {"message", "type", "param", "code"}}` that names the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import os
+import time
+import urllib.request
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from ray import serve
+
+from services.grounded import grounded_response, run_grounded
+from services.policy import PolicyClient
+from services.schemas import (ApiError, ChatRequest, GatewaySettings, GroundedRequest, ScoreRequest,
+                              validation_error)
+from vigorl_core.chat_tokens import ChatTokens
+from vigorl_core.engine import Sampling
+from vigorl_core.images import ImageError, image_bytes
+from vigorl_core.rewards import Truth, reward_for
+
+app = FastAPI(title="vigorl", description="grounded visual reasoning: chat completions and the grounded loop")
+_SPECIAL_TAIL = ("<|im_end|>", "<|endoftext|>")
+_metrics: dict[str, Any] = {}
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+@app.exception_handler(Exception)
+async def _server_error(_: Request, err: Exception) -> JSONResponse:
+    return JSONResponse(ApiError(500, f"internal error: {type(err).__name__}: {err}", code="internal").body(),
+                        status_code=500)
+
+
+@app.middleware("http")
+async def _count(request: Request, call_next):
+    from ray.serve.metrics import Counter, Histogram
+
+    if not _metrics:
+        _metrics["requests"] = Counter("vigorl_requests", "HTTP requests by path and status",
+                                       tag_keys=("path", "status"))
+        _metrics["latency"] = Histogram("vigorl_latency_ms", "request latency (ms)",
+                                        boundaries=[10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000],
+                                        tag_keys=("path",))
+    start = time.perf_counter()
+    response = await call_next(request)
+    _metrics["requests"].inc(tags={"path": request.url.path, "status": str(response.status_code)})
+    _metrics["latency"].observe((time.perf_counter() - start) * 1000, tags={"path": request.url.path})
+    return response
+
+
+def _visible(text: str) -> str:
+    for special in _SPECIAL_TAIL:
+        text = text.replace(special, "")
+    return text
+
+
+@serve.deployment(name="Gateway", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5})
+@serve.ingress(app)
+class Gateway:
+    """HTTP ingress over the PolicyServer, ZoomServer and Critic handles."""
+
+    def __init__(self, model_dir: str, settings: dict[str, Any], policy: Any, zoom: Any, critic: Any):
+        self.settings = GatewaySettings(**settings)
+        self.limits = self.settings.limits
+        self.token = self.settings.api_token or os.environ.get("VIGORL_API_TOKEN") or None
+        self.chat = ChatTokens.from_pretrained(model_dir)
+        self.policy = PolicyClient(policy)
+        self.zoom, self.critic = zoom, critic
+        tok = self.chat.tokenizer
+        self.stop_ids = tuple(tok.convert_tokens_to_ids(t) for t in _SPECIAL_TAIL if t in tok.get_vocab())
+        self._max_model_len: int | None = None
+
+    # ---- plumbing shared by the endpoints ----
+
+    async def _max_len(self) -> int:
+        if self._max_model_len is None:
+            self._max_model_len = (await self.policy.info())["max_model_len"]
+        return self._max_model_len
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                           code="invalid_api_key")
+
+    async def _body(self, request: Request, model: type[BaseModel]) -> Any:
+        self._authorize(request)
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit}", code="too_large")
+        raw = await request.body()
+        if len(raw) > limit:
+            raise ApiError(413, f"request body of {len(raw)} bytes is over the limit of {limit}", code="too_large")
+        try:
+            obj = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ApiError(400, f"body is not valid JSON: {err}", code="invalid_json") from None
+        if not isinstance(obj, dict):
+            raise ApiError(400, f"body must be a JSON object, got {type(obj).__name__}", code="invalid_json")
+        try:
+            return model.model_validate(obj)
+        except ValidationError as err:
+            raise validation_error(err) from None
+
+    def _check(self, value: int, limit: int, param: str) -> None:
+        if value > limit:
+            raise ApiError(400, f"{param}: {value} is over this server's limit of {limit}", param=param,
+                           code="over_limit")
+
+    async def _fetch(self, url: str, field: str) -> bytes:
+        if not any(url.startswith(prefix) for prefix in self.settings.allowed_image_urls):
+            raise ImageError(field, "remote image URLs are not fetched unless allow-listed (allowed_image_urls); "
+                                    "send a data URL")
+
+        def fetch() -> bytes:
+            with urllib.request.urlopen(url, timeout=self.settings.fetch_timeout_s) as response:
+                data = response.read(self.limits.max_image_bytes + 1)
+            if len(data) > self.limits.max_image_bytes:
+                raise ImageError(field, f"more than the limit of {self.limits.max_image_bytes} bytes")
+            return data
+
+        try:
+            return await asyncio.to_thread(fetch)
+        except ImageError:
+            raise
+        except Exception as err:
+            raise ImageError(field, f"could not fetch {url}: {err}") from None
+
+    async def _image(self, url: str, field: str):
+        """(raw bytes, DecodedImage) of one image reference; ApiError 400 naming `field` if it is bad."""
+        try:
+            data = await self._fetch(url, field) if url.startswith(("http://", "https://")) else image_bytes(url, field)
+            if len(data) > self.limits.max_image_bytes:
+                raise ImageError(field, f"{len(data)} bytes, more than the limit of {self.limits.max_image_bytes}")
+            decoded = await self.zoom.decode.remote(data, field)
+        except ImageError as err:
+            decoded = err
+        if isinstance(decoded, ImageError):
+            raise ApiError(400, str(decoded), param=decoded.field, code="invalid_image")
+        return data, decoded
+
+    # ---- endpoints ----
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        try:
+            info = await asyncio.wait_for(self.policy.info(), timeout=10)
+        except Exception as err:
+            raise ApiError(503, f"policy unavailable: {type(err).__name__}", code="unavailable") from None
+        return {"status": "ok", "model": self.settings.model_name, "policy_version": info["version"]}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return {"object": "list", "data": [{"id": self.settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "vigorl", "max_model_len": await self._max_len()}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        body: ChatRequest = await self._body(request, ChatRequest)
+        if body.model not in (None, self.settings.model_name):
+            raise ApiError(404, f"model {body.model!r} is not served here; this server serves "
+                                f"{self.settings.model_name!r}", param="model", code="model_not_found")
+        self._check(body.n, self.limits.max_n, "n")
+        if body.stream and body.n != 1:
+            raise ApiError(400, "n: streaming supports n=1", param="n")
+        messages, refs = [], []
+        for i, message in enumerate(body.messages):
+            if isinstance(message.content, str):
+                messages.append({"role": message.role, "content": message.content})
+                continue
+            parts = []
+            for j, part in enumerate(message.content):
+                if part.type == "text":
+                    parts.append({"type": "text", "text": part.text})
+                else:
+                    refs.append((part.image_url.url, f"messages.{i}.content.{j}.image_url.url"))
+                    parts.append({"type": "image"})
+            messages.append({"role": message.role, "content": parts})
+        self._check(len(refs), self.limits.max_images, "messages (images)")
+        images = [decoded.image for _, decoded in await asyncio.gather(*(self._image(u, f) for u, f in refs))]
+        prompt_ids = self.chat.encode(self.chat.chat_prompt_text(messages))
+        prompt_len = len(self.chat.expand(prompt_ids, images))
+        room = await self._max_len() - prompt_len
+        requested = body.max_completion_tokens or body.max_tokens
+        if requested is not None:
+            self._check(requested, self.limits.max_tokens, "max_tokens")
+        max_tokens = requested or min(self.limits.max_tokens, room)
+        if max_tokens > room:
+            raise ApiError(400, f"prompt ({prompt_len} tokens, images included) + max_tokens ({max_tokens}) "
+                                f"exceed the context of {await self._max_len()}", param="max_tokens",
+                           code="context_length_exceeded")
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        sampling = Sampling(n=body.n, temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens,
+                            stop=stop, stop_token_ids=self.stop_ids, seed=body.seed, logprobs=False)
+        request_id = f"chatcmpl-{uuid.uuid4().hex[:20]}"
+        if body.stream:
+            return StreamingResponse(self._sse(request_id, prompt_ids, images, sampling),
+                                     media_type="text/event-stream")
+        generations = await self.policy.generate(prompt_ids, images, sampling, request_id)
+        completion_tokens = sum(len(g.token_ids) for g in generations)
+        return {
+            "id": request_id, "object": "chat.completion", "created": int(time.time()),
+            "model": self.settings.model_name,
+            "choices": [{"index": k, "message": {"role": "assistant", "content": _visible(g.text)},
+                         "finish_reason": g.finish_reason} for k, g in enumerate(generations)],
+            "usage": {"prompt_tokens": prompt_len, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_len + completion_tokens},
+        }
+
+    async def _sse(self, request_id: str, prompt_ids: list[int], images: list, sampling: Sampling):
+        created = int(time.time())
+
+        def event(delta: dict[str, Any], finish: str | None = None) -> str:
+            chunk = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                     "model": self.settings.model_name,
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return f"data: {json.dumps(chunk)}\n\n"
+
+        yield event({"role": "assistant", "content": ""})
+        finish = "stop"
+        try:
+            async for delta in self.policy.stream(prompt_ids, images, sampling, request_id):
+                if text := _visible(delta.text):
+                    yield event({"content": text})
+                finish = delta.finish_reason or finish
+        except Exception as err:  # the status line is already sent: report the error in-band
+            yield f"data: {json.dumps(ApiError(500, f'generation failed: {err}', code='internal').body())}\n\n"
+        yield event({}, finish)
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/grounded")
+    async def grounded(self, request: Request) -> dict[str, Any]:
+        start = time.perf_counter()
+        body: GroundedRequest = await self._body(request, GroundedRequest)
+        self._check(body.max_turns, self.limits.max_turns, "max_turns")
+        self._check(body.max_images, self.limits.max_images, "max_images")
+        self._check(body.sampling.max_tokens, self.limits.max_tokens, "sampling.max_tokens")
+        data, decoded = await self._image(body.image, "image")
+        request_id = f"grd-{uuid.uuid4().hex[:20]}"
+        rollout = await run_grounded(body, decoded.image, decoded.frame, self.policy, self.chat,
+                                     await self._max_len(), request_id, self.settings.planned_zooms)
+        response = grounded_response(rollout, decoded.frame, body, request_id=request_id,
+                                     model=self.settings.model_name)
+        if body.annotate:
+            points = [(p["original"]["x"], p["original"]["y"]) for s in response["steps"] for p in s["points"]]
+            points += [(z["point"]["original"]["x"], z["point"]["original"]["y"]) for z in response["zooms"]]
+            png = await self.zoom.annotate.remote(data, points)
+            response["annotated_png"] = base64.b64encode(png).decode()
+        response["latency_ms"] = round((time.perf_counter() - start) * 1000, 1)
+        return response
+
+    @app.post("/v1/score")
+    async def score(self, request: Request) -> dict[str, Any]:
+        body: ScoreRequest = await self._body(request, ScoreRequest)
+        try:
+            reward_for(body.task, body.mode)
+        except ValueError as err:
+            raise ApiError(400, f"mode: {err}", param="mode") from None
+        return await self.critic.score.remote(body.task, body.mode, body.text, Truth(body.answer, body.bbox))

@@ -1,0 +1,145 @@
+"""Request bodies and settings of the HTTP gateway (pydantic), and the error every bad request gets.
+
+Chat completions follow the OpenAI schema (unknown fields are ignored, as OpenAI clients send extras);
+`/v1/grounded` and `/v1/score` are ours and strict (an unknown field is an error naming it).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vigorl_core.images import DEFAULT_FORMATS
+from vigorl_core.records import Task
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"message", "type", "param", "code"}}` with HTTP `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str = "invalid_request"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        if self.status == 401:
+            kind = "authentication_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def validation_error(err: ValidationError) -> ApiError:
+    """400 naming the first bad field by its path in the body (e.g. `messages.0.content.1.image_url`)."""
+    problems = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<body>"
+        got = f" (got {e['input']!r:.60})" if e["type"] not in ("missing", "extra_forbidden") and "input" in e else ""
+        problems.append(f"{path}: {e['msg']}{got}")
+    first = ".".join(str(p) for p in err.errors()[0]["loc"]) or None
+    return ApiError(400, "; ".join(problems[:5]), param=first, code="invalid_field")
+
+
+class Limits(BaseModel):
+    """What one request may ask for; enforced by the gateway before any work is done."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_body_bytes: int = Field(32 * 1024 * 1024, description="largest accepted request body")
+    max_image_bytes: int = Field(20 * 1024 * 1024, description="largest encoded image")
+    max_image_pixels: int = Field(40_000_000, description="largest declared width x height (decompression bombs)")
+    max_images: int = Field(8, description="images per request (chat: all messages together)")
+    image_formats: tuple[str, ...] = Field(DEFAULT_FORMATS, description="accepted image formats (PIL names)")
+    max_tokens: int = Field(2048, description="largest max_tokens of a request (per turn for /v1/grounded)")
+    max_turns: int = Field(10, description="largest max_turns of a /v1/grounded request")
+    max_n: int = Field(8, description="largest n (samples) of a chat completion")
+
+
+class GatewaySettings(BaseModel):
+    """Gateway behaviour: limits, auth, remote images, the served model's name."""
+
+    model_config = ConfigDict(extra="forbid")
+    model_name: str = Field("vigorl", description="the id /v1/models lists and responses carry")
+    limits: Limits = Field(default_factory=Limits)
+    api_token: str | None = Field(None, description="bearer token required on /v1/*; default: $VIGORL_API_TOKEN")
+    allowed_image_urls: list[str] = Field(default_factory=list,
+                                          description="URL prefixes the gateway may fetch images from (none: "
+                                                      "only data URLs)")
+    fetch_timeout_s: float = Field(10.0, description="timeout of one remote image fetch")
+    planned_zooms: int = Field(0, ge=0, description="demo/test only: constrain /v1/grounded turns to a zoom plan "
+                                                    "of up to N zooms (random-weight models never zoom alone)")
+
+
+# ---- OpenAI chat completions ----
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+
+# ---- /v1/grounded ----
+
+class CropSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    offset: int = Field(ge=1, description="half-side of the crop window, model-frame pixels")
+    crop_size: int = Field(ge=28, le=1344, description="side the crop is resized to")
+    draw_dot: bool = False
+
+
+class GroundedSampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(512, ge=1, description="tokens per assistant turn")
+    seed: int | None = None
+
+
+class GroundedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str = Field(min_length=1, description="data URL, bare base64, or an allow-listed http(s) URL")
+    query: str = Field(min_length=1)
+    options: list[str] = Field(default_factory=list)
+    task: Task = "visual_search"
+    mode: Literal["single", "multi"] = "single"
+    max_turns: int = Field(5, ge=1)
+    max_images: int = Field(5, ge=1)
+    crop: CropSettings | None = None
+    sampling: GroundedSampling = Field(default_factory=GroundedSampling)
+    return_crops: bool = False
+    annotate: bool = False
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task: Task = "visual_search"
+    mode: str = "grounded"
+    text: str
+    answer: str
+    bbox: tuple[float, float, float, float] | None = Field(None, description="model-frame box, point tasks")
