@@ -260,9 +260,13 @@ class Gateway:
     async def grounded(self, request: Request) -> dict[str, Any]:
         start = time.perf_counter()
         body: GroundedRequest = await self._body(request, GroundedRequest)
-        self._check(body.max_turns, self.limits.max_turns, "max_turns")
-        self._check(body.max_images, self.limits.max_images, "max_images")
-        self._check(body.sampling.max_tokens, self.limits.max_tokens, "sampling.max_tokens")
+        # Unset budgets take the usual value capped by this server's limits; explicit ones must fit.
+        for holder, name, usual, limit in ((body, "max_turns", 5, self.limits.max_turns),
+                                           (body, "max_images", 5, self.limits.max_images),
+                                           (body.sampling, "max_tokens", 512, self.limits.max_tokens)):
+            if getattr(holder, name) is None:
+                setattr(holder, name, min(usual, limit))
+            self._check(getattr(holder, name), limit, name if holder is body else f"sampling.{name}")
         data, decoded = await self._image(body.image, "image")
         request_id = f"grd-{uuid.uuid4().hex[:20]}"
         rollout = await run_grounded(body, decoded.image, decoded.frame, self.policy, self.chat,

@@ -117,7 +117,7 @@ class GroundedSampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(512, ge=1, description="tokens per assistant turn")
+    max_tokens: int | None = Field(None, ge=1, description="tokens per assistant turn; default: 512 or the server limit")
     seed: int | None = None
 
 
@@ -128,8 +128,8 @@ class GroundedRequest(BaseModel):
     options: list[str] = Field(default_factory=list)
     task: Task = "visual_search"
     mode: Literal["single", "multi"] = "single"
-    max_turns: int = Field(5, ge=1)
-    max_images: int = Field(5, ge=1)
+    max_turns: int | None = Field(None, ge=1, description="assistant turns (multi); default: 5 or the server limit")
+    max_images: int | None = Field(None, ge=1, description="original + crops; default: 5 or the server limit")
     crop: CropSettings | None = None
     sampling: GroundedSampling = Field(default_factory=GroundedSampling)
     return_crops: bool = False

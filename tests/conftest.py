@@ -81,3 +81,47 @@ def vllm_engine(tiny_model_dir) -> EngineHarness:
     harness = EngineHarness(tiny_model_dir)
     yield harness
     harness.close()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """The session's one local Ray instance (logical CPUs so Serve apps and trainers can schedule)."""
+    import ray
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+API_TOKEN = "test-token"
+
+
+class ServeApp:
+    """The vigorl Serve app on the tiny model: base `url`, the bearer `token`, `headers` with it."""
+
+    def __init__(self, url: str, model: str):
+        self.url, self.model, self.token = url, model, API_TOKEN
+        self.headers = {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+@pytest.fixture(scope="session")
+def serve_app(ray_local, tiny_model_dir) -> ServeApp:
+    """The session's one Serve app (Gateway, PolicyServer, ZoomServer, Critic) on the tiny model, with a
+    bearer token, small body limit (2 MiB) and planned zooms so the random-weight model zooms."""
+    import socket
+
+    from ray import serve
+
+    from jobs.serve import APP_NAME, start
+    from services.app import ServeConfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = ServeConfig(model=str(tiny_model_dir), port=port, gateway={
+        "api_token": API_TOKEN, "planned_zooms": 2, "allowed_image_urls": ["http://127.0.0.1:"],
+        "limits": {"max_body_bytes": 2 * 1024 * 1024, "max_images": 4, "max_tokens": 256, "max_turns": 6}})
+    yield ServeApp(start(cfg), "tiny")
+    serve.delete(APP_NAME)
+    serve.shutdown()
