@@ -41,3 +41,16 @@ def run_main(body: Callable[[list[str]], int | None], argv: list[str] | None) ->
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def init_ray(num_cpus: int = 8) -> None:
+    """Connect to the cluster in RAY_ADDRESS (how `ray job submit` runs jobs), else start a local Ray with
+    logical CPUs (Serve apps and trainers schedule fractional CPUs on a small machine)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")

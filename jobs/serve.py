@@ -11,13 +11,12 @@ configs/serve.yaml` (same application builder).
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
 import time
 
-from jobs.common import run_main
+from jobs.common import init_ray, run_main
 from services.app import ServeConfig, build_app
 from vigorl_core.config import parse_config
 
@@ -26,14 +25,9 @@ APP_NAME = "vigorl"
 
 def start(cfg: ServeConfig, *, num_cpus: int = 8) -> str:
     """Start Ray (if needed) and the Serve app; returns the base URL once every deployment is up."""
-    import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    init_ray(num_cpus)
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"enable_access_log": False})
     serve.run(build_app(cfg.model_dump()), name=APP_NAME, route_prefix="/", blocking=False,
               logging_config={"enable_access_log": False})
