@@ -1,0 +1,120 @@
+"""vigorl_core.report: summary table, hand-written SVG charts, annotated examples, report.md."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vigorl_core import evaluation as E
+from vigorl_core.frames import FrameMap
+from vigorl_core.records import Sample
+from vigorl_core.report import (
+    EXAMPLE_MAX_SIDE,
+    annotate_example,
+    bar_chart_svg,
+    format_summary,
+    pick_examples,
+    write_report,
+)
+
+SVG = "{http://www.w3.org/2000/svg}"
+FRAME = FrameMap((800, 600), (252, 168))
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> str:
+    path = tmp_path / "data" / "screen.png"
+    path.parent.mkdir()
+    Image.new("RGB", (800, 600), (255, 255, 255)).save(path)
+    return str(path)
+
+
+def predict(image: str, id_: str, answer: str, category: str = "icon") -> E.Prediction:
+    sample = Sample(id=id_, task="grounding", source="screenspot_v2", images=[image], question="Click <OK> | now.",
+                    answer="(400, 300, 480, 360)", bbox=(400.0, 300.0, 480.0, 360.0), category=category)
+    text = (f"<think> The OK button is at (130, 90). </think>\n<tool_call>\n"
+            f'{{"name": "search_coordinate", "arguments": {{"coordinate": [60, 40]}}}}\n</tool_call>'
+            f"\n<observation>\ncrop\n</observation>\n<think> confirmed </think>\n<answer> {answer} </answer>")
+    return E.make_prediction(sample, text, mode="multiturn", frame=FRAME, policy="tiny")
+
+
+def test_bar_chart_is_valid_svg_with_bars_and_error_bars():
+    svg = bar_chart_svg("a <title> & more", [("all", [(67.5, 1.5), (70.0, 1.4)]), ("x<y", [(100.0, 10.0), (0.0, 0.0)])],
+                        [("score", "#111111"), ("score_original", "#222222")])
+    root = ET.fromstring(svg)
+    assert root.tag == f"{SVG}svg"
+    bars = [r for r in root.iter(f"{SVG}rect") if r.find(f"{SVG}title") is not None]
+    assert [r.get("fill") for r in bars] == ["#111111", "#222222"] * 2
+    assert len(bars) == 4
+    heights = [float(r.get("height")) for r in bars]
+    assert heights[0] == pytest.approx(0.675 * 220) and heights[3] == 0
+    assert len(root.findall(f"{SVG}path")) == 4  # one error bar per bar
+    texts = [t.text for t in root.iter(f"{SVG}text")]
+    assert "a <title> & more" in texts and "x<y" in texts  # escaped in the file, intact once parsed
+    assert "x&lt;y" in svg
+
+
+def test_format_summary_lists_benchmarks_and_categories(image):
+    preds = [predict(image, "a", "(130, 90)"), predict(image, "b", "(10, 10)", "text")]
+    text = format_summary(E.compute_metrics(preds))
+    lines = text.splitlines()
+    assert lines[0].split() == ["benchmark", "n", "score", "score_original"]
+    assert re.match(r"screenspot_v2\s+2\s+50\.0 ± 69\.3\s+50\.0 ± 69\.3$", lines[2])
+    assert re.match(r"  icon\s+1\s+100\.0 ± 0\.0", lines[3]) and lines[4].startswith("  text")
+
+
+def test_annotated_example_draws_in_the_original_frame(image, tmp_path: Path):
+    pred = predict(image, "a", "(130, 90)")
+    out = tmp_path / "ex.png"
+    assert annotate_example(pred, out)
+    drawn = Image.open(out).convert("RGB")
+    k = EXAMPLE_MAX_SIDE / 800
+    assert drawn.size == (768, 576)
+    x, y = pred.points_original[0].x * k, pred.points_original[0].y * k  # (130, 90) model -> (412.7, 321.4)
+    assert drawn.getpixel((round(x), round(y))) == (220, 30, 30)  # reasoning point 1, red
+    assert drawn.getpixel((round(400 * k), round(340 * k))) == (0, 170, 0)  # ground-truth box edge, green
+    zx, zy = FRAME.to_original(60, 40)
+    assert drawn.getpixel((round(zx * k), round(zy * k))) == (240, 140, 0)  # zoom centre, orange
+    assert drawn.getpixel((10, 10)) == (255, 255, 255)
+
+
+def test_no_example_without_image_or_frame(image, tmp_path: Path):
+    moved = predict(image, "a", "(1, 1)").model_copy(update={"images": ["/gone.png"]})
+    assert not annotate_example(moved, tmp_path / "x.png")
+    no_frame = predict(image, "a", "(1, 1)").model_copy(update={"original_size": None})
+    assert not annotate_example(no_frame, tmp_path / "x.png") and not (tmp_path / "x.png").exists()
+
+
+def test_pick_examples_first_correct_and_wrong_by_id(image):
+    preds = [predict(image, i, "(130, 90)" if i in "bdf" else "(1, 1)") for i in "fedcba"]
+    assert [p.id for p in pick_examples(preds, 2)] == ["b", "d", "a", "c"]
+
+
+def test_write_report_links_resolve(image, tmp_path: Path):
+    preds = [predict(image, f"s{i}", "(130, 90)" if i % 2 else "(1, 1)", "icon" if i < 3 else "text") for i in range(5)]
+    preds.append(predict(image, "v", "(1, 1)").model_copy(update={"benchmark": "vwa"}))
+    metrics = E.compute_metrics(preds)
+    path = write_report(tmp_path / "run", preds, metrics, examples=1)
+    md = path.read_text()
+    assert "## screenspot_v2" in md and "## vwa" in md and "| icon | 3 |" in md and "| text | 2 |" in md
+    assert "ViGoRL-7B 91.0 ± 1.6" in md and "4 predictions" not in md and "6 predictions of tiny" in md
+    assert "Click &lt;OK&gt; \\| now." in md  # model and data text cannot break the markdown
+    links = re.findall(r"\]\(([^)]+)\)", md)
+    assert {"plots/screenspot_v2.svg", "plots/vwa.svg", "examples/screenspot_v2-s1.png",
+            "examples/screenspot_v2-s0.png"} <= set(links)
+    assert all((path.parent / link).is_file() for link in links)
+    for svg in (path.parent / "plots").iterdir():
+        ET.fromstring(svg.read_text())
+
+
+def test_report_without_images_says_so(tmp_path: Path):
+    f = tmp_path / "rollouts_x.jsonl"
+    f.write_text('{"id": 1, "question": "q", "image": "/gone.png", "true_answer": "left", "thoughts": [], '
+                 '"final_answer": "left", "judge_score": 1.0}\n')
+    preds, _ = E.read_original_rollouts(f, "sat2")
+    md = write_report(tmp_path / "out", preds, E.compute_metrics(preds)).read_text()
+    assert "No annotated examples" in md and "| **all** | 1 | **100.0 ± 0.0** |" in md

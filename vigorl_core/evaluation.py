@@ -1,0 +1,582 @@
+"""Evaluation without the model: predictions, scoring, metrics, exactly-once bookkeeping, the original's files.
+
+jobs/evaluate.py runs the policy and writes what this module builds; jobs/score.py rescores files with it.
+Pure: no Ray, no engine. Formats and rules are documented in docs/evaluation.md.
+
+- `Prediction`: one line of predictions.jsonl per (benchmark, sample id).
+- `make_prediction` / `prediction_from_rollout`: score one response with the reward registry. `score` is the
+  strict judge (rewards.judge_for), `score_original` the original eval judge behind the original harness's
+  format gate, so it reproduces the published-style number. Ground-truth boxes are rescaled into the model
+  frame with the sample's FrameMap, as rollout.py does.
+- `BENCHMARKS`: benchmark -> task family, default mode, sampling, data file of the original release.
+- `compute_metrics`: per benchmark and per category, mean and Wald 95% half-width of both scores.
+- `PredictionWriter` / `read_predictions`: append-only JSONL, one line per key; a partial last line left by a
+  killed job is dropped and reported, never an error.
+- `read_original_rollouts`: the original project's eval outputs (`rollouts_*.jsonl`) as Predictions.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import Field, ValidationError
+
+from vigorl_core.data import DataError
+from vigorl_core.frames import FrameMap
+from vigorl_core.protocol import parse_conversation, parse_int_pair, parse_response
+from vigorl_core.records import Box, Point, Record, RolloutRecord, Sample, Task, Trace
+from vigorl_core.rewards import JUDGES, REWARDS, Truth, judge_for, wald_ci95
+
+CI_RULE = ("95% half-width: Wald 1.96*sqrt(p(1-p)/n) for 0/1 scores, 1.96*s/sqrt(n) otherwise; "
+           "means are fractions in [0, 1]")
+
+
+# ------------------------------------------------------------------------------------------- benchmarks
+
+@dataclass(frozen=True)
+class Benchmark:
+    """How one benchmark is evaluated. `data` is its file under the original release's DATA_ROOT
+    (VIGORL_REFERENCE.md section 9; None: not in the release). `paper` holds published (mean %, 95%
+    half-width or None); the V* intervals in the paper are one standard error, not 95%."""
+
+    task: str
+    mode: str
+    source: str
+    data: str | None = None
+    temperature: float = 0.5
+    top_p: float = 1.0
+    paper: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+
+    @property
+    def judges(self) -> tuple[str, str]:
+        return judge_for(self.task)
+
+
+# Sampling of the original eval scripts (section 8): T=0.5, top_p 1.0, multi-turn top_p 0.99.
+BENCHMARKS: dict[str, Benchmark] = {
+    "sat2": Benchmark("spatial", "grounded", "sat2", "spatial_reasoning/sat2_test/sat2_test.jsonl",
+                      paper={"Qwen2.5-VL-7B": (52.6, 1.6), "ViGoRL-3B": (62.9, 1.5), "ViGoRL-7B": (67.5, 1.5)}),
+    "blink": Benchmark("spatial", "grounded", "blink", "spatial_reasoning/blink/blink_validation.jsonl",
+                       paper={"Qwen2.5-VL-7B": (52.9, 2.3), "ViGoRL-3B": (48.5, 2.3), "ViGoRL-7B": (54.1, 2.3)}),
+    "robospatial": Benchmark("spatial", "grounded", "robospatial", None,
+                             paper={"Qwen2.5-VL-7B": (46.7, 9.5), "ViGoRL-3B": (67.1, 6.1), "ViGoRL-7B": (76.4, 7.5)}),
+    "vstar": Benchmark("visual_search", "multiturn", "vstar", "visual_search/vstar/vstarbench_test.jsonl", top_p=0.99,
+                       paper={"Qwen2.5-VL-7B": (78.0, 3.0), "ViGoRL-3B multi-turn": (81.2, 2.8),
+                              "ViGoRL-7B multi-turn": (86.4, 2.7)}),
+    "screenspot_v2": Benchmark("grounding", "grounded", "screenspot_v2",
+                               "web_grounding/ScreenSpot-V2/screenspot_v2_test.jsonl",
+                               paper={"Qwen2.5-VL-7B": (73.6, 2.4), "ViGoRL-3B": (86.5, 1.9),
+                                      "ViGoRL-7B": (91.0, 1.6)}),
+    "screenspot_pro": Benchmark("grounding", "grounded", "screenspot_pro",
+                                "web_grounding/ScreenSpot-Pro/screenspot_pro_test.jsonl",
+                                paper={"Qwen2.5-VL-7B": (29.0, None), "ViGoRL-3B": (31.1, 2.3),
+                                       "ViGoRL-7B": (33.1, 2.3)}),
+    "osatlas": Benchmark("grounding", "grounded", "osatlas", "web_grounding/vigorl_osatlas_val_RL.jsonl"),
+    "vwa": Benchmark("web_action", "grounded", "vwa", None,
+                     paper={"Qwen2.5-VL-7B": (5.5, 1.5), "ViGoRL-3B": (6.4, 1.5), "ViGoRL-7B": (11.2, 2.1)}),
+    "synthetic_visual_search": Benchmark("visual_search", "multiturn", "synthetic"),
+    "synthetic_grounding": Benchmark("grounding", "grounded", "synthetic"),
+    "synthetic_spatial": Benchmark("spatial", "grounded", "synthetic"),
+}
+
+
+def get_benchmark(name: str) -> Benchmark:
+    try:
+        return BENCHMARKS[name]
+    except KeyError:
+        raise ValueError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}") from None
+
+
+def benchmark_of(sample: Sample) -> str:
+    """Benchmark name of a sample: its source, or synthetic_<task> for our synthetic tasks."""
+    name = f"synthetic_{sample.task}" if sample.source == "synthetic" else sample.source
+    get_benchmark(name)
+    return name
+
+
+CATEGORY_KEYS = ("category", "question_type", "type", "data_type", "ui_type", "platform")
+
+
+def _path_category(images: Sequence[str]) -> str | None:
+    # V*Bench keeps its two categories as folder names (as vigorl_core.data does for samples).
+    return next((c for c in ("direct_attributes", "relative_position") if any(c in p for p in images)), None)
+
+
+def category_of(sample: Sample) -> str | None:
+    """`sample.category`, else the first of CATEGORY_KEYS in the metadata (extra keys of the original
+    records), else a V* folder name in the image path."""
+    if sample.category:
+        return sample.category
+    for key in CATEGORY_KEYS:
+        value = sample.metadata.get(key)
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
+            return str(value)
+    return _path_category(sample.images)
+
+
+# ------------------------------------------------------------------------------------------- the record
+
+class Prediction(Record):
+    """One evaluated sample. Points say their frame: `points`/`answer_point` in the model frame (what the
+    model wrote), `*_original` mapped to the original image (empty when the frame is unknown)."""
+
+    id: str
+    benchmark: str = Field(description="key of BENCHMARKS")
+    source: str
+    task: Task
+    mode: str = Field(description="grounded | multiturn | vanilla | answer_only")
+    category: str | None = None
+    question: str = ""
+    options: list[str] = Field(default_factory=list)
+    answer: str = Field(description="ground truth as the data writes it")
+    bbox: Box | None = Field(default=None, description="ground-truth box, original frame")
+    point: tuple[float, float] | None = Field(default=None, description="ground-truth point, original frame")
+    truth_box: Box | None = Field(default=None, description="the box the judges used, model frame")
+    truth_point: tuple[float, float] | None = Field(default=None, description="the point the judges used, model frame")
+    images: list[str] = Field(default_factory=list)
+    original_size: tuple[int, int] | None = Field(default=None, description="(width, height) of images[0]")
+    model_size: tuple[int, int] | None = Field(default=None, description="(width, height) the model saw")
+    text: str = Field(description="the response; the whole conversation for multiturn")
+    pred_answer: str | None = Field(description="the parsed answer the judges saw")
+    trace: Trace
+    points: list[Point] = Field(default_factory=list, description="reasoning points in order, model frame")
+    points_original: list[Point] = Field(default_factory=list)
+    answer_point: Point | None = None
+    answer_point_original: Point | None = None
+    score: float = Field(description="strict judge (the rule RL optimises)")
+    score_original: float = Field(description="the original eval judge, behind the original format gate")
+    judge: str
+    judge_original: str
+    reward: dict[str, float] = Field(default_factory=dict, description="RL reward of (task, mode): overall, format, "
+                                                                       "accuracy")
+    finish: str = "answer"
+    num_turns: int = 1
+    timing: dict[str, float] = Field(default_factory=dict)
+    policy: str = Field("", description="model name or path")
+    policy_version: int | None = None
+    origin: Literal["vigorl", "vlmsearch"] = Field("vigorl", description="vlmsearch: read from the original's files")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.benchmark, self.id
+
+    def frame(self) -> FrameMap | None:
+        return FrameMap(self.original_size, self.model_size) if self.original_size and self.model_size else None
+
+
+def sample_key(sample: Sample) -> tuple[str, str]:
+    """The key a Prediction of this sample will have: (benchmark, id)."""
+    return benchmark_of(sample), sample.id
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+@dataclass
+class Scores:
+    trace: Trace
+    truth: Truth
+    score: float
+    score_original: float
+    judges: tuple[str, str]
+    reward: dict[str, float]
+
+
+_OBSERVATION_RE = re.compile(r"<observation>.*?</observation>", re.DOTALL)
+
+
+def split_turns(conversation: str) -> list[str]:
+    """Assistant turns of a multi-turn conversation text (the observation turns removed)."""
+    return [t.strip() for t in _OBSERVATION_RE.split(conversation) if t.strip()]
+
+
+def original_format_ok(turns: Sequence[str]) -> bool:
+    """The original harness (`single_path_rollouts.py`) sets judge_score to 0 when a reasoning node before the
+    answer lacks `<think>` or `</think>` (`Judge.format_check`). A turn holding the answer contributes its
+    text before `<answer>` only if it has a `<think>`."""
+    nodes = []
+    for turn in turns:
+        if "<answer>" in turn:
+            if "<think>" in turn:
+                nodes.append(turn.split("<answer>")[0])
+            break
+        nodes.append(turn)
+    return all("<think>" in n and "</think>" in n for n in nodes)
+
+
+def truth_for(target: Sample | Prediction, frame: FrameMap | None, task: str) -> Truth:
+    """Ground truth in the model frame: the original-frame box/point rescaled with `frame`, as rollout.py
+    does. Grounding needs the frame; other tasks drop a box they cannot map (their judges never read it)."""
+    if frame is None:
+        if task == "grounding" and (target.bbox or target.point):
+            raise ValueError(f"sample {target.id!r}: grounding needs the model frame (FrameMap) to rescale its box")
+        return Truth(answer=target.answer)
+    return Truth(answer=target.answer, box=frame.box_to_model(target.bbox) if target.bbox else None,
+                 point=frame.to_model(*target.point) if target.point else None)
+
+
+def _judges(task: str, truth: Truth) -> tuple[str, str]:
+    if task == "grounding" and truth.box is None and truth.point is not None:
+        return "point_match", "point_match"  # a point ground truth (no box): the original --judge point_match
+    return judge_for(task)
+
+
+def score_prediction(target: Sample | Truth, text: str, frame: FrameMap | None, mode: str, *,
+                     task: str | None = None, trace: Trace | None = None, turns: Sequence[str] | None = None,
+                     judge_original: str | None = None, with_reward: bool = True) -> Scores:
+    """Score one response. `target` is a Sample (its box rescaled with `frame`) or a model-frame Truth (then
+    `task=` is needed). `trace` defaults to parsing `text` (per turn for multiturn); `turns` are the assistant
+    turns for the original format gate (default: split from `text` for multiturn, none for single turn: the
+    original split single responses by regex, so its gate never fired there)."""
+    if isinstance(target, Truth):
+        if task is None:
+            raise ValueError("score_prediction with a Truth needs task=")
+        truth = target
+    else:
+        task = task or target.task
+        truth = truth_for(target, frame, task)
+    if turns is None and mode == "multiturn":
+        turns = split_turns(text)
+    if trace is None:
+        trace = parse_conversation(list(turns)) if mode == "multiturn" else parse_response(text)
+    strict, original = _judges(task, truth)
+    original = judge_original or original
+    score = JUDGES[strict](trace.answer, truth)
+    score_original = JUDGES[original](trace.answer, truth) if original_format_ok(turns or []) else 0.0
+    reward = {}
+    if with_reward and (task, mode) in REWARDS and strict != "point_match":  # RL point rewards need a box
+        r = REWARDS[(task, mode)](text, truth)
+        reward = {"overall": r.overall, "format": r.format, "accuracy": r.accuracy}
+    return Scores(trace, truth, score, score_original, (strict, original), reward)
+
+
+def _scored_fields(s: Scores, frame: FrameMap | None, task: str) -> dict[str, Any]:
+    """The Prediction fields that follow from scores: answer, points in both frames, scores."""
+    def original(p: Point) -> Point:
+        x, y = frame.to_original(p.x, p.y)
+        return Point(x=x, y=y, frame="original")
+
+    pair = parse_int_pair(s.trace.answer) if task == "grounding" and s.trace.answer else None
+    answer_point = Point(x=pair[0], y=pair[1], frame="model") if pair else None
+    return dict(pred_answer=s.trace.answer, trace=s.trace, truth_box=s.truth.box, truth_point=s.truth.point,
+                points=s.trace.points, points_original=[original(p) for p in s.trace.points] if frame else [],
+                answer_point=answer_point, answer_point_original=original(answer_point) if frame and pair else None,
+                score=s.score, score_original=s.score_original, judge=s.judges[0], judge_original=s.judges[1],
+                reward=s.reward)
+
+
+def make_prediction(sample: Sample, text: str, *, mode: str, frame: FrameMap | None, trace: Trace | None = None,
+                    finish: str = "answer", num_turns: int = 1, timing: Mapping[str, float] | None = None,
+                    policy: str = "", policy_version: int | None = None, benchmark: str | None = None) -> Prediction:
+    """Score a response to `sample` and build its Prediction. `frame` maps images[0] to the model frame."""
+    s = score_prediction(sample, text, frame, mode, trace=trace)
+    return Prediction(
+        id=sample.id, benchmark=benchmark or benchmark_of(sample), source=sample.source, task=sample.task, mode=mode,
+        category=category_of(sample), question=sample.question, options=sample.options, answer=sample.answer,
+        bbox=sample.bbox, point=sample.point, images=sample.images,
+        original_size=frame.original_size if frame else None, model_size=frame.model_size if frame else None,
+        text=text, finish=finish, num_turns=num_turns, timing=dict(timing or {}), policy=policy,
+        policy_version=policy_version, **_scored_fields(s, frame, sample.task))
+
+
+def prediction_from_rollout(sample: Sample, record: RolloutRecord, frame: FrameMap, *, policy: str = "") -> Prediction:
+    """The Prediction of one finished rollout (PreparedSample.frame is the frame to pass)."""
+    return make_prediction(sample, record.text, mode=record.mode, frame=frame, trace=record.trace,
+                           finish=record.finish, num_turns=record.num_turns, timing=record.timings, policy=policy,
+                           policy_version=max(record.policy_versions, default=None))
+
+
+def rescore(pred: Prediction, sample: Sample | None = None) -> Prediction:
+    """Score a stored prediction again with today's judges; `sample` overrides its ground truth. Records
+    read from the original's files keep their model-frame truth and the judge their run used."""
+    frame = pred.frame()
+    ours = pred.origin == "vigorl"
+    if ours and frame is not None:
+        truth = truth_for(sample or pred, frame, pred.task)
+    else:
+        truth = Truth(sample.answer if sample and ours else pred.answer, box=pred.truth_box, point=pred.truth_point)
+    s = score_prediction(truth, pred.text, frame, pred.mode, task=pred.task, trace=pred.trace,
+                         turns=None if ours else pred.metadata.get("thoughts", []),
+                         judge_original=None if ours else pred.judge_original, with_reward=ours)
+    update = _scored_fields(s, frame, pred.task)
+    if sample is not None:
+        update.update(category=category_of(sample), bbox=sample.bbox, point=sample.point)
+        if ours:
+            update.update(answer=sample.answer, question=sample.question, options=sample.options)
+    return pred.model_copy(update=update)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+def summarize(scores: Sequence[float]) -> dict[str, float]:
+    mean, half = wald_ci95(scores)
+    return {"mean": mean, "ci95": half, "n": len(scores)}
+
+
+def _group_summary(preds: Sequence[Prediction]) -> dict[str, Any]:
+    out: dict[str, Any] = {"n": len(preds), "score": summarize([p.score for p in preds]),
+                           "score_original": summarize([p.score_original for p in preds])}
+    rewarded = [p.reward for p in preds if p.reward]
+    if rewarded:
+        out["reward"] = sum(r["overall"] for r in rewarded) / len(rewarded)
+        out["format"] = sum(r["format"] for r in rewarded) / len(rewarded)
+    return out
+
+
+def compute_metrics(predictions: Iterable[Prediction]) -> dict[str, Any]:
+    """metrics.json: per benchmark the overall and per-category mean, 95% half-width and n of `score` and
+    `score_original` (+ mean RL reward and format where computed), finish counts, seconds per sample."""
+    groups: dict[str, list[Prediction]] = defaultdict(list)
+    for p in predictions:
+        groups[p.benchmark].append(p)
+    out: dict[str, Any] = {"schema_version": 1, "ci95": CI_RULE, "n": sum(map(len, groups.values())), "benchmarks": {}}
+    for name in sorted(groups):
+        preds = groups[name]
+        entry = {"task": preds[0].task, "modes": dict(Counter(p.mode for p in preds)),
+                 "judge": preds[0].judge, "judge_original": preds[0].judge_original, **_group_summary(preds),
+                 "finish": dict(Counter(p.finish for p in preds))}
+        seconds = [p.timing["seconds"] for p in preds if "seconds" in p.timing]
+        if seconds:
+            entry["seconds_mean"] = sum(seconds) / len(seconds)
+        by_category: dict[str, list[Prediction]] = defaultdict(list)
+        for p in preds:
+            by_category[p.category or "(none)"].append(p)
+        entry["categories"] = ({c: _group_summary(ps) for c, ps in sorted(by_category.items())}
+                               if any(p.category for p in preds) else {})
+        entry["published"] = BENCHMARKS[name].paper if name in BENCHMARKS else {}
+        out["benchmarks"][name] = entry
+    return out
+
+
+# --------------------------------------------------------------------------------- exactly-once bookkeeping
+
+def scan_jsonl(path: str | os.PathLike) -> tuple[list[tuple[int, dict]], int, str | None]:
+    """(line, object) of each complete record, the byte length of the good prefix, and a note when a partial
+    last line (a killed writer) was dropped. Any other bad line raises DataError(file, line)."""
+    data = Path(path).read_bytes()
+    records, pos, lineno, note = [], 0, 0, None
+    while pos < len(data):
+        end = data.find(b"\n", pos)
+        nxt = len(data) if end < 0 else end + 1
+        raw, lineno = data[pos:nxt], lineno + 1
+        try:
+            obj = json.loads(raw.decode("utf-8")) if raw.strip() else None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if nxt == len(data):
+                note = f"{path}:{lineno}: dropped an incomplete last line ({len(raw)} bytes; a killed writer)"
+                break
+            raise DataError(path, lineno, None, f"invalid JSON: {e}") from None
+        if obj is not None and not isinstance(obj, dict):
+            raise DataError(path, lineno, None, f"expected a JSON object, got {type(obj).__name__}")
+        if obj is not None:
+            records.append((lineno, obj))
+        pos = nxt
+    return records, pos, note
+
+
+@dataclass
+class PredictionsFile:
+    predictions: list[Prediction]  # the first line of each key, in file order
+    duplicates: list[str]  # later lines of a key already seen (ignored)
+    truncated: str | None  # note about a dropped partial last line
+    good_bytes: int
+
+    @property
+    def keys(self) -> set[tuple[str, str]]:
+        return {p.key for p in self.predictions}
+
+
+def read_predictions(path: str | os.PathLike) -> PredictionsFile:
+    """Read predictions.jsonl: first line per (benchmark, id) wins; a partial last line is dropped and reported."""
+    if not Path(path).is_file():
+        raise DataError(path, None, None, "file not found")
+    records, good, note = scan_jsonl(path)
+    seen: dict[tuple[str, str], int] = {}
+    preds, duplicates = [], []
+    for line, obj in records:
+        try:
+            p = Prediction.model_validate(obj)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise DataError(path, line, ".".join(map(str, err["loc"])) or None, err["msg"]) from None
+        if p.key in seen:
+            duplicates.append(f"{p.benchmark}/{p.id} on line {line} (first on line {seen[p.key]})")
+            continue
+        seen[p.key] = line
+        preds.append(p)
+    return PredictionsFile(preds, duplicates, note, good)
+
+
+class PredictionWriter:
+    """Append-only predictions.jsonl, one line per (benchmark, id), for ONE writer process (the driver).
+
+    Opening locks the file (a second job on the same run fails instead of interleaving lines), cuts a
+    partial last line left by a killed job (`repaired` says so) and loads the finished `keys`. `write`
+    skips keys already written, then flushes and fsyncs: a kill loses at most the lines being written,
+    and those samples run again on resume."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "ab")  # noqa: SIM115 (held open: the lock lives as long as the writer)
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise DataError(self.path, None, None, "another process is writing these predictions") from None
+        existing = read_predictions(self.path)
+        self.keys, self.duplicates, self.repaired = existing.keys, existing.duplicates, existing.truncated
+        if existing.good_bytes < self.path.stat().st_size:
+            self._file.truncate(existing.good_bytes)
+        if existing.good_bytes:
+            with open(self.path, "rb") as f:
+                f.seek(existing.good_bytes - 1)
+                if f.read(1) != b"\n":
+                    self._file.write(b"\n")  # a complete last record without its newline
+
+    def write(self, predictions: Iterable[Prediction]) -> int:
+        """Append the predictions whose key is new; returns how many were written."""
+        n = 0
+        for p in predictions:
+            if p.key not in self.keys:
+                self._file.write(p.model_dump_json().encode("utf-8") + b"\n")
+                self.keys.add(p.key)
+                n += 1
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return n
+
+    def close(self) -> None:
+        self._file.close()  # closing releases the lock
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------- the original project's eval files
+
+# --judge of the original harness -> our JUDGES entry that reproduces it.
+ORIGINAL_JUDGES = {"string_match": "string_match_original", "point_in_bbox": "point_in_bbox",
+                   "point_match": "point_match", "web_action": "web_action_original"}
+_NUMS_RE = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def detect_format(path: str | os.PathLike) -> Literal["vigorl", "vlmsearch"]:
+    """`vigorl` (our predictions.jsonl, or a run folder holding one) or `vlmsearch` (the original's eval
+    rollouts: a rollouts_*.jsonl file or their folder), from the first record."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "predictions.jsonl").is_file():
+            return "vigorl"
+        if any(path.glob("rollouts_*.jsonl")):
+            return "vlmsearch"
+        raise DataError(path, None, None, "no predictions.jsonl and no rollouts_*.jsonl in this folder")
+    if not path.is_file():
+        raise DataError(path, None, None, "file not found")
+    records, _, _ = scan_jsonl(path)
+    if not records:
+        raise DataError(path, None, None, "no records")
+    line, first = records[0]
+    if "true_answer" in first:
+        return "vlmsearch"
+    if "schema_version" in first and "benchmark" in first:
+        return "vigorl"
+    raise DataError(path, line, None, f"unknown predictions format with keys {sorted(first)}; expected ours "
+                    "(schema_version, benchmark, ...) or the original eval's (id, true_answer, final_answer, thoughts)")
+
+
+def _get(obj: dict, key: str, types: tuple[type, ...], path: Path, line: int, default: Any = ...) -> Any:
+    if key not in obj:
+        if default is not ...:
+            return default
+        raise DataError(path, line, key, "missing")
+    value = obj[key]
+    if not isinstance(value, types) or isinstance(value, bool):
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise DataError(path, line, key, f"expected {names}, got {'null' if value is None else type(value).__name__}")
+    return value
+
+
+def read_original_rollouts(path: str | os.PathLike, benchmark: str, *,
+                           samples: Mapping[str, Sample] | None = None) -> tuple[list[Prediction], list[str]]:
+    """The original harness's eval records {id, question, image, true_answer, thoughts, final_answer,
+    judge_score, scale_factor} as Predictions (first record per id), and notes on what was dropped.
+
+    `path` is one rollouts_*.jsonl or the run folder (every rollouts_*.jsonl); its args.json, when present,
+    gives the judge and whether zoom was on. `true_answer` boxes are already in the original run's resized
+    frame, which the record does not describe: original-frame points stay empty. The stored judge_score is
+    kept in metadata; `score_original` is recomputed (jobs/score.py compares the two)."""
+    spec, path = get_benchmark(benchmark), Path(path)
+    if path.is_dir():
+        files, args_file = sorted(path.glob("rollouts_*.jsonl")), path / "args.json"
+        if not files:
+            raise DataError(path, None, None, "no rollouts_*.jsonl files in this folder")
+    elif path.is_file():
+        files, args_file = [path], path.parent / "args.json"
+    else:
+        raise DataError(path, None, None, "file not found")
+    args = json.loads(args_file.read_text()) if args_file.is_file() else {}
+    if args and args.get("judge") not in ORIGINAL_JUDGES:
+        raise DataError(args_file, None, "judge", f"expected one of {', '.join(ORIGINAL_JUDGES)} (an LLM judge "
+                        f"cannot be rescored without it), got {args.get('judge')!r}")
+    judge = ORIGINAL_JUDGES[args["judge"]] if args else None
+    mode = ("multiturn" if args.get("check_for_crop") or args.get("multicrop") else "grounded") if args else spec.mode
+    policy = str(args.get("pretrained") or args.get("model") or "")
+    preds, notes, seen = [], [], {}
+    for file in files:
+        records, _, note = scan_jsonl(file)
+        notes += [note] if note else []
+        for line, rec in records:
+            pred = _original_prediction(rec, file, line, benchmark, spec, mode, judge, policy, samples)
+            if pred.id in seen:
+                notes.append(f"{file.name}:{line}: id {pred.id!r} again (first at {seen[pred.id]}); kept the first")
+                continue
+            seen[pred.id] = f"{file.name}:{line}"
+            preds.append(pred)
+    return preds, notes
+
+
+def _original_prediction(rec: dict, file: Path, line: int, benchmark: str, spec: Benchmark, mode: str,
+                         judge: str | None, policy: str, samples: Mapping[str, Sample] | None) -> Prediction:
+    id_ = str(_get(rec, "id", (str, int), file, line))
+    true_answer = _get(rec, "true_answer", (str,), file, line)
+    final = _get(rec, "final_answer", (str, type(None)), file, line, None)
+    thoughts = _get(rec, "thoughts", (list,), file, line, [])
+    if not all(isinstance(t, str) for t in thoughts):
+        raise DataError(file, line, "thoughts", "expected a list of strings")
+    stored = _get(rec, "judge_score", (int, float, type(None)), file, line, None)
+    image = _get(rec, "image", (str,), file, line, "")
+    box = point = None
+    if spec.task == "grounding":
+        nums = [float(v) for v in _NUMS_RE.findall(true_answer)]
+        box, point = (tuple(nums), None) if len(nums) == 4 else (None, tuple(nums) if len(nums) == 2 else None)
+        if box is None and point is None:
+            raise DataError(file, line, "true_answer", f"expected a box '(x1, y1, x2, y2)', got {true_answer!r}")
+    turns = thoughts + ([f"<answer> {final} </answer>"] if final is not None else [])
+    trace = parse_conversation(turns)
+    trace.answer = final  # exactly what the original judged
+    truth = Truth(true_answer, box=box, point=point)
+    s = score_prediction(truth, "\n".join(turns), None, mode, task=spec.task, trace=trace, turns=thoughts,
+                         judge_original=judge, with_reward=False)
+    sample = (samples or {}).get(id_)
+    return Prediction(
+        id=id_, benchmark=benchmark, source=spec.source, task=spec.task, mode=mode,
+        category=category_of(sample) if sample else _path_category([image]),
+        question=str(rec.get("question") or "").replace("<image>", "").strip(), answer=true_answer,
+        bbox=sample.bbox if sample else None, point=sample.point if sample else None, images=[image] if image else [],
+        text="\n".join(turns), finish="answer" if final is not None else "no_answer",
+        num_turns=len(turns) if mode == "multiturn" else 1, policy=policy, origin="vlmsearch",
+        metadata={"judge_score": stored, "scale_factor": rec.get("scale_factor"), "thoughts": thoughts,
+                  "file": f"{file.name}:{line}"},
+        **_scored_fields(s, None, spec.task))
