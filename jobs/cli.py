@@ -16,6 +16,11 @@ COMMANDS = {
     "synth": ("jobs.synth", "write a deterministic synthetic benchmark (visual_search, grounding, spatial)"),
     "quickstart": ("jobs.quickstart", "run the pipeline on the tiny model and synthetic data"),
     "serve": ("jobs.serve", "serve a model over HTTP (OpenAI chat completions, /v1/grounded) on Ray Serve"),
+    "mcts": ("jobs.mcts", "tree search over grounded reasoning steps with a teacher (SFT data generation)"),
+    "chains": ("jobs.chains", "linearize MCTS trees into SFT chains (single-turn and multi-turn zoom)"),
+    "sft": ("jobs.sft", "supervised fine-tuning on Ray Train with DeepSpeed"),
+    "eval": ("jobs.evaluate", "evaluate a model on benchmarks with Ray Data (resumable)"),
+    "score": ("jobs.score", "rescore predictions (ours or the original project's eval files) without the model"),
 }
 
 
