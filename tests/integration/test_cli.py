@@ -51,3 +51,17 @@ def test_quickstart_smoke_run(tmp_path, subprocess_env):
     assert metrics["multiturn"]["crops"] >= 1
     lines = (tmp_path / "quickstart" / "default" / "rollouts.jsonl").read_text().splitlines()
     assert len(lines) == 6
+
+
+def test_every_command_has_help(subprocess_env):
+    """Each registered command imports and lists its options (catches a job that fails to import)."""
+    from jobs.cli import COMMANDS
+
+    for name in COMMANDS:
+        result = _vigorl([name, "--help"], subprocess_env)
+        assert result.returncode == 0 and "--" in result.stdout, (name, result.stderr[-2000:])
+
+
+def test_serve_rejects_bad_configuration(subprocess_env):
+    result = _vigorl(["serve", "--model", "m", "--gateway.limits.max_turns", "many"], subprocess_env)
+    assert result.returncode == 2 and "gateway.limits.max_turns" in result.stderr
