@@ -50,8 +50,11 @@ async def _main(args) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = start(ServeConfig(model=model, port=port))
-    engine = await VLLMEngine.create(EngineConfig(model=model))
+    # Both arms' engines share the machine (and the GPU on a GPU host: each takes a share of its memory).
+    engine_settings = {"dtype": args.dtype, "enforce_eager": not args.compile,
+                       "gpu_memory_utilization": args.gpu_memory_utilization}
+    url = start(ServeConfig(model=model, port=port, engine=engine_settings, policy_gpus=args.policy_gpus))
+    engine = await VLLMEngine.create(EngineConfig(model=model, **engine_settings))
     chat = ChatTokens.from_pretrained(model)
     config = RolloutConfig(mode="grounded", temperature=0.0, max_turns=1, max_tokens_per_turn=args.max_tokens,
                            score=False)
@@ -124,7 +127,9 @@ async def _main(args) -> dict:
         "config": {"model": "tiny (random weights)" if args.model is None else args.model,
                    "requests_per_round": args.requests, "repeats": args.repeats, "max_tokens": args.max_tokens,
                    "task": "grounding (400x300 synthetic PNGs, distinct per request)", "temperature": 0.0,
-                   "engine": "vLLM AsyncLLM, eager, fp32; gateway arm in a Serve replica, direct arm in-process"},
+                   "engine": f"vLLM AsyncLLM, {args.dtype}, {'compiled' if args.compile else 'eager'}; gateway arm "
+                             "in a Serve replica, direct arm in-process",
+                   "gpu_memory_utilization": args.gpu_memory_utilization, "policy_gpus": args.policy_gpus},
     }
 
 
@@ -134,12 +139,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per round and arm")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", help="bfloat16 on GPUs")
+    parser.add_argument("--compile", action="store_true", help="CUDA graphs / torch.compile (GPU)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="per engine (two share a GPU)")
+    parser.add_argument("--policy-gpus", type=float, default=0.0, help="GPUs of the Serve replica (1 on a GPU host)")
+    parser.add_argument("--name", default="gateway_overhead", help="result name: bench/results/serve_<name>.json")
     args = parser.parse_args()
     set_runtime_env()
     from bench.common import write_result
 
     result = asyncio.run(_main(args))
-    path = write_result("serve", "gateway_overhead", result)
+    path = write_result("serve", args.name, result)
     for c in (1, 16):
         d, g = result["direct"][f"concurrency_{c}"], result["gateway"][f"concurrency_{c}"]
         print(f"concurrency {c:>2}: direct p50 {d['p50_ms']:.0f} ms p99 {d['p99_ms']:.0f} ms {d['requests_per_s']:.1f} "

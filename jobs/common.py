@@ -26,9 +26,10 @@ def set_runtime_env() -> None:
         "VLLM_HOST_IP": "127.0.0.1",
         "VLLM_CACHE_ROOT": str(REPO_ROOT / ".vllm-cache"),
         "TORCH_EXTENSIONS_DIR": str(REPO_ROOT / ".torch_ext"),
-        "DS_ACCELERATOR": "cpu",
         "RAY_AUTH_MODE": "disabled",
     }
+    if not Path("/dev/nvidiactl").exists():  # DeepSpeed would otherwise look for CUDA
+        defaults["DS_ACCELERATOR"] = "cpu"
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
 

@@ -5,6 +5,7 @@ rollout driver against a `PolicyClient`, so scaling the policy = PolicyServer re
 ongoing requests). Images cross process boundaries once: the client puts each image into the Ray object
 store the first time it is used and sends only the reference afterwards (every later turn of a
 multi-turn conversation re-sends the whole image list); the server keeps recently resolved images.
+Small images (the tiny model's frames) travel inline, which is cheaper than a reference for them.
 
     policy = PolicyServer.bind({"model": "runs/models/tiny"})          # in an app builder
     client = PolicyClient(serve.get_deployment_handle("PolicyServer", "vigorl"))
@@ -24,6 +25,9 @@ from ray import serve
 from vigorl_core.engine import EngineConfig, Generation, Sampling, VLLMEngine
 
 IMAGE_CACHE_ENTRIES = 512  # resolved images kept per replica (a multi-turn conversation re-sends its images)
+# Images up to this many RGB bytes travel inside the call: Ray inlines small arguments, while a small put()
+# object lives in the owner's memory and costs the replica an extra round trip to fetch.
+INLINE_IMAGE_BYTES = 256 * 1024
 
 
 class _LRU(OrderedDict):
@@ -97,9 +101,12 @@ class PolicyClient:
         self._inflight: dict[str, Any] = {}
         self._ids = itertools.count()
 
-    def _refs_for(self, images: Sequence[Any]) -> list[ray.ObjectRef]:
+    def _wire(self, images: Sequence[Any]) -> list[Any]:
         refs = []
         for image in images:
+            if image.width * image.height * 3 <= INLINE_IMAGE_BYTES:
+                refs.append(image)
+                continue
             entry = self._refs.get(id(image))
             if entry is None or entry[0] is not image:
                 entry = (image, ray.put(image))
@@ -110,7 +117,7 @@ class PolicyClient:
     async def generate(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
                        request_id: str | None = None) -> list[Generation]:
         request_id = request_id or f"client-{next(self._ids)}"
-        response = self.handle.generate.remote(list(prompt_ids), self._refs_for(images), sampling, request_id)
+        response = self.handle.generate.remote(list(prompt_ids), self._wire(images), sampling, request_id)
         self._inflight[request_id] = response
         try:
             generations = await response
@@ -123,7 +130,7 @@ class PolicyClient:
     def stream(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
                request_id: str | None = None) -> AsyncIterator[Generation]:
         """Deltas of one sample; cancelling the iteration cancels the request on the replica."""
-        return self.handle.options(stream=True).stream.remote(list(prompt_ids), self._refs_for(images), sampling,
+        return self.handle.options(stream=True).stream.remote(list(prompt_ids), self._wire(images), sampling,
                                                               request_id)
 
     async def abort(self, request_id: str) -> None:

@@ -244,3 +244,28 @@ def test_serve_config_yaml_is_accepted_by_serve(tiny_model_dir):
     ServeConfig.model_validate(app["args"])
     assert {d["name"] for d in app["deployments"]} == {"PolicyServer", "ZoomServer", "Gateway"}
     assert json.dumps(app["deployments"][0]["autoscaling_config"])
+
+
+def test_policy_client_puts_large_images_once(serve_app, tiny_model_dir):
+    """Large images go to the object store once per client; small ones travel inline."""
+    import asyncio
+
+    from ray import serve
+
+    from services.policy import PolicyClient
+    from vigorl_core.chat_tokens import ChatTokens
+    from vigorl_core.engine import Sampling
+
+    client = PolicyClient(serve.get_deployment_handle("PolicyServer", "vigorl"))
+    chat = ChatTokens.from_pretrained(tiny_model_dir)
+    big, small = Image.new("RGB", (448, 448), "red"), Image.new("RGB", (56, 56), "blue")
+    ids = chat.encode(chat.prompt_text("You look.", "Which colours?", 2))
+
+    async def twice():
+        first = await client.generate(ids, [big, small], Sampling(max_tokens=3, temperature=0.0))
+        second = await client.generate(ids, [big, small], Sampling(max_tokens=3, temperature=0.0))
+        return first, second
+
+    first, second = asyncio.run(twice())
+    assert first[0].token_ids == second[0].token_ids and len(first[0].token_ids) >= 1  # greedy, same inputs
+    assert len(client._refs) == 1  # the big image was put once; the small one never
