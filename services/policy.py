@@ -2,10 +2,13 @@
 
 Every stage that needs the policy (the HTTP gateway, MCTS, evaluation, GRPO rollouts) runs the core
 rollout driver against a `PolicyClient`, so scaling the policy = PolicyServer replicas (autoscaled by
-ongoing requests). Images cross process boundaries once: the client puts each image into the Ray object
-store the first time it is used and sends only the reference afterwards (every later turn of a
-multi-turn conversation re-sends the whole image list); the server keeps recently resolved images.
-Small images (the tiny model's frames) travel inline, which is cheaper than a reference for them.
+ongoing requests).
+
+Images cross process boundaries once per replica, keyed by content hash: a multi-turn conversation
+re-sends its whole image list every turn, so the client sends an image in full only the first time and
+its hash afterwards; a replica that lacks a hash (another replica got the image, or it was evicted)
+answers `MissingImages` and the client re-sends those in full. (Nested Ray object refs were the first
+design; they hung when passed through Serve handles on the GPU host, so images travel by value once.)
 
     policy = PolicyServer.bind({"model": "runs/models/tiny"})          # in an app builder
     client = PolicyClient(serve.get_deployment_handle("PolicyServer", "vigorl"))
@@ -17,17 +20,22 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-import ray
 from ray import serve
 
 from vigorl_core.engine import EngineConfig, Generation, Sampling, VLLMEngine
+from vigorl_core.rollout import image_hash
 
-IMAGE_CACHE_ENTRIES = 512  # resolved images kept per replica (a multi-turn conversation re-sends its images)
-# Images up to this many RGB bytes travel inside the call: Ray inlines small arguments, while a small put()
-# object lives in the owner's memory and costs the replica an extra round trip to fetch.
-INLINE_IMAGE_BYTES = 256 * 1024
+IMAGE_CACHE_ENTRIES = 512  # images kept per replica and per client, by content hash
+
+
+@dataclass(frozen=True)
+class MissingImages:
+    """The replica's answer when it does not hold some hashed images: send them in full."""
+
+    hashes: tuple[str, ...]
 
 
 class _LRU(OrderedDict):
@@ -52,24 +60,30 @@ class PolicyServer:
         self.engine = await VLLMEngine.create(EngineConfig(**engine))
         self._images = _LRU(IMAGE_CACHE_ENTRIES)
 
-    async def _resolve(self, images: Sequence[Any]) -> list[Any]:
-        resolved = []
-        for image in images:
-            if isinstance(image, ray.ObjectRef):
-                key = image.hex()
-                if key not in self._images:
-                    self._images.put(key, await image)
-                image = self._images[key]
-            resolved.append(image)
-        return resolved
+    def _resolve(self, images: Sequence[tuple[str, Any]]) -> list[Any] | MissingImages:
+        """(hash, image or None) pairs -> images; an image sent in full is kept under its hash."""
+        for digest, image in images:
+            if image is not None:
+                self._images.put(digest, image)
+        missing = tuple(d for d, _ in images if d not in self._images)
+        if missing:
+            return MissingImages(missing)
+        return [self._images[d] for d, _ in images]
 
-    async def generate(self, prompt_ids: list[int], images: list[Any], sampling: Sampling,
-                       request_id: str | None = None) -> list[Generation]:
-        return await self.engine.generate(prompt_ids, await self._resolve(images), sampling, request_id)
+    async def generate(self, prompt_ids: list[int], images: list[tuple[str, Any]], sampling: Sampling,
+                       request_id: str | None = None) -> list[Generation] | MissingImages:
+        resolved = self._resolve(images)
+        if isinstance(resolved, MissingImages):
+            return resolved
+        return await self.engine.generate(prompt_ids, resolved, sampling, request_id)
 
-    async def stream(self, prompt_ids: list[int], images: list[Any], sampling: Sampling,
-                     request_id: str | None = None) -> AsyncIterator[Generation]:
-        async for delta in self.engine.stream(prompt_ids, await self._resolve(images), sampling, request_id):
+    async def stream(self, prompt_ids: list[int], images: list[tuple[str, Any]], sampling: Sampling,
+                     request_id: str | None = None) -> AsyncIterator[Generation | MissingImages]:
+        resolved = self._resolve(images)
+        if isinstance(resolved, MissingImages):
+            yield resolved
+            return
+        async for delta in self.engine.stream(prompt_ids, resolved, sampling, request_id):
             yield delta
 
     async def update_weights(self, state_dict: Mapping[str, Any]) -> int:
@@ -94,44 +108,65 @@ class PolicyClient:
     `update_weights` reaches ONE replica (Serve routes a call to a single replica); syncing every
     replica is the weight-sync layer's job (GRPO)."""
 
-    def __init__(self, handle: Any, image_refs: int = 256):
+    def __init__(self, handle: Any):
         self.handle = handle
         self.version = 0
-        self._refs = _LRU(image_refs)  # id(image) -> (image, ref); the image is kept so its id stays unique
+        self._hashes = _LRU(IMAGE_CACHE_ENTRIES)  # id(image) -> (image, hash); the image keeps its id unique
+        self._sent: set[str] = set()
         self._inflight: dict[str, Any] = {}
         self._ids = itertools.count()
 
-    def _wire(self, images: Sequence[Any]) -> list[Any]:
-        refs = []
+    def _wire(self, images: Sequence[Any], resend: Sequence[str] = ()) -> list[tuple[str, Any]]:
+        """(hash, image) for images not sent before (or named in `resend`), (hash, None) for the rest."""
+        wire = []
         for image in images:
-            if image.width * image.height * 3 <= INLINE_IMAGE_BYTES:
-                refs.append(image)
-                continue
-            entry = self._refs.get(id(image))
+            entry = self._hashes.get(id(image))
             if entry is None or entry[0] is not image:
-                entry = (image, ray.put(image))
-                self._refs.put(id(image), entry)
-            refs.append(entry[1])
-        return refs
+                entry = (image, image_hash(image))
+                self._hashes.put(id(image), entry)
+            digest = entry[1]
+            wire.append((digest, None if digest in self._sent and digest not in resend else image))
+            self._sent.add(digest)
+        return wire
 
     async def generate(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
                        request_id: str | None = None) -> list[Generation]:
         request_id = request_id or f"client-{next(self._ids)}"
-        response = self.handle.generate.remote(list(prompt_ids), self._wire(images), sampling, request_id)
-        self._inflight[request_id] = response
-        try:
-            generations = await response
-        finally:
-            self._inflight.pop(request_id, None)
-        for gen in generations:
+        resend: Sequence[str] = ()
+        for _ in range(2):  # at most one retry: the second call carries every missing image
+            response = self.handle.generate.remote(list(prompt_ids), self._wire(images, resend), sampling,
+                                                   request_id)
+            self._inflight[request_id] = response
+            try:
+                result = await response
+            finally:
+                self._inflight.pop(request_id, None)
+            if not isinstance(result, MissingImages):
+                break
+            resend = result.hashes
+        else:
+            raise RuntimeError(f"PolicyServer still lacks images {resend} after re-sending them")
+        for gen in result:
             self.version = max(self.version, gen.policy_version)
-        return generations
+        return result
 
-    def stream(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
-               request_id: str | None = None) -> AsyncIterator[Generation]:
-        """Deltas of one sample; cancelling the iteration cancels the request on the replica."""
-        return self.handle.options(stream=True).stream.remote(list(prompt_ids), self._wire(images), sampling,
-                                                              request_id)
+    async def stream(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
+                     request_id: str | None = None) -> AsyncIterator[Generation]:
+        """Deltas of one sample; closing the iteration early cancels the request on the replica."""
+        resend: Sequence[str] = ()
+        for _ in range(2):
+            deltas = self.handle.options(stream=True).stream.remote(list(prompt_ids), self._wire(images, resend),
+                                                                    sampling, request_id)
+            first = True
+            async for delta in deltas:
+                if first and isinstance(delta, MissingImages):
+                    resend = delta.hashes
+                    break
+                first = False
+                yield delta
+            else:
+                return
+        raise RuntimeError(f"PolicyServer still lacks images {resend} after re-sending them")
 
     async def abort(self, request_id: str) -> None:
         response = self._inflight.pop(request_id, None)

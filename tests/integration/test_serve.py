@@ -246,8 +246,8 @@ def test_serve_config_yaml_is_accepted_by_serve(tiny_model_dir):
     assert json.dumps(app["deployments"][0]["autoscaling_config"])
 
 
-def test_policy_client_puts_large_images_once(serve_app, tiny_model_dir):
-    """Large images go to the object store once per client; small ones travel inline."""
+def test_policy_client_sends_each_image_once(serve_app, tiny_model_dir):
+    """An image travels in full once; later calls carry its hash; a replica lacking a hash gets it re-sent."""
     import asyncio
 
     from ray import serve
@@ -255,17 +255,33 @@ def test_policy_client_puts_large_images_once(serve_app, tiny_model_dir):
     from services.policy import PolicyClient
     from vigorl_core.chat_tokens import ChatTokens
     from vigorl_core.engine import Sampling
+    from vigorl_core.rollout import image_hash
 
     client = PolicyClient(serve.get_deployment_handle("PolicyServer", "vigorl"))
     chat = ChatTokens.from_pretrained(tiny_model_dir)
-    big, small = Image.new("RGB", (448, 448), "red"), Image.new("RGB", (56, 56), "blue")
+    red, blue = Image.new("RGB", (112, 84), "red"), Image.new("RGB", (56, 56), "blue")
     ids = chat.encode(chat.prompt_text("You look.", "Which colours?", 2))
+    greedy = Sampling(max_tokens=3, temperature=0.0)
 
-    async def twice():
-        first = await client.generate(ids, [big, small], Sampling(max_tokens=3, temperature=0.0))
-        second = await client.generate(ids, [big, small], Sampling(max_tokens=3, temperature=0.0))
-        return first, second
+    first = asyncio.run(client.generate(ids, [red, blue], greedy))
+    assert [image for _, image in client._wire([red, blue])] == [None, None]  # known: hashes only
+    second = asyncio.run(client.generate(ids, [red, blue], greedy))
+    assert first[0].token_ids == second[0].token_ids and first[0].token_ids
 
-    first, second = asyncio.run(twice())
-    assert first[0].token_ids == second[0].token_ids and len(first[0].token_ids) >= 1  # greedy, same inputs
-    assert len(client._refs) == 1  # the big image was put once; the small one never
+    # A client that believes the replica holds an image it never received (as after another replica got
+    # it): the replica answers MissingImages and the client re-sends it in full.
+    green = Image.new("RGB", (84, 84), "green")
+    stale = PolicyClient(serve.get_deployment_handle("PolicyServer", "vigorl"))
+    stale._sent.add(image_hash(green))
+    ids1 = chat.encode(chat.prompt_text("You look.", "Which colour?", 1))
+    assert asyncio.run(stale.generate(ids1, [green], greedy))[0].token_ids
+
+    yellow = Image.new("RGB", (70, 70), "yellow")
+    stale_stream = PolicyClient(client.handle)
+    stale_stream._sent.add(image_hash(yellow))
+
+    async def streamed():
+        return [d async for d in stale_stream.stream(ids1, [yellow], greedy)]
+
+    deltas = asyncio.run(streamed())
+    assert sum(len(d.token_ids) for d in deltas) == 3 and deltas[-1].finish_reason == "length"
