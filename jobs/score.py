@@ -1,6 +1,6 @@
 """Rescore predictions without the model: ours, or the original ViGoRL project's eval rollouts.
 
-    python -m jobs.score --predictions runs/evaluate/demo/predictions.jsonl            # or: vigorl score ...
+    python -m jobs.score --predictions runs/eval/demo/predictions.jsonl            # or: vigorl score ...
     python -m jobs.score --benchmark sat2 --predictions data/rollouts/ViGoRL-7b_sat2_20250601_120000/
 
 Inputs: our predictions.jsonl (or a run folder holding one), or the original harness's outputs (one

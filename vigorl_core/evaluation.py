@@ -299,6 +299,8 @@ def rescore(pred: Prediction, sample: Sample | None = None) -> Prediction:
     read from the original's files keep their model-frame truth and the judge their run used."""
     frame = pred.frame()
     ours = pred.origin == "vigorl"
+    if pred.finish == "error" and frame is None:
+        return pred  # the eval job's failed sample with an unreadable image: no response, no frame, scores 0
     if ours and frame is not None:
         truth = truth_for(sample or pred, frame, pred.task)
     else:

