@@ -185,18 +185,22 @@ def _adapt_node(obj: dict) -> TreeNode:
 
 def load_trees(path, task: str | None = None, source: str = "unknown") -> list[TreeRecord]:
     """Tree JSONL, ours or the original's (then `task` is required); bad lines raise DataError."""
-    out = []
+    return list(iter_trees(path, task, source))
+
+
+def iter_trees(path, task: str | None = None, source: str = "unknown") -> Iterator[TreeRecord]:
+    """`load_trees` one record at a time (a big run's trees need not fit in memory at once)."""
     for line, obj in read_jsonl(path):
         try:
             if "schema_version" in obj:
-                out.append(TreeRecord.model_validate(obj))
+                record = TreeRecord.model_validate(obj)
             elif task is None:
                 raise ValueError("an original MCTS line: pass task= (spatial, visual_search, grounding, web_action)")
             else:
-                out.append(TreeRecord.from_original(obj, task, source))
+                record = TreeRecord.from_original(obj, task, source)
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(path, line, None, f"not a tree record: {str(e)[:300]}") from None
-    return out
+        yield record
 
 
 # --------------------------------------------------------------------------------------------- search
