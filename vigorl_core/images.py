@@ -110,3 +110,13 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def open_images(paths: list[str]) -> list[Image.Image]:
+    """Decode trusted image files (dataset paths) fully, closing each file."""
+    images = []
+    for path in paths:
+        with Image.open(path) as im:
+            im.load()
+            images.append(im)
+    return images

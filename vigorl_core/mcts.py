@@ -48,6 +48,7 @@ from vigorl_core.config import StageConfig
 from vigorl_core.data import DataError, read_jsonl
 from vigorl_core.engine import Generation, PolicyEngine, Sampling
 from vigorl_core.frames import FrameMap, resize_to_model
+from vigorl_core.images import open_images
 from vigorl_core.prompts import system_prompt, user_text
 from vigorl_core.protocol import POINT_RE, format_point, parse_response
 from vigorl_core.records import Record, Sample, Task
@@ -296,11 +297,7 @@ class MCTS:
     def prepare(self, sample: Sample, images: Sequence[Image.Image] | None = None) -> TreeInput:
         """Decode (unless given) and resize the images to the model frame; build the prompt head."""
         if images is None:
-            images = []
-            for path in sample.images:
-                with Image.open(path) as im:
-                    im.load()
-                    images.append(im)
+            images = open_images(sample.images)
         resized, frames = zip(*(resize_to_model(im, self.chat.profile) for im in images))
         frame = frames[0]
         truth = Truth(answer=sample.answer, box=frame.box_to_model(sample.bbox) if sample.bbox else None,

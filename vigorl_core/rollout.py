@@ -37,6 +37,7 @@ from PIL import Image
 from vigorl_core.chat_tokens import OBSERVATION_TAIL, ChatTokens
 from vigorl_core.engine import Generation, PolicyEngine, Sampling
 from vigorl_core.frames import FrameMap, resize_to_model
+from vigorl_core.images import open_images
 from vigorl_core.prompts import observation_text, system_prompt, user_text
 from vigorl_core.protocol import FORCED_FINAL_PREFIX, parse_conversation, parse_response
 from vigorl_core.records import RolloutRecord, Sample, Trace
@@ -267,11 +268,7 @@ class RolloutDriver:
         """Decode and resize the sample's images once. Pass `images` to reuse decoded originals, or
         model-frame images plus the `frame` of the first (images that were resized elsewhere)."""
         if images is None:
-            images = []
-            for path in sample.images:
-                with Image.open(path) as im:
-                    im.load()
-                    images.append(im)
+            images = open_images(sample.images)
         if frame is None:
             resized, frames = zip(*(resize_to_model(im, self.chat.profile) for im in images))
             frame = frames[0]
