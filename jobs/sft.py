@@ -1,0 +1,499 @@
+"""Supervised fine-tuning (the ViGoRL warm start) as one Ray Train job with DeepSpeed ZeRO.
+
+    vigorl sft --config configs/sft_tiny.yaml                      # or: python -m jobs.sft --config ...
+    ray job submit --working-dir . -- python -m jobs.sft --config configs/sft_qwen2.5-vl-7b.yaml
+
+Full fine-tune of Qwen2.5-VL on reasoning chains (sharegpt messages + images: jobs.chains output, the
+original's released chain files, `synthetic` for the tiny demo), vision tower frozen by default, loss on
+assistant tokens only (vigorl_core.sft_data), length-grouped global batches split over `num_workers`
+Ray Train workers x gradient accumulation, cosine schedule with warmup, validation loss. What happens:
+
+1. the driver reads and tokenizes the data once (bad records stop here with file, line and field) and
+   puts the examples in the object store;
+2. a `TorchTrainer` starts the workers; each loads the model, wraps it in a DeepSpeed engine (ZeRO stage
+   from the config, a torch AdamW: DeepSpeed's own Adam would JIT-compile ops) and trains its share of
+   every step;
+3. every `save_every` steps each rank writes its DeepSpeed shard and rank 0 a Hugging Face folder
+   (weights, processor, tokenizer, chat template whose default system message is the task's prompt) into
+   runs/sft/<run_name>/checkpoints/step-N/, which `ray.train.report` registers; `latest` links to it;
+4. a worker that dies restarts the group from the last checkpoint (FailureConfig.max_failures); rerunning
+   with the same run name resumes from it too (Ray Train restores the run from the same storage path and
+   name). The examples of step s are a function of (seed, s) and the checkpoint holds the optimizer
+   state, so a resumed run continues exactly where the checkpoint was taken (the steps after it that a
+   failure interrupted are redone; finished ones are not).
+
+Run folder: runs/sft/<run_name>/{config.yaml, log.jsonl, tensorboard/, checkpoints/step-N/, latest,
+metrics.json}; log.superseded.jsonl keeps steps logged before a failure and redone after it. Every
+checkpoint folder loads directly: AutoModelForImageTextToText.from_pretrained("runs/sft/<run_name>/latest")
+or vLLM with model=that path. Its deepspeed/ subfolder is the optimizer state for resuming; delete it to
+ship the model. On a multi-node cluster runs_dir must be shared storage (NFS), as Ray Train requires.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field
+
+from jobs.common import REPO_ROOT, init_ray, run_main
+from vigorl_core.config import ConfigError, StageConfig, parse_config
+
+
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning of Qwen2.5-VL on reasoning chains (Ray Train + DeepSpeed)."""
+
+    run_name: str = Field("default", description="runs/sft/<run_name>; rerunning a name resumes it")
+    runs_dir: str = Field(str(REPO_ROOT / "runs"), description="root of run folders (shared storage on a cluster)")
+    model: str = Field(description="Hugging Face model folder to fine-tune, or 'tiny' (built into "
+                                   "<runs_dir>/models/tiny if missing)")
+    data: str = Field(description="training chains: sharegpt JSON/JSONL/parquet (messages + images), or "
+                                  "'synthetic' (tiny-model demo chains written under <runs_dir>/data)")
+    val_data: str | None = Field(None, description="validation chains file (same formats); none: see val_fraction")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="hold out this last fraction of `data` for "
+                                                             "validation when val_data is not given")
+    data_root: str | None = Field(None, description="folder relative image paths resolve against (default: "
+                                                    "each data file's folder)")
+    synthetic_n: int = Field(64, ge=1, description="data=synthetic: chains per task (grounding, visual_search)")
+    task: Literal["spatial", "visual_search", "grounding", "web_action"] | None = Field(
+        None, description="task of records without a `task` key (default: inferred from the data path)")
+    mode: Literal["auto", "grounded", "multiturn", "vanilla"] = Field(
+        "auto", description="prompt mode; auto: multiturn for chains with a zoom tool call, else grounded")
+    system_prompt: Literal["task", "record"] = Field(
+        "task", description="task: every record gets the project's prompt for its task and mode (one prompt "
+                            "convention across SFT, RL and eval); record: keep the record's own, ours if none")
+    max_length: int = Field(8192, ge=16, description="longest sequence in tokens (image tokens included); "
+                                                     "longer examples are dropped and counted in metrics.json")
+    epochs: float = Field(3.0, gt=0, description="passes over the training data (paper Table A1: 3)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    global_batch_size: int = Field(32, ge=1, description="examples per optimizer step, over all workers")
+    micro_batch_size: int = Field(1, ge=1, description="examples per worker per forward pass; gradient "
+                                                       "accumulation = global / (micro x workers)")
+    lr: float = Field(1e-6, gt=0, description="peak learning rate")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="fraction of steps of linear warmup")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine decays towards lr x this")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    seed: int = Field(0, description="data order and initialisation seed")
+    freeze_vision_tower: bool = Field(True, description="freeze the ViT (patch embedding and blocks)")
+    freeze_projector: bool = Field(False, description="also freeze the vision-language merger (projector)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (long sequences)")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on GPU clusters)")
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL, bf16")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (3 for 7B)")
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer state in CPU memory")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto", description="auto: flash_attention_2 on GPU when flash-attn is installed, else sdpa")
+    dataloader_workers: int = Field(0, ge=0, description="image-loading processes per worker")
+    save_every: int = Field(100, ge=1, description="checkpoint every N steps (and at the end)")
+    save_at_end: bool = Field(True, description="checkpoint after the last step (benchmarks turn it off)")
+    keep_checkpoints: int | None = Field(2, ge=1, description="checkpoints kept (oldest deleted); null: all")
+    eval_every: int = Field(250, ge=1, description="validation loss every N steps (and at the end)")
+    log_every: int = Field(1, ge=1, description="print a progress line every N steps")
+    max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint before "
+                                                   "the run fails")
+    fail_at_step: int | None = Field(None, ge=1, description="testing: the last rank exits abruptly before "
+                                                             "this step, once per run (fault-recovery tests)")
+
+
+# Worker output goes through logging: Ray Train prints a worker's print() twice (stdout and its logger).
+logger = logging.getLogger("vigorl.sft")
+
+# Settings that define which example each step sees: a resumed run must keep them.
+RESUME_FIXED = ("model", "data", "val_data", "val_fraction", "data_root", "synthetic_n", "task", "mode",
+                "system_prompt", "max_length", "global_batch_size", "seed")
+
+
+def _check_resume(cfg: SFTConfig, run_dir: Path) -> None:
+    old_path = run_dir / "config.yaml"
+    if not old_path.is_file():
+        return
+    old = yaml.safe_load(old_path.read_text()) or {}
+    changed = [k for k in RESUME_FIXED if k in old and old[k] != getattr(cfg, k)]
+    if changed:
+        diff = ", ".join(f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise ConfigError(f"run {run_dir} exists with different {diff}; resuming needs the same data and batching "
+                          "(use a new --run_name)")
+
+
+def _model_dir(cfg: SFTConfig) -> Path:
+    if cfg.model != "tiny":
+        if not Path(cfg.model, "config.json").is_file():
+            raise ConfigError(f"model: {cfg.model} is not a Hugging Face model folder (no config.json)")
+        return Path(cfg.model)
+    from vigorl_core.tiny import build_tiny_model
+
+    path = Path(cfg.runs_dir) / "models" / "tiny"
+    if not (path / "vigorl_model.json").is_file():
+        build_tiny_model(path)
+    return path
+
+
+def _prepare_data(cfg: SFTConfig, model_dir: Path) -> dict:
+    """Read, check and tokenize the chains once, in the driver: {train, val, system, dropped, ...}."""
+    from vigorl_core.chat_tokens import ChatTokens
+    from vigorl_core.data import DataError, infer_task_source
+    from vigorl_core.prompts import system_prompt
+    from vigorl_core.sft_data import conversation_mode, encode_conversation, read_conversations
+    from vigorl_core.sft_synthetic import write_synthetic_chains
+
+    chat = ChatTokens.from_pretrained(model_dir)
+    data = cfg.data
+    if data == "synthetic":
+        folder = Path(cfg.runs_dir) / "data" / f"sft-synthetic-n{cfg.synthetic_n}-s{cfg.seed}-{chat.profile.max_pixels}"
+        data = str(write_synthetic_chains(folder, cfg.synthetic_n, cfg.seed, chat.profile))
+    train = read_conversations(data, data_root=cfg.data_root)
+    val = read_conversations(cfg.val_data, data_root=cfg.data_root) if cfg.val_data else []
+    if not val and cfg.val_fraction:  # the original's chain builder holds out the last 5% of files
+        cut = len(train) - max(1, round(cfg.val_fraction * len(train)))
+        train, val = train[:cut], train[cut:]
+    default_task = cfg.task or infer_task_source(data)[0]
+    prompts: Counter = Counter()
+
+    def encode(conv):
+        task = conv.task or default_task
+        if task is None:
+            raise DataError(conv.file, conv.line, "task", "missing, and the path names no task: pass --task")
+        mode = conversation_mode(conv) if cfg.mode == "auto" else cfg.mode
+        prompts[(task, mode)] += 1
+        return encode_conversation(conv, chat, system_prompt(task, mode), replace_system=cfg.system_prompt == "task")
+
+    out: dict = {"train": [], "val": [], "dropped": [], "data": data}
+    for split, convs in (("train", train), ("val", val)):
+        for conv in convs:
+            example = encode(conv)
+            (out[split] if example.length <= cfg.max_length else out["dropped"]).append(example)
+    if out["dropped"]:
+        ids = ", ".join(e.id for e in out["dropped"][:5])
+        print(f"dropped {len(out['dropped'])} examples longer than max_length={cfg.max_length} tokens (e.g. {ids})")
+    # The checkpoint's chat template carries the prompt of the data's most common task and mode.
+    (task, mode), _ = prompts.most_common(1)[0]
+    out.update(system=system_prompt(task, mode), task=task, mode=mode)
+    return out
+
+
+# ------------------------------------------------------------------------------------ per-worker training
+
+def train_worker(config: dict) -> None:
+    """Ray Train worker: DeepSpeed engine, resume, the step loop, validation, checkpoints, logs."""
+    from functools import partial
+
+    import ray
+    import ray.train
+    import torch
+    from transformers import AutoProcessor
+
+    from vigorl_core.chat_tokens import ChatTokens
+    from vigorl_core.sft_data import BatchPlan, SFTDataset, collate
+    from vigorl_core.sft_train import set_system_template
+
+    cfg = SFTConfig.model_validate(config["cfg"])
+    data = ray.get(config["data"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run_dir, model_dir = Path(config["run_dir"]), config["model_dir"]
+    torch.manual_seed(cfg.seed)
+    plan = BatchPlan([e.length for e in data["train"]], cfg.global_batch_size, cfg.micro_batch_size, world, cfg.seed)
+    total = cfg.max_steps or math.ceil(cfg.epochs * plan.steps_per_epoch)
+    engine, optimizer = _engine(cfg, model_dir, plan.accumulation, world)
+    start = 0
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as folder:
+            _, client = engine.load_checkpoint(f"{folder}/deepspeed", tag="state", load_module_strict=False)
+        start = client["step"]
+    chat = ChatTokens.from_pretrained(model_dir)
+    processor = set_system_template(AutoProcessor.from_pretrained(model_dir), data["system"])
+    collate_fn = partial(collate, pad_id=chat.tokenizer.pad_token_id, image_pad_id=chat.image_pad_id)
+    train_set = SFTDataset(data["train"], processor.image_processor, chat.profile)
+    val_set = SFTDataset(data["val"], processor.image_processor, chat.profile)
+    loader = torch.utils.data.DataLoader(train_set, batch_sampler=plan.rank_batches(rank, start, total),
+                                         collate_fn=collate_fn, num_workers=cfg.dataloader_workers)
+    batches = iter(loader)
+    label_tokens = [e.label_tokens for e in data["train"]]
+    device = engine.device
+    log = RunLog(run_dir, start, total, world) if rank == 0 else None
+    for step in range(start, total):
+        if cfg.fail_at_step == step + 1 and rank == world - 1 and _first_fault(run_dir):
+            os._exit(1)  # a dying worker process: no cleanup, no exception
+        started = time.perf_counter()
+        lr = _set_lr(optimizer, cfg, step, total)
+        step_labels = sum(label_tokens[i] for i in plan.step_batch(step))
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, examples (NCCL: on GPU)
+        engine.train()
+        for _ in range(plan.accumulation):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            nll, _ = _forward(engine, batch)
+            # DeepSpeed divides by the accumulation steps and averages over ranks: scaled so, the update
+            # follows the mean loss per labelled token of the whole global batch, however lengths fall.
+            engine.backward(nll * (world * plan.accumulation / step_labels))
+            engine.step()
+            sums += torch.stack([nll.detach().double(), batch["attention_mask"].sum().double(),
+                                 torch.tensor(len(batch["input_ids"]), dtype=torch.float64, device=device)])
+        torch.distributed.all_reduce(sums)
+        loss, tokens, examples = sums.tolist()  # waits for the device: the step time is complete
+        seconds = time.perf_counter() - started
+        done = step + 1
+        record = {"step": done, "loss": loss / step_labels, "lr": lr, "grad_norm": _grad_norm(engine),
+                  "tokens": int(tokens), "examples": int(examples), "step_seconds": seconds,
+                  "tokens_per_s": tokens / seconds, "samples_per_s": examples / seconds,
+                  "epoch": done / plan.steps_per_epoch}
+        if data["val"] and (done % cfg.eval_every == 0 or done == total):
+            record["val_loss"] = _validate(engine, cfg, val_set, collate_fn, rank, world, device)
+        if log:
+            log.step(record, show=done % cfg.log_every == 0 or done == total)
+        if done % cfg.save_every == 0 or (done == total and cfg.save_at_end):
+            _save(engine, cfg, processor, model_dir, run_dir, done, record, rank)
+    if log:
+        log.close()
+
+
+def _engine(cfg: SFTConfig, model_dir: str, accumulation: int, world: int):
+    """The model (vision tower frozen as configured) in a DeepSpeed engine with a torch AdamW."""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vigorl_core.sft_train import deepspeed_config
+
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cfg.use_gpu)
+    ds_config = deepspeed_config(cfg.zero_stage, cfg.micro_batch_size, accumulation, world, bf16,
+                                 cfg.max_grad_norm, cfg.offload_optimizer, gpu=cfg.use_gpu)
+    attn = cfg.attn_implementation
+    if attn == "auto":
+        try:
+            import flash_attn  # noqa: F401
+
+            attn = "flash_attention_2" if cfg.use_gpu else "sdpa"
+        except ImportError:
+            attn = "sdpa"
+    # Every rank loads the whole model into host memory; ZeRO-3 partitions it in deepspeed.initialize
+    # (transformers' load-time partitioning, HfDeepSpeedConfig, would add the accelerate package).
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation=attn)
+    visual = model.model.visual
+    if cfg.freeze_vision_tower:
+        for name, param in visual.named_parameters():
+            if not name.startswith("merger."):
+                param.requires_grad_(False)
+    if cfg.freeze_projector:
+        visual.merger.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, optimizer
+
+
+def _set_lr(optimizer, cfg: SFTConfig, step: int, total: int) -> float:
+    from vigorl_core.sft_train import cosine_lr
+
+    lr = cosine_lr(step, total, cfg.lr, cfg.warmup_ratio, cfg.min_lr_ratio)
+    for group in optimizer.param_groups:  # the groups ZeRO steps: it wraps this optimizer
+        group["lr"] = lr
+    return lr
+
+
+def _forward(engine, batch: dict):
+    """(summed NLL of the labelled tokens, their count); logits only where a label follows."""
+    from vigorl_core.sft_train import loss_positions, token_nll
+
+    labels = batch["labels"]
+    positions = loss_positions(labels)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = engine(**inputs, logits_to_keep=positions, use_cache=False)
+    return token_nll(out.logits, labels, positions)
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def _validate(engine, cfg: SFTConfig, val_set, collate_fn, rank: int, world: int, device) -> float:
+    """Mean loss per labelled token over the whole validation set (each rank a share, then summed)."""
+    import torch
+
+    from vigorl_core.sft_data import eval_batches
+
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    engine.eval()
+    with torch.no_grad():
+        for indices, counted in eval_batches([e.length for e in val_set.examples], cfg.micro_batch_size, world, rank):
+            batch = {k: v.to(device) for k, v in collate_fn([val_set[i] for i in indices]).items()}
+            nll, count = _forward(engine, batch)
+            if counted:
+                sums += torch.stack([nll.double(), count.double()])
+    torch.distributed.all_reduce(sums)
+    loss, count = sums.tolist()
+    return loss / max(1.0, count)
+
+
+def _save(engine, cfg: SFTConfig, processor, model_dir: str, run_dir: Path, done: int, record: dict,
+          rank: int) -> None:
+    """Write checkpoints/step-<done>/ in place (run_dir is shared storage): every rank its DeepSpeed shard,
+    rank 0 the Hugging Face folder; then register it with Ray Train without a copy (NO_UPLOAD). Ray Train
+    registers it once every rank has reported, and deletes checkpoints beyond keep_checkpoints."""
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    from vigorl_core.sft_train import point_latest, save_hf_checkpoint
+
+    folder = run_dir / "checkpoints" / f"step-{done}"
+    (folder / "deepspeed").mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(folder / "deepspeed"), tag="state", client_state={"step": done},
+                           exclude_frozen_parameters=True)
+    state = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else None  # a collective
+    if rank == 0:
+        save_hf_checkpoint(folder, engine.module, processor, state_dict=state, source_dir=model_dir)
+    ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+    if rank == 0:
+        point_latest(run_dir, folder)
+
+
+def _first_fault(run_dir: Path) -> bool:
+    marker = run_dir / "fault_injected"
+    if marker.exists():
+        return False
+    marker.write_text(f"{time.time()}\n")
+    return True
+
+
+class RunLog:
+    """Rank 0's record of the run: log.jsonl (one line per step, `start` events), TensorBoard scalars,
+    and a progress line with ETA. A restart first moves what was logged after its checkpoint to
+    log.superseded.jsonl: those steps run again, and each step stays in log.jsonl once."""
+
+    def __init__(self, run_dir: Path, start: int, total: int, world: int):
+        from tensorboardX import SummaryWriter
+
+        from vigorl_core.sft_train import truncate_log
+
+        self.path, self.start, self.total, self.began = run_dir / "log.jsonl", start, total, time.perf_counter()
+        truncate_log(self.path, start)
+        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
+        self._write({"event": "start", "step": start, "total_steps": total, "world_size": world})
+        if start:
+            logger.info(f"resuming at step {start} of {total}")
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+
+    def step(self, record: dict, show: bool) -> None:
+        self._write(record)
+        for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s"):
+            if record.get(key) is not None:
+                self.tensorboard.add_scalar(("val/" if key == "val_loss" else "train/") + key, record[key],
+                                            record["step"])
+        if show:
+            step = record["step"]
+            eta = (time.perf_counter() - self.began) / (step - self.start) * (self.total - step)
+            val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+            logger.info(f"step {step}/{self.total} loss {record['loss']:.4f}{val} lr {record['lr']:.2e} "
+                        f"{record['tokens_per_s']:.0f} tok/s {record['samples_per_s']:.2f} samples/s "
+                        f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+
+    def close(self) -> None:
+        self.tensorboard.close()
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def _fit(cfg: SFTConfig, run_dir: Path, model_dir: Path, data: dict):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from jobs.sft import train_worker  # by module name, so workers import it instead of unpickling __main__
+
+    if not os.environ.get("RAY_ADDRESS"):  # a local Ray: its controller polls workers every 0.2 s, not 2 s
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    owned = not ray.is_initialized()
+    init_ray(num_cpus=max(8, math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 2))
+    try:
+        env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM",
+                                          "HF_HUB_OFFLINE") if k in os.environ}
+        env["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
+        resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"cfg": cfg.model_dump(mode="json"), "data": ray.put(data), "run_dir": str(run_dir),
+                               "model_dir": str(model_dir)},
+            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                         resources_per_worker=resources),
+            run_config=RunConfig(name="checkpoints", storage_path=str(run_dir),
+                                 failure_config=FailureConfig(max_failures=cfg.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                                 worker_runtime_env={"env_vars": env}),
+        )
+        return trainer.fit()
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+def _summary(run_dir: Path, data: dict, result, seconds: float) -> dict:
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in records if "loss" in r]
+    vals = [r["val_loss"] for r in steps if "val_loss" in r]
+    step_seconds = sum(r["step_seconds"] for r in steps)
+    return {
+        "steps": steps[-1]["step"] if steps else 0,
+        "first_loss": steps[0]["loss"] if steps else None,
+        "final_loss": steps[-1]["loss"] if steps else None,
+        "final_val_loss": vals[-1] if vals else None,
+        "best_val_loss": min(vals) if vals else None,
+        "tokens_per_s": sum(r["tokens"] for r in steps) / step_seconds if steps else None,
+        "samples_per_s": sum(r["examples"] for r in steps) / step_seconds if steps else None,
+        "starts": sum(r.get("event") == "start" for r in records),
+        "train_examples": len(data["train"]), "val_examples": len(data["val"]),
+        "dropped_examples": len(data["dropped"]),
+        "chat_template_prompt": {"task": data["task"], "mode": data["mode"]},
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "seconds": round(seconds, 1),
+    }
+
+
+def _run(argv: list[str]) -> int:
+    cfg = parse_config(SFTConfig, argv, prog="vigorl sft")
+    run_dir = (Path(cfg.runs_dir) / "sft" / cfg.run_name).resolve()
+    _check_resume(cfg, run_dir)
+    started = time.perf_counter()
+    model_dir = _model_dir(cfg)
+    data = _prepare_data(cfg, model_dir)
+    if len(data["train"]) < cfg.global_batch_size:
+        raise ConfigError(f"{len(data['train'])} training examples, fewer than global_batch_size "
+                          f"{cfg.global_batch_size}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    print(f"sft {cfg.run_name}: {len(data['train'])} train / {len(data['val'])} val examples from {data['data']}, "
+          f"{cfg.num_workers} workers, ZeRO-{cfg.zero_stage}; run folder {run_dir}", flush=True)
+    result = _fit(cfg, run_dir, model_dir, data)
+    metrics = _summary(run_dir, data, result, time.perf_counter() - started)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"done: {metrics['steps']} steps, loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}"
+          + (f", val loss {metrics['final_val_loss']:.4f}" if metrics["final_val_loss"] is not None else "")
+          + f"; model: {run_dir / 'latest'}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

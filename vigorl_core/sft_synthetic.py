@@ -1,0 +1,79 @@
+"""Synthetic SFT chains for the tiny-model pipeline, tests and benchmarks (until MCTS chains exist).
+
+Grounding samples become single-turn grounded chains (`<think>` steps naming the target's point, then
+`<answer> (x, y) </answer>`); visual-search samples become multi-turn zoom chains: a turn that zooms on
+the target with a `search_coordinate` tool call, the observation turn with the real crop (zoom.point_crop,
+the task's zoom settings), and a final turn that answers the colour. Points are in the model frame of
+`profile` (frames.resize_to_model), as MCTS chains are. Records are sharegpt lines with a `task` key,
+readable by sft_data.read_conversations and by LLaMA-Factory.
+
+    path = write_synthetic_chains("runs/data/sft-synthetic", n=64, seed=0, profile=PROFILES["tiny"])
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vigorl_core.data import IMAGE_TOKEN
+from vigorl_core.frames import ModelProfile, resize_to_model
+from vigorl_core.prompts import observation_text, system_prompt, user_text
+from vigorl_core.protocol import format_point, render_single_turn, render_turn
+from vigorl_core.synthetic import generate
+from vigorl_core.zoom import OBSERVATION_TAIL, point_crop, zoom_settings
+
+
+def _grounding(sample, image, profile: ModelProfile) -> tuple[dict, list]:
+    _, frame = resize_to_model(image, profile)
+    x, y = (round(v) for v in frame.to_model(*sample.point))
+    colour, shape = sample.metadata["colour"], sample.metadata["shape"]
+    chain = render_single_turn([f"I look for the {colour} {shape} among the elements at {format_point(x, y)}.",
+                                f"The centre of the {colour} {shape} is at {format_point(x, y)}."],
+                               format_point(x, y))
+    messages = [{"role": "system", "content": system_prompt("grounding", "grounded")},
+                {"role": "user", "content": IMAGE_TOKEN + user_text(sample.question)},
+                {"role": "assistant", "content": chain}]
+    return {"messages": messages}, [image]
+
+
+def _visual_search(sample, image, profile: ModelProfile) -> tuple[dict, list]:
+    model_image, frame = resize_to_model(image, profile)
+    x, y = (round(v) for v in frame.to_model(*sample.point))
+    shape, colour = sample.metadata["shape"], sample.answer
+    settings = zoom_settings("visual_search", "tiny" if profile.max_pixels <= 200_704 else "qwen2.5-vl")
+    crop = point_crop(model_image, x, y, settings)
+    messages = [
+        {"role": "system", "content": system_prompt("visual_search", "multiturn")},
+        {"role": "user", "content": IMAGE_TOKEN + user_text(sample.question, sample.options)},
+        {"role": "assistant", "content": render_turn(
+            f"The small {shape} is too small to see its colour; I zoom in on it at {format_point(x, y)}.",
+            tool_call=(x, y))},
+        {"role": "user", "content": observation_text(settings.draw_dot) + IMAGE_TOKEN + OBSERVATION_TAIL},
+        {"role": "assistant", "content": render_turn(f"The crop shows the small {shape}: it is {colour}.",
+                                                     answer=colour)},
+    ]
+    return {"messages": messages}, [image, crop.image]
+
+
+_BUILDERS = {"grounding": _grounding, "visual_search": _visual_search}
+
+
+def write_synthetic_chains(out_dir: str | Path, n: int, seed: int, profile: ModelProfile,
+                           tasks: tuple[str, ...] = ("grounding", "visual_search"),
+                           image_size: tuple[int, int] | None = None) -> Path:
+    """Write n chains per task (images/ and chains.jsonl, image paths relative to out_dir); returns the
+    JSONL path. `image_size` (width, height) overrides the synthetic tasks' sizes (longer sequences for
+    benchmarks). Same arguments give the same files."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for task in tasks:
+        for sample, image in generate(task, n, seed, image_size=image_size):
+            record, images = _BUILDERS[task](sample, image, profile)
+            names = [f"images/{sample.id}_{i}.png" for i in range(len(images))]
+            for name, im in zip(names, images):
+                im.save(out / name, format="PNG", optimize=False, compress_level=6)
+            lines.append(json.dumps({"id": sample.id, "task": task, **record, "images": names}))
+    path = out / "chains.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,148 @@
+"""Pure pieces of SFT training, called by the Ray Train plumbing in jobs/sft.py (no Ray here).
+
+- `cosine_lr`: the learning rate of an optimizer step (linear warmup, cosine decay), a function of the
+  step alone, so a resumed run continues the schedule without scheduler state;
+- `loss_positions` / `token_nll`: next-token loss summed over labelled tokens;
+- `deepspeed_config`: the ZeRO config for a stage, batch split and precision;
+- `set_system_template` / `save_hf_checkpoint`: a standard Hugging Face folder (weights, processor,
+  tokenizer, chat template whose default system message is the task's prompt, as the released ViGoRL
+  models ship it) that transformers and vLLM load directly, without a merge step;
+- `point_latest` / `truncate_log`: the run folder's `latest` link and its step log on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from vigorl_core.sft_data import IGNORE_INDEX
+
+DEFAULT_SYSTEM = "You are a helpful assistant."  # the Qwen2.5-VL template's fallback system message
+
+
+def cosine_lr(step: int, total_steps: int, peak_lr: float, warmup_ratio: float, min_lr_ratio: float = 0.0) -> float:
+    """LR of optimizer step `step` (0-based) of `total_steps`: linear warmup over ceil(warmup_ratio * total)
+    steps up to `peak_lr` (the first step already moves, unlike HF's schedule whose first step has lr 0),
+    then half a cosine towards `min_lr_ratio * peak_lr`, reached one step after the last (as HF's schedule)."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if step < warmup:
+        return peak_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return peak_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def loss_positions(labels):
+    """Positions p (1-D LongTensor) whose next token carries a label in any row of `labels` [B, L]: pass as
+    `logits_to_keep` so the model projects only those hidden states to the vocabulary (the prompt and image
+    tokens of SFT chains are most of a sequence; full-vocabulary logits of them would be wasted memory)."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
+
+
+def token_nll(logits, labels, positions):
+    """Summed next-token negative log-likelihood and the number of labelled tokens.
+
+    logits [B, K, V] at `positions` [K] (see loss_positions); labels [B, L] with IGNORE_INDEX = no loss.
+    Returns (sum, count): 0-d tensors, float32 with grad and int64 (no host sync on GPU)."""
+    import torch.nn.functional as F
+
+    targets = labels[:, positions + 1]
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll, (targets != IGNORE_INDEX).sum()
+
+
+def deepspeed_config(stage: int, micro_batch: int, accumulation: int, world_size: int, bf16: bool,
+                     max_grad_norm: float, offload_optimizer: bool = False, gpu: bool = False) -> dict[str, Any]:
+    """DeepSpeed config for ZeRO `stage` with a client (torch) optimizer: DeepSpeed's own Adam variants
+    JIT-compile C++/CUDA ops on first use, torch's AdamW needs nothing built (PLATFORM.md). Gradient
+    communication overlaps backward on GPUs (CUDA streams); gloo on CPU has no streams to overlap on."""
+    zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": gpu,
+                            "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
+    if stage == 3:
+        # save_hf_checkpoint needs the full 16-bit weights gathered on rank 0.
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_prefetch_bucket_size=5e7,
+                    stage3_param_persistence_threshold=1e5)
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro_batch * accumulation * world_size,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def chat_template_with_system(template: str, system: str) -> str:
+    """`template` with its fallback system message replaced by `system` (kept verbatim: Jinja raw block),
+    so a chat without a system message gets the task's prompt: the released models bake it in because
+    without it they write no coordinates (VIGORL_REFERENCE.md section 12, issue #25)."""
+    if DEFAULT_SYSTEM not in template:
+        raise ValueError(f"the chat template has no default system message {DEFAULT_SYSTEM!r} to replace")
+    if "{% endraw %}" in system:
+        raise ValueError("the system prompt contains '{% endraw %}'")
+    return template.replace(DEFAULT_SYSTEM, "{% raw %}" + system + "{% endraw %}")
+
+
+def set_system_template(processor: Any, system: str) -> Any:
+    """Give `processor` and its tokenizer the chat template whose default system message is `system`
+    (every loader finds it: vLLM reads the tokenizer's, transformers the processor's). Returns it."""
+    template = chat_template_with_system(processor.chat_template or processor.tokenizer.chat_template, system)
+    processor.chat_template = template
+    processor.tokenizer.chat_template = template
+    return processor
+
+
+def save_hf_checkpoint(out_dir: str | Path, model: Any, processor: Any, *, state_dict: dict | None = None,
+                       source_dir: str | Path | None = None) -> Path:
+    """Write model weights (safetensors; `state_dict` overrides the module's, e.g. ZeRO-3's gathered 16-bit
+    weights), processor and tokenizer (see set_system_template) into `out_dir`. The project's model marker
+    (vigorl_model.json: preset and frames profile) is copied from `source_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+    processor.save_pretrained(out)
+    marker = Path(source_dir, "vigorl_model.json") if source_dir is not None else None
+    if marker is not None and marker.is_file():
+        shutil.copy(marker, out / marker.name)
+    return out
+
+
+def point_latest(run_dir: str | Path, checkpoint_dir: str | Path) -> Path:
+    """Make `run_dir/latest` a relative symlink to `checkpoint_dir` (replaced atomically)."""
+    run_dir = Path(run_dir)
+    link, tmp = run_dir / "latest", run_dir / ".latest.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(os.path.relpath(Path(checkpoint_dir).resolve(), run_dir.resolve()))
+    os.replace(tmp, link)
+    return link
+
+
+def truncate_log(path: str | Path, last_step: int) -> int:
+    """Move step records after `last_step` out of a JSONL log into `<name>.superseded.jsonl` (a restarted
+    run redoes those steps, so each step stays logged once, and the first attempt can still be compared
+    with the redo); returns the number of lines kept. Lines without a step (events) are kept."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            (kept if json.loads(line).get("step", -1) <= last_step else dropped).append(line + "\n")
+    if dropped:
+        with open(path.with_name(path.stem + ".superseded.jsonl"), "a", encoding="utf-8") as f:
+            f.writelines(dropped)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return len(kept)
