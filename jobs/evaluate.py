@@ -220,14 +220,10 @@ def _is_infrastructure(err: BaseException) -> bool:
 
 def _open_images(sample, profile):
     """Decode and resize a sample's images to the model frame (run in a thread: large screenshots take time)."""
-    from PIL import Image
-
     from vigorl_core.frames import resize_to_model
+    from vigorl_core.images import open_images
 
-    resized = []
-    for path in sample.images:
-        with Image.open(path) as im:
-            resized.append(resize_to_model(im, profile))
+    resized = [resize_to_model(im, profile) for im in open_images(sample.images)]
     return [im for im, _ in resized], resized[0][1]
 
 

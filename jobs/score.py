@@ -58,13 +58,14 @@ def _compare(label: str, ids: list[str], stored: list[float], rescored: list[flo
 def _run(argv: list[str]) -> int:
     cfg = parse_config(ScoreConfig, argv, prog="vigorl score")
     from vigorl_core import evaluation as ev
+    from vigorl_core import original_eval
     from vigorl_core.data import write_jsonl
     from vigorl_core.report import format_summary, write_report
 
     if cfg.benchmark is not None:
         ev.get_benchmark(cfg.benchmark)
     path = Path(cfg.predictions)
-    fmt = ev.detect_format(path)
+    fmt = original_eval.detect_format(path)
     samples = _samples(cfg, ev) if cfg.samples else {}
     notes: list[str] = []
     checks: dict[str, dict] = {}
@@ -73,7 +74,7 @@ def _run(argv: list[str]) -> int:
             raise ConfigError("--benchmark is required for the original project's files; one of "
                               + ", ".join(ev.BENCHMARKS))
         by_id = {sid: s for (bench, sid), s in samples.items() if bench == cfg.benchmark}
-        rescored, notes = ev.read_original_rollouts(path, cfg.benchmark, samples=by_id)
+        rescored, notes = original_eval.read_original_rollouts(path, cfg.benchmark, samples=by_id)
         stored = [float(p.metadata["judge_score"] or 0.0) for p in rescored]
         checks["score_original"], line = _compare("score_original vs the stored judge_score", [p.id for p in rescored],
                                                   stored, [p.score_original for p in rescored])

@@ -48,6 +48,7 @@ from pydantic import Field
 from vigorl_core.config import StageConfig
 from vigorl_core.data import IMAGE_TOKEN
 from vigorl_core.frames import FrameMap, ModelProfile, resize_to_model
+from vigorl_core.images import open_images
 from vigorl_core.mcts import TreeNode, TreeRecord
 from vigorl_core.prompts import system_prompt, user_text
 from vigorl_core.protocol import (
@@ -229,9 +230,7 @@ def to_multiturn(chains: Sequence[Chain], profile: ModelProfile, crop_dir: str |
         raise ValueError(f"to_multiturn takes the chains of one sample, got samples "
                          f"{sorted({c.sample_id for c in chains})[:5]}")
     if image is None:
-        with Image.open(chains[0].images[0]) as im:
-            im.load()
-            image = im
+        [image] = open_images(chains[0].images[:1])
     model_image, _ = resize_to_model(image, profile)
     settings = zoom_settings(chains[0].task, profile.name)
     out = []

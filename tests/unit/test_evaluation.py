@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from vigorl_core import evaluation as E
+from vigorl_core import original_eval
 from vigorl_core.data import DataError
 from vigorl_core.frames import FrameMap
 from vigorl_core.records import SOURCES, RolloutRecord, Sample
@@ -262,7 +263,7 @@ SAT2_RECORDS = [
 
 def test_original_sat2_rollouts_rescore_to_the_stored_judge_score(tmp_path: Path):
     f = write_lines(tmp_path / "rollouts_sat2_20250601_worker0_final.jsonl", SAT2_RECORDS)
-    preds, notes = E.read_original_rollouts(f, "sat2")
+    preds, notes = original_eval.read_original_rollouts(f, "sat2")
     assert notes == []
     assert [p.score_original for p in preds] == [float(r["judge_score"] or 0) for r in SAT2_RECORDS]
     assert [p.score for p in preds] == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]  # strict: no substring credit
@@ -290,7 +291,7 @@ def test_original_folder_with_args_multiturn_gate_duplicates_and_partial_line(tm
         orig(1, "red", "blue", 0.0, good, attr), orig(3, "blue", "blue", 1.0, good, "/d/relative_position/x.jpg"),
         '{"question": "cut sh'])
     write_lines(run / "errors_vstar_worker1_final.jsonl", [{"id": 9, "error": "timeout"}])
-    preds, notes = E.read_original_rollouts(run, "vstar")
+    preds, notes = original_eval.read_original_rollouts(run, "vstar")
     assert [p.id for p in preds] == ["1", "2", "3"]
     assert [p.score_original for p in preds] == [1.0, 0.0, 1.0] and [p.score for p in preds] == [1.0, 1.0, 1.0]
     assert [p.category for p in preds] == ["direct_attributes", "direct_attributes", "relative_position"]
@@ -304,32 +305,32 @@ def test_original_grounding_and_web_action_judges(tmp_path: Path):
     f = write_lines(tmp_path / "ss" / "rollouts_x.jsonl", [
         orig(1, "(100, 200, 300, 400)", "(150, 250)", 1.0), orig(2, "(100, 200, 300, 400)", "(150.5, 250)", 0.0),
         orig(3, "(100, 200, 300, 400)", "(99, 250)", 0.0)])
-    preds, _ = E.read_original_rollouts(f, "screenspot_pro")
+    preds, _ = original_eval.read_original_rollouts(f, "screenspot_pro")
     assert [p.score_original for p in preds] == [1.0, 0.0, 0.0] == [p.score for p in preds]
     assert preds[0].truth_box == (100, 200, 300, 400) and preds[0].answer_point.x == 150
     assert preds[0].answer_point_original is None
     f = write_lines(tmp_path / "vwa" / "rollouts_y.jsonl", [
         orig(1, "click [12]", "click [12]", 1.0), orig(2, "scroll [down]", "scroll [up]", 1.0),
         orig(3, "type [5] [hello world]", "type [5] [hello world]", 0.0)])
-    preds, _ = E.read_original_rollouts(f, "vwa")
+    preds, _ = original_eval.read_original_rollouts(f, "vwa")
     assert [p.score_original for p in preds] == [1.0, 1.0, 0.0] and [p.score for p in preds] == [1.0, 0.0, 1.0]
 
 
 def test_original_files_errors(tmp_path: Path):
     f = write_lines(tmp_path / "a" / "rollouts_a.jsonl", [orig(1, "x", "x", 1.0), {"id": 2, "final_answer": "x"}])
     with pytest.raises(DataError, match=r"rollouts_a.jsonl:2: field 'true_answer': missing"):
-        E.read_original_rollouts(f, "sat2")
+        original_eval.read_original_rollouts(f, "sat2")
     f = write_lines(tmp_path / "b" / "rollouts_b.jsonl", [{**orig(1, "x", "x", 1.0), "thoughts": "oops"}])
     with pytest.raises(DataError, match=r"rollouts_b.jsonl:1: field 'thoughts': expected list, got str"):
-        E.read_original_rollouts(f, "sat2")
+        original_eval.read_original_rollouts(f, "sat2")
     f = write_lines(tmp_path / "c" / "rollouts_c.jsonl", [orig(1, "click here", "(1, 2)", 0.0)])
     with pytest.raises(DataError, match=r"rollouts_c.jsonl:1: field 'true_answer': expected a box"):
-        E.read_original_rollouts(f, "screenspot_v2")
+        original_eval.read_original_rollouts(f, "screenspot_v2")
     (tmp_path / "a" / "args.json").write_text(json.dumps({"judge": "gpt4o"}))
     with pytest.raises(DataError, match="an LLM judge cannot be rescored"):
-        E.read_original_rollouts(tmp_path / "a", "sat2")
+        original_eval.read_original_rollouts(tmp_path / "a", "sat2")
     with pytest.raises(DataError, match="no rollouts_"):
-        E.read_original_rollouts(tmp_path, "sat2")
+        original_eval.read_original_rollouts(tmp_path, "sat2")
 
 
 def test_detect_format(tmp_path: Path):
@@ -337,8 +338,8 @@ def test_detect_format(tmp_path: Path):
     with E.PredictionWriter(ours) as w:
         w.write(_preds(1))
     original = write_lines(tmp_path / "orig" / "rollouts_1.jsonl", SAT2_RECORDS[:1])
-    assert [E.detect_format(p) for p in (ours, ours.parent, original, original.parent)] == \
+    assert [original_eval.detect_format(p) for p in (ours, ours.parent, original, original.parent)] == \
         ["vigorl", "vigorl", "vlmsearch", "vlmsearch"]
     other = write_lines(tmp_path / "x.jsonl", [{"a": 1}])
     with pytest.raises(DataError, match=r"x.jsonl:1: unknown predictions format with keys \['a'\]"):
-        E.detect_format(other)
+        original_eval.detect_format(other)

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from vigorl_core import evaluation as E
+from vigorl_core import original_eval
 from vigorl_core.frames import FrameMap
 from vigorl_core.records import Sample
 from vigorl_core.report import (
@@ -115,6 +116,6 @@ def test_report_without_images_says_so(tmp_path: Path):
     f = tmp_path / "rollouts_x.jsonl"
     f.write_text('{"id": 1, "question": "q", "image": "/gone.png", "true_answer": "left", "thoughts": [], '
                  '"final_answer": "left", "judge_score": 1.0}\n')
-    preds, _ = E.read_original_rollouts(f, "sat2")
+    preds, _ = original_eval.read_original_rollouts(f, "sat2")
     md = write_report(tmp_path / "out", preds, E.compute_metrics(preds)).read_text()
     assert "No annotated examples" in md and "| **all** | 1 | **100.0 ± 0.0** |" in md
