@@ -60,7 +60,7 @@ def baseline(config_path: str, out_path: str) -> None:
     from vigorl_core.chat_tokens import ChatTokens
     from vigorl_core.config import parse_config
     from vigorl_core.sft_data import BatchPlan, SFTDataset, collate
-    from vigorl_core.sft_train import cosine_lr
+    from vigorl_core.sft_train import cosine_lr, prepare_for_training
 
     cfg = parse_config(SFTConfig, ["--config", config_path])
     data = _prepare_data(cfg, Path(cfg.model))
@@ -69,13 +69,9 @@ def baseline(config_path: str, out_path: str) -> None:
     model = AutoModelForImageTextToText.from_pretrained(
         cfg.model, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32,
         attn_implementation="sdpa").to(device)
-    if cfg.freeze_vision_tower:
-        for name, param in model.model.visual.named_parameters():
-            param.requires_grad_(name.startswith("merger."))
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = prepare_for_training(model, freeze_vision_tower=cfg.freeze_vision_tower,
+                                     freeze_projector=cfg.freeze_projector,
+                                     gradient_checkpointing=cfg.gradient_checkpointing)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     chat = ChatTokens.from_pretrained(cfg.model)
     processor = AutoProcessor.from_pretrained(cfg.model)

@@ -264,7 +264,7 @@ def _engine(cfg: SFTConfig, model_dir: str, accumulation: int, world: int):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from vigorl_core.sft_train import deepspeed_config
+    from vigorl_core.sft_train import deepspeed_config, prepare_for_training
 
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cfg.use_gpu)
     ds_config = deepspeed_config(cfg.zero_stage, cfg.micro_batch_size, accumulation, world, bf16,
@@ -281,17 +281,9 @@ def _engine(cfg: SFTConfig, model_dir: str, accumulation: int, world: int):
     # (transformers' load-time partitioning, HfDeepSpeedConfig, would add the accelerate package).
     model = AutoModelForImageTextToText.from_pretrained(
         model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation=attn)
-    visual = model.model.visual
-    if cfg.freeze_vision_tower:
-        for name, param in visual.named_parameters():
-            if not name.startswith("merger."):
-                param.requires_grad_(False)
-    if cfg.freeze_projector:
-        visual.merger.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = prepare_for_training(model, freeze_vision_tower=cfg.freeze_vision_tower,
+                                     freeze_projector=cfg.freeze_projector,
+                                     gradient_checkpointing=cfg.gradient_checkpointing)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     return engine, optimizer

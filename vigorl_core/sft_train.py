@@ -4,6 +4,7 @@
   step alone, so a resumed run continues the schedule without scheduler state;
 - `loss_positions` / `token_nll`: next-token loss summed over labelled tokens;
 - `deepspeed_config`: the ZeRO config for a stage, batch split and precision;
+- `prepare_for_training`: which parameters train (vision tower frozen by default), gradient checkpointing;
 - `set_system_template` / `save_hf_checkpoint`: a standard Hugging Face folder (weights, processor,
   tokenizer, chat template whose default system message is the task's prompt, as the released ViGoRL
   models ship it) that transformers and vLLM load directly, without a merge step;
@@ -80,6 +81,31 @@ def deepspeed_config(stage: int, micro_batch: int, accumulation: int, world_size
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+
+
+def prepare_for_training(model: Any, *, freeze_vision_tower: bool = True, freeze_projector: bool = False,
+                         gradient_checkpointing: bool = False) -> list:
+    """Set which parameters of a Qwen2.5-VL train and turn on gradient checkpointing; returns the trainable
+    parameters. A frozen vision tower keeps its merger (the projector into the language model) trainable
+    unless `freeze_projector`.
+
+    transformers' `gradient_checkpointing_enable` also hooks every input embedding (the ViT's patch
+    embedding included) to make its output require grad, a PEFT convenience. With the ViT frozen that
+    makes autograd record, recompute and backpropagate the whole frozen tower: on a 3B model with 1344-px
+    images it was most of the step (thousands of per-window attention calls). Non-reentrant
+    checkpointing needs no such hook and the text embedding trains in a full fine-tune, so it is removed."""
+    visual = model.model.visual
+    if freeze_vision_tower:
+        for name, param in visual.named_parameters():
+            if not name.startswith("merger."):
+                param.requires_grad_(False)
+    if freeze_projector:
+        visual.merger.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.disable_input_require_grads()
+    model.config.use_cache = False
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def chat_template_with_system(template: str, system: str) -> str:

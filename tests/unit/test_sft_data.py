@@ -35,6 +35,7 @@ from vigorl_core.sft_train import (
     deepspeed_config,
     loss_positions,
     point_latest,
+    prepare_for_training,
     token_nll,
     truncate_log,
 )
@@ -158,6 +159,33 @@ def test_dataset_and_collate_feed_the_model(multiturn, chat, processor, tiny_mod
     assert torch.allclose(nll / count, full, atol=1e-5)
     nll.backward()
     assert model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_frozen_vision_tower_stays_out_of_autograd_with_checkpointing(multiturn, chat, processor, tiny_model_dir):
+    """transformers' gradient checkpointing makes the patch embedding's output require grad; with the tower
+    frozen that would recompute and backpropagate every ViT block (most of a 3B step on GPU)."""
+    from transformers import AutoModelForImageTextToText
+
+    conv, _, _ = multiturn
+    ex = encode_conversation(conv, chat, system_prompt("visual_search", "multiturn"))
+    batch = collate([SFTDataset([ex], processor.image_processor, chat.profile)[0]],
+                    pad_id=chat.tokenizer.pad_token_id, image_pad_id=chat.image_pad_id)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    trainable = prepare_for_training(model, gradient_checkpointing=True)
+    model.train()
+    block_inputs = []
+    model.model.visual.blocks[0].register_forward_hook(lambda m, args, out: block_inputs.append(args[0].requires_grad))
+    positions = loss_positions(batch["labels"])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    nll, _ = token_nll(model(**inputs, logits_to_keep=positions).logits, batch["labels"], positions)
+    nll.backward()
+    visual = model.model.visual
+    assert block_inputs == [False]
+    assert all(p.grad is None for p in visual.blocks.parameters()) and visual.patch_embed.proj.weight.grad is None
+    assert all(p.grad is not None for p in visual.merger.parameters())
+    assert model.model.language_model.embed_tokens.weight.grad is not None
+    assert {id(p) for p in trainable} == {id(p) for p in model.parameters() if p.requires_grad}
+    assert not any(p.requires_grad for p in visual.blocks.parameters())
 
 
 def _write(tmp_path: Path, records, name="c.jsonl") -> Path:

@@ -1,0 +1,171 @@
+"""Where an SFT step's time goes on one GPU: data, vision tower, forward, backward, optimizer, for the plain
+HF loop and for the DeepSpeed ZeRO engine the job uses, in one process (no Ray). A diagnostic for
+bench/sft_throughput.py (which measures the whole job); prints a table and writes $OUT/sft_profile.json.
+
+    python -m bench.sft_profile --model /tmp/vigorl-3b          # after `vigorl tiny --preset 3b`
+    python -m bench.sft_profile --model runs/models/tiny --cpu  # the same breakdown on CPU, tiny model
+
+Each phase is timed with the device synchronised before and after it; `--trace` adds torch.profiler's
+top operators of one micro-step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from jobs.common import set_runtime_env
+
+
+def _timer(device: str):
+    import torch
+
+    def now() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+    return now
+
+
+def _model(model_dir: str, device: str, bf16: bool, checkpointing: bool):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vigorl_core.sft_train import prepare_for_training
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation="sdpa").to(device)
+    prepare_for_training(model, gradient_checkpointing=checkpointing)
+    return model
+
+
+def _profile_arm(name: str, model, step_fn, backward_fn, batches: list[dict], device: str, trace: bool) -> dict:
+    """Per micro-step: vision tower alone (no grad), forward, backward, optimizer step."""
+    import torch
+
+    from jobs.sft import _forward
+
+    now = _timer(device)
+    rows = []
+    for i, batch in enumerate(batches):
+        t0 = now()
+        batch = {k: v.to(device) for k, v in batch.items()}
+        t1 = now()
+        with torch.no_grad():
+            visual = model.model.visual if hasattr(model, "model") and hasattr(model.model, "visual") \
+                else model.module.model.visual
+            visual(batch["pixel_values"].to(visual.dtype), grid_thw=batch["image_grid_thw"])
+        t2 = now()
+        nll, _ = _forward(model, batch)
+        t3 = now()
+        backward_fn(nll / 100.0)
+        t4 = now()
+        step_fn()
+        t5 = now()
+        rows.append({"copy": t1 - t0, "vision_nograd": t2 - t1, "forward": t3 - t2, "backward": t4 - t3,
+                     "optimizer": t5 - t4, "tokens": int(batch["attention_mask"].sum())})
+        print(name, i, {k: round(v, 4) for k, v in rows[-1].items()}, flush=True)
+    if trace:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        batch = {k: v.to(device) for k, v in batches[-1].items()}
+        with profile(activities=activities) as prof:
+            nll, _ = _forward(model, batch)
+            backward_fn(nll / 100.0)
+            step_fn()
+            now()
+        sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+    steady = rows[1:] or rows
+    summary = {k: statistics.median(r[k] for r in steady) for k in rows[0] if k != "tokens"}
+    summary["tokens"] = statistics.mean(r["tokens"] for r in steady)
+    summary["tokens_per_s"] = summary["tokens"] / sum(summary[k] for k in ("copy", "forward", "backward", "optimizer"))
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--micro-steps", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=1344)
+    parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--arms", default="plain,deepspeed")
+    parser.add_argument("--no-cudnn-sdpa", action="store_true",
+                        help="keep torch's cuDNN attention backend off (its per-call CPU cost is high)")
+    args = parser.parse_args()
+    set_runtime_env()
+    import torch
+    from transformers import AutoProcessor
+
+    from jobs.sft import SFTConfig, _prepare_data
+    from vigorl_core.chat_tokens import ChatTokens
+    from vigorl_core.sft_data import SFTDataset, collate
+    from vigorl_core.sft_synthetic import write_synthetic_chains
+    from vigorl_core.sft_train import deepspeed_config
+
+    device = "cpu" if args.cpu else "cuda"
+    if args.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    work = Path(tempfile.mkdtemp(prefix="vigorl-sft-profile-"))
+    chat = ChatTokens.from_pretrained(args.model)
+    chains = write_synthetic_chains(work / "chains", 8, 0, chat.profile, image_size=(args.image_size,) * 2)
+    cfg = SFTConfig(model=args.model, data=str(chains), runs_dir=str(work))
+    data = _prepare_data(cfg, Path(args.model))
+    processor = AutoProcessor.from_pretrained(args.model)
+    dataset = SFTDataset(data["train"], processor.image_processor, chat.profile)
+    fetch = []
+    batches = []
+    for i in range(args.micro_steps):
+        t = time.perf_counter()
+        batches.append(collate([dataset[i * 2 % len(dataset)]], pad_id=chat.tokenizer.pad_token_id,
+                               image_pad_id=chat.image_pad_id))
+        fetch.append(time.perf_counter() - t)
+    report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "args": vars(args),
+              "data_seconds_per_example": statistics.median(fetch),
+              "tokens": [int(b["attention_mask"].sum()) for b in batches],
+              "image_grids": [b["image_grid_thw"].tolist() for b in batches]}
+    print("data", report, flush=True)
+    bf16, checkpointing = device == "cuda", not args.no_checkpointing
+    arms = args.arms.split(",")
+    if "plain" in arms:
+        model = _model(args.model, device, bf16, checkpointing)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+        def step():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        report["plain"] = _profile_arm("plain", model, step, lambda loss: loss.backward(), batches, device,
+                                       args.trace)
+        del model, optimizer
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if "deepspeed" in arms:
+        import deepspeed
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+        model = _model(args.model, device, bf16, checkpointing)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(
+            2, 1, 1, 1, bf16, 1.0, gpu=device == "cuda"))
+        engine.train()
+        report["deepspeed"] = _profile_arm("deepspeed", engine, engine.step, engine.backward, batches, device,
+                                           args.trace)
+    out = Path(os.environ.get("OUT", work))
+    (out / f"sft_profile{'_nocudnn' if args.no_cudnn_sdpa else ''}.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
