@@ -145,7 +145,11 @@ def _prepare_data(cfg: SFTConfig, model_dir: Path) -> dict:
     from vigorl_core.chat_tokens import ChatTokens
     from vigorl_core.data import DataError, infer_task_source
     from vigorl_core.prompts import system_prompt
-    from vigorl_core.sft_data import conversation_mode, encode_conversation, read_conversations
+    from vigorl_core.sft_data import (
+        conversation_mode,
+        encode_conversation,
+        read_conversations,
+    )
     from vigorl_core.sft_synthetic import write_synthetic_chains
 
     chat = ChatTokens.from_pretrained(model_dir)
@@ -410,7 +414,9 @@ def _fit(cfg: SFTConfig, run_dir: Path, model_dir: Path, data: dict):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from jobs.sft import train_worker  # by module name, so workers import it instead of unpickling __main__
+    from jobs.sft import (
+        train_worker,  # by module name, so workers import it instead of unpickling __main__
+    )
 
     if not os.environ.get("RAY_ADDRESS"):  # a local Ray: its controller polls workers every 0.2 s, not 2 s
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
