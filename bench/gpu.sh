@@ -2,7 +2,7 @@
 # GPU benchmarks on a device host (one H100/H200), after the wheel bundle is installed
 # (../shared/gpu/README.md: `bash .whl/stage.sh keep partNN` per part, then `bash .whl/stage.sh install`):
 #
-#   bash bench/gpu.sh serve sft        # any of: serve sft rollout
+#   bash bench/gpu.sh serve sft        # any of: serve sft step rollout
 #
 # Builds the 3B-shaped random-weight Qwen2.5-VL once (/tmp/vigorl-3b), runs the named benchmarks and
 # copies their bench/results/*.json to $OUT (the device tool brings that folder back).
@@ -18,8 +18,9 @@ for what in "$@"; do
     serve) python3 -m bench.serve_gateway --model "$MODEL" --dtype bfloat16 --policy-gpus 1 \
              --gpu-memory-utilization 0.4 --requests 48 --max-tokens 128 --name gateway_overhead_gpu ;;
     sft) python3 -m bench.sft_throughput --gpu --model "$MODEL" ;;
+    step) python3 -m bench.sft_profile --model "$MODEL" --micro-steps 6 ;;
     rollout) python3 -m bench.rollout_lockstep --model "$MODEL" --dtype bfloat16 --conversations 64 --name async_vs_lockstep_gpu ;;
-    *) echo "unknown benchmark $what (serve, sft, rollout)"; exit 2 ;;
+    *) echo "unknown benchmark $what (serve, sft, step, rollout)"; exit 2 ;;
   esac
 done
 cp bench/results/*gpu*.json "$OUT"/ 2>/dev/null || true

@@ -1,12 +1,19 @@
-"""Where an SFT step's time goes on one GPU: data, vision tower, forward, backward, optimizer, for the plain
-HF loop and for the DeepSpeed ZeRO engine the job uses, in one process (no Ray). A diagnostic for
-bench/sft_throughput.py (which measures the whole job); prints a table and writes $OUT/sft_profile.json.
+"""SFT micro-step on one GPU: vigorl's model preparation vs stock transformers, and where the time goes.
 
     python -m bench.sft_profile --model /tmp/vigorl-3b          # after `vigorl tiny --preset 3b`
-    python -m bench.sft_profile --model runs/models/tiny --cpu  # the same breakdown on CPU, tiny model
+    python -m bench.sft_profile --model runs/models/tiny --cpu  # the same on CPU, tiny model
 
-Each phase is timed with the device synchronised before and after it; `--trace` adds torch.profiler's
-top operators of one micro-step.
+Arms (one process, no Ray, the same micro-batches of 1344-px synthetic chains, bf16, AdamW, frozen ViT,
+gradient checkpointing), each timed per phase (copy, forward, backward, optimizer) with the device
+synchronised around every phase:
+- stock: the usual transformers recipe: freeze the ViT's parameters, `gradient_checkpointing_enable()`,
+  sdpa with torch's default backends (transformers then hooks the patch embedding to require grad, so the
+  frozen tower is recomputed and backpropagated; its window attention is one call per window);
+- vigorl: `vigorl_core.sft_train.prepare_for_training` as the SFT job does it (tower out of autograd,
+  batched window attention, cuDNN attention off);
+- deepspeed: the vigorl model in a single-rank DeepSpeed ZeRO-2 engine (the job's config): its overhead.
+ratio = vigorl / stock tokens/s (plain loops) -> bench/results/sft_step_<gpu|cpu>.json. `vision_nograd`
+times the tower's forward alone (not part of the step). `--trace` prints torch.profiler's top operators.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ def _timer(device: str):
     return now
 
 
-def _model(model_dir: str, device: str, bf16: bool, checkpointing: bool):
+def _model(model_dir: str, device: str, bf16: bool, checkpointing: bool, stock: bool):
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -41,7 +48,15 @@ def _model(model_dir: str, device: str, bf16: bool, checkpointing: bool):
 
     model = AutoModelForImageTextToText.from_pretrained(
         model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation="sdpa").to(device)
-    prepare_for_training(model, gradient_checkpointing=checkpointing)
+    if not stock:
+        prepare_for_training(model, gradient_checkpointing=checkpointing)
+        return model
+    torch.backends.cuda.enable_cudnn_sdp(True)  # torch's default (prepare_for_training turns it off)
+    for name, param in model.model.visual.named_parameters():
+        param.requires_grad_(name.startswith("merger."))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
     return model
 
 
@@ -99,9 +114,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=1344)
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--trace", action="store_true")
-    parser.add_argument("--arms", default="plain,deepspeed")
-    parser.add_argument("--no-cudnn-sdpa", action="store_true",
-                        help="keep torch's cuDNN attention backend off (its per-call CPU cost is high)")
+    parser.add_argument("--arms", default="stock,vigorl,deepspeed")
     args = parser.parse_args()
     set_runtime_env()
     import torch
@@ -114,8 +127,6 @@ def main() -> None:
     from vigorl_core.sft_train import deepspeed_config
 
     device = "cpu" if args.cpu else "cuda"
-    if args.no_cudnn_sdpa:
-        torch.backends.cuda.enable_cudnn_sdp(False)
     work = Path(tempfile.mkdtemp(prefix="vigorl-sft-profile-"))
     chat = ChatTokens.from_pretrained(args.model)
     chains = write_synthetic_chains(work / "chains", 8, 0, chat.profile, image_size=(args.image_size,) * 2)
@@ -137,17 +148,18 @@ def main() -> None:
     print("data", report, flush=True)
     bf16, checkpointing = device == "cuda", not args.no_checkpointing
     arms = args.arms.split(",")
-    if "plain" in arms:
-        model = _model(args.model, device, bf16, checkpointing)
+    for arm in ("stock", "vigorl"):
+        if arm not in arms:
+            continue
+        model = _model(args.model, device, bf16, checkpointing, stock=arm == "stock")
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
         def step():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        report["plain"] = _profile_arm("plain", model, step, lambda loss: loss.backward(), batches, device,
-                                       args.trace)
-        del model, optimizer
+        report[arm] = _profile_arm(arm, model, step, lambda loss: loss.backward(), batches, device, args.trace)
+        del model, optimizer, step
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -155,16 +167,26 @@ def main() -> None:
         import deepspeed
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
-        model = _model(args.model, device, bf16, checkpointing)
+        model = _model(args.model, device, bf16, checkpointing, stock=False)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(
             2, 1, 1, 1, bf16, 1.0, gpu=device == "cuda"))
         engine.train()
         report["deepspeed"] = _profile_arm("deepspeed", engine, engine.step, engine.backward, batches, device,
                                            args.trace)
-    out = Path(os.environ.get("OUT", work))
-    (out / f"sft_profile{'_nocudnn' if args.no_cudnn_sdpa else ''}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
+    if "stock" in report and "vigorl" in report:
+        from bench.common import write_result
+
+        result = {"ratio": report["vigorl"]["tokens_per_s"] / report["stock"]["tokens_per_s"],
+                  "metric": "training tokens/s of one micro-step (copy + forward + backward + AdamW), plain "
+                            "loop, vigorl's model preparation / stock transformers recipe",
+                  **report, "config": {"model": args.model, "micro_batch": 1, "image_size": args.image_size,
+                                       "gradient_checkpointing": checkpointing, "precision": "bf16" if bf16 else "fp32",
+                                       "steady_micro_steps": max(1, args.micro_steps - 1)}}
+        print("ratio", result["ratio"], "->", write_result("sft", f"step_{'cpu' if args.cpu else 'gpu'}", result))
+
+
 
 
 if __name__ == "__main__":

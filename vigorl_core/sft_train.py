@@ -4,7 +4,8 @@
   step alone, so a resumed run continues the schedule without scheduler state;
 - `loss_positions` / `token_nll`: next-token loss summed over labelled tokens;
 - `deepspeed_config`: the ZeRO config for a stage, batch split and precision;
-- `prepare_for_training`: which parameters train (vision tower frozen by default), gradient checkpointing;
+- `prepare_for_training`: which parameters train (vision tower frozen by default), gradient checkpointing,
+  the vision tower's batched window attention and the attention backend;
 - `set_system_template` / `save_hf_checkpoint`: a standard Hugging Face folder (weights, processor,
   tokenizer, chat template whose default system message is the task's prompt, as the released ViGoRL
   models ship it) that transformers and vLLM load directly, without a merge step;
@@ -87,13 +88,20 @@ def prepare_for_training(model: Any, *, freeze_vision_tower: bool = True, freeze
                          gradient_checkpointing: bool = False) -> list:
     """Set which parameters of a Qwen2.5-VL train and turn on gradient checkpointing; returns the trainable
     parameters. A frozen vision tower keeps its merger (the projector into the language model) trainable
-    unless `freeze_projector`.
+    unless `freeze_projector`. The tower's window attention runs batched (vigorl_core.vision_attention),
+    and torch's cuDNN attention backend is turned off for this process: on an H100 (torch 2.11) its
+    per-call CPU cost made a 3B micro-step's backward 0.34 s against 0.20 s with the flash backend
+    (bench/sft_profile.py).
 
     transformers' `gradient_checkpointing_enable` also hooks every input embedding (the ViT's patch
     embedding included) to make its output require grad, a PEFT convenience. With the ViT frozen that
     makes autograd record, recompute and backpropagate the whole frozen tower: on a 3B model with 1344-px
     images it was most of the step (thousands of per-window attention calls). Non-reentrant
     checkpointing needs no such hook and the text embedding trains in a full fine-tune, so it is removed."""
+    import torch
+
+    from vigorl_core.vision_attention import batch_window_attention
+
     visual = model.model.visual
     if freeze_vision_tower:
         for name, param in visual.named_parameters():
@@ -105,6 +113,8 @@ def prepare_for_training(model: Any, *, freeze_vision_tower: bool = True, freeze
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.disable_input_require_grads()
     model.config.use_cache = False
+    batch_window_attention(model)
+    torch.backends.cuda.enable_cudnn_sdp(False)
     return [p for p in model.parameters() if p.requires_grad]
 
 
