@@ -155,7 +155,7 @@ def main() -> None:
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
-        def step():
+        def step(optimizer=optimizer):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         report[arm] = _profile_arm(arm, model, step, lambda loss: loss.backward(), batches, device, args.trace)
