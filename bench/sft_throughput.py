@@ -10,7 +10,10 @@ collate, a DataLoader inside the step), each in its own subprocess, vigorl first
 - vigorl: `python -m jobs.sft` (Ray TorchTrainer, DeepSpeed ZeRO-2). CPU: 2 workers with 1 thread each.
   GPU: 1 worker; bf16 with DeepSpeed's fp32 master weights and optimizer state;
 - baseline: one process, a plain PyTorch loop over the HF model. CPU: the same cores as threads of one
-  process. GPU: bf16 parameters and AdamW state, no master weights (the usual plain-loop setup).
+  process. GPU: the same precision recipe as the job: fp32 weights and AdamW state, bf16 compute under
+  torch.autocast (HF Trainer's bf16=True, which the original's LLaMA-Factory runs).
+  GPU also runs `baseline_pure_bf16` for information (bf16 weights and AdamW state, no fp32 master copy:
+  faster, but updates below bf16's resolution are lost, so its loss falls more slowly).
 Throughput = mean tokens per step (padding excluded) / median step time over the steps after `--warmup`; a
 step is data loading, forward, backward and the optimizer (all-reduces included). ratio = vigorl / baseline
 tokens/s. The baseline's threads wait passively (OMP_WAIT_POLICY): spinning OpenMP threads slow down by
@@ -51,8 +54,11 @@ def _steady(records: list[dict], warmup: int) -> dict:
             "tokens_per_step": tokens, "losses": [round(r["loss"], 4) for r in records if "loss" in r]}
 
 
-def baseline(config_path: str, out_path: str) -> None:
-    """The plain loop (runs in its own process): same data, order, loss and optimizer as the job."""
+def baseline(config_path: str, out_path: str, pure_bf16: bool = False) -> None:
+    """The plain loop (runs in its own process): same data, order, loss and optimizer as the job; bf16 runs
+    autocast over fp32 weights unless `pure_bf16`."""
+    import contextlib
+
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -66,9 +72,12 @@ def baseline(config_path: str, out_path: str) -> None:
     data = _prepare_data(cfg, Path(cfg.model))
     torch.manual_seed(cfg.seed)
     device = "cuda" if cfg.use_gpu else "cpu"
+    bf16 = cfg.precision == "bf16"
     model = AutoModelForImageTextToText.from_pretrained(
-        cfg.model, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float32,
+        cfg.model, dtype=torch.bfloat16 if bf16 and pure_bf16 else torch.float32,
         attn_implementation="sdpa").to(device)
+    autocast = partial(torch.autocast, device, dtype=torch.bfloat16) if bf16 and not pure_bf16 else \
+        contextlib.nullcontext
     trainable = prepare_for_training(model, freeze_vision_tower=cfg.freeze_vision_tower,
                                      freeze_projector=cfg.freeze_projector,
                                      gradient_checkpointing=cfg.gradient_checkpointing)
@@ -91,7 +100,8 @@ def baseline(config_path: str, out_path: str) -> None:
         loss = tokens = 0.0
         for _ in range(plan.accumulation):
             batch = {k: v.to(device) for k, v in next(batches).items()}
-            nll, _ = _forward(model, batch)
+            with autocast():
+                nll, _ = _forward(model, batch)
             (nll / labels).backward()
             loss += nll.item() / labels
             tokens += batch["attention_mask"].sum().item()
@@ -124,10 +134,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="steps left out of the rate (default 5 CPU, 3 GPU)")
     parser.add_argument("--baseline", default=None, help=argparse.SUPPRESS)  # internal: run the plain loop
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pure-bf16", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     set_runtime_env()
     if args.baseline:
-        return baseline(args.baseline, args.out)
+        return baseline(args.baseline, args.out, args.pure_bf16)
     from bench.common import write_result
 
     work = Path(tempfile.mkdtemp(prefix="vigorl-bench-sft-"))  # model (7.5 GB for 3b), data, runs
@@ -184,13 +195,18 @@ def _measure(args, work: Path) -> dict:
     subprocess.run([sys.executable, "-m", "bench.sft_throughput", "--baseline", str(config_path), "--out", str(out)],
                    cwd=REPO_ROOT, check=True, env={**env, **threads})
     plain = _steady(json.loads(out.read_text()), warmup)
+    extra = {}
+    if gpu:
+        subprocess.run([sys.executable, "-m", "bench.sft_throughput", "--baseline", str(config_path), "--out",
+                        str(out), "--pure-bf16"], cwd=REPO_ROOT, check=True, env=env)
+        extra["baseline_pure_bf16"] = _steady(json.loads(out.read_text()), warmup)
     # Same examples, order, loss, schedule and optimizer: the arms' losses agree up to float reduction order.
     gap = max(abs(a - b) for a, b in zip(vigorl["losses"], plain["losses"]))
     result = {
         "ratio": vigorl["tokens_per_s"] / plain["tokens_per_s"],
         "metric": "training tokens/s (padding excluded, median step time after warm-up), vigorl job / plain "
                   "single-process HF loop",
-        "vigorl": vigorl, "baseline": plain, "max_loss_difference": gap,
+        "vigorl": vigorl, "baseline": plain, **extra, "max_loss_difference": gap,
         "config": {**{k: v for k, v in config.items() if k not in ("runs_dir", "model", "data")},
                    "model": "tiny (random weights)" if not (gpu or args.model) else
                    ("3b shape (random weights)" if not args.model else args.model),
@@ -206,7 +222,7 @@ def _measure(args, work: Path) -> dict:
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
         params = _text_params(model)
         result["config"].update(gpu=name, text_params=params, peak_bf16_flops=peak)
-        for arm in (result["vigorl"], result["baseline"]):
+        for arm in (result["vigorl"], result["baseline"], *extra.values()):
             arm["mfu"] = 6 * params * arm["tokens_per_s"] / peak if peak else None
     return result
 
