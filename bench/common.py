@@ -13,6 +13,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def provenance() -> dict:
+    """Commit, machine and date of a result. $VIGORL_COMMIT overrides the commit: a device host's copy of the
+    working tree may carry a stale .git."""
+    if os.environ.get("VIGORL_COMMIT"):
+        return {**_provenance(), "commit": os.environ["VIGORL_COMMIT"]}
+    return _provenance()
+
+
+def _provenance() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip()

@@ -5,7 +5,8 @@
 #   bash bench/gpu.sh serve sft        # any of: serve sft step rollout
 #
 # Builds the 3B-shaped random-weight Qwen2.5-VL once (/tmp/vigorl-3b), runs the named benchmarks and
-# copies their bench/results/*.json to $OUT (the device tool brings that folder back).
+# copies their bench/results/*.json to $OUT (the device tool brings that folder back). Pass the commit that
+# runs as VIGORL_COMMIT=<sha> (the device copy's .git can be stale).
 set -euo pipefail
 export PYTHONPATH=${SITE:-/tmp/vigorl-site}:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
 MODEL=/tmp/vigorl-3b
