@@ -76,7 +76,7 @@ def _read_json_array(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         idx = decoder.raw_decode(text, idx)[1]
 
 
-def _read_records(path: Path) -> Iterator[tuple[int, int, dict]]:
+def read_records(path: Path) -> Iterator[tuple[int, int, dict]]:
     """(line, record number, record) for JSONL, a JSON array or parquet rows."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq  # lazy: only SFT parquet files need it
@@ -101,7 +101,7 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-class _Where:
+class RecordLocation:
     """The record being parsed: builds DataErrors and checks field types."""
 
     def __init__(self, file: Path, line: int):
@@ -138,8 +138,8 @@ _KEYS = {"vlmsearch": {"id", "image", "conversations"}, "rl": {"id", "problem", 
          "sft": {"id", "messages", "images", "gt_answer", "metadata"}}
 
 
-def _parse_vlmsearch(rec: dict, at: _Where) -> dict:
-    id_ = _record_id(rec, at, required=True)
+def _parse_vlmsearch(rec: dict, at: RecordLocation) -> dict:
+    id_ = record_id(rec, at, required=True)
     image = at.get(rec, "image", str)
     conv = at.get(rec, "conversations", list)
     if len(conv) < 2:
@@ -155,19 +155,19 @@ def _parse_vlmsearch(rec: dict, at: _Where) -> dict:
                 answer_field="conversations[1].value", metadata={})
 
 
-def _parse_rl(rec: dict, at: _Where) -> dict:
+def _parse_rl(rec: dict, at: RecordLocation) -> dict:
     problem, answer, images = at.get(rec, "problem", str), at.get(rec, "answer", str), at.strings(rec, "images")
     n = problem.count(IMAGE_TOKEN)
     if n and n != len(images):
         raise at.error("images", f"problem has {n} {IMAGE_TOKEN} placeholders but {len(images)} images")
-    return dict(id=_record_id(rec, at), images=images, question=problem, answer=answer,
+    return dict(id=record_id(rec, at), images=images, question=problem, answer=answer,
                 answer_field="answer", metadata={})
 
 
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
-def _parse_sft(rec: dict, at: _Where) -> dict:
+def _parse_sft(rec: dict, at: RecordLocation) -> dict:
     messages, images = at.get(rec, "messages", list), at.strings(rec, "images")
     question = system = last_assistant = None
     for i, m in enumerate(messages):
@@ -196,11 +196,11 @@ def _parse_sft(rec: dict, at: _Where) -> dict:
     metadata = dict(at.get(rec, "metadata", dict, optional=True) or {})
     if system is not None:
         metadata["system"] = system
-    return dict(id=_record_id(rec, at), images=images[:n], question=question, answer=answer,
+    return dict(id=record_id(rec, at), images=images[:n], question=question, answer=answer,
                 answer_field=answer_field, metadata=metadata)
 
 
-def _record_id(rec: dict, at: _Where, required: bool = False) -> str | None:
+def record_id(rec: dict, at: RecordLocation, required: bool = False) -> str | None:
     id_ = rec.get("id")
     if id_ is None and required:
         raise at.error("id", "missing")
@@ -297,8 +297,8 @@ def load_samples(path: str | os.PathLike, *, data_root: str | os.PathLike | None
 
     samples: list[Sample] = []
     schema, key, first_line, seen, missing = None, "", 0, {}, []
-    for line, number, rec in _read_records(path):
-        at = _Where(path, line)
+    for line, number, rec in read_records(path):
+        at = RecordLocation(path, line)
         if schema is None:
             schema = next((s for key, s in _SCHEMAS.items() if key in rec), None)
             if schema is None:
@@ -312,7 +312,7 @@ def load_samples(path: str | os.PathLike, *, data_root: str | os.PathLike | None
             raise at.error(key, f"missing; the file's first record (line {first_line}) is in schema {schema}")
         sample = _load_ours(rec, at, *given) if schema == "ours" else \
             _build_sample(schema, rec, at, task, source, f"{path.stem}:{number}")
-        sample.images = [_absolute(p, root) for p in sample.images]
+        sample.images = [absolute_path(p, root) for p in sample.images]
         if sample.id in seen:
             raise at.error("id", f"duplicate id '{sample.id}', first on line {seen[sample.id]}")
         seen[sample.id] = line
@@ -328,7 +328,7 @@ def load_samples(path: str | os.PathLike, *, data_root: str | os.PathLike | None
     return samples
 
 
-def _load_ours(rec: dict, at: _Where, task: str | None, source: str | None) -> Sample:
+def _load_ours(rec: dict, at: RecordLocation, task: str | None, source: str | None) -> Sample:
     version = rec.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise at.error("schema_version", f"expected an integer <= {SCHEMA_VERSION}, got {version!r}")
@@ -349,7 +349,7 @@ def _load_ours(rec: dict, at: _Where, task: str | None, source: str | None) -> S
     return sample
 
 
-def _build_sample(schema: str, rec: dict, at: _Where, task: str, source: str, default_id: str) -> Sample:
+def _build_sample(schema: str, rec: dict, at: RecordLocation, task: str, source: str, default_id: str) -> Sample:
     fields = _PARSERS[schema](rec, at)
     question = fields["question"].replace(IMAGE_TOKEN, "").strip()
     answer, bbox, point = fields["answer"], None, None
@@ -367,7 +367,7 @@ def _build_sample(schema: str, rec: dict, at: _Where, task: str, source: str, de
                   category=_category(fields["images"]), metadata={**extra, **fields["metadata"]})
 
 
-def _absolute(p: str, root: Path) -> str:
+def absolute_path(p: str, root: Path) -> str:
     return os.path.normpath(p if os.path.isabs(p) else os.path.abspath(root / p))
 
 

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from vigorl_core.chat_tokens import IMAGE_PLACEHOLDER, ChatTokens
-from vigorl_core.data import IMAGE_TOKEN, DataError, _absolute, _read_records, _record_id, _Where
+from vigorl_core.data import IMAGE_TOKEN, DataError, absolute_path, read_records, record_id, RecordLocation
 from vigorl_core.frames import ModelProfile, resize_to_model
 from vigorl_core.records import TASKS
 
@@ -73,9 +73,9 @@ def read_conversations(path: str | os.PathLike, *, data_root: str | os.PathLike 
         raise DataError(path, None, None, "file not found")
     root = Path(data_root) if data_root is not None else path.parent
     convs, missing = [], []
-    for line, number, rec in _read_records(path):
-        conv = _parse_record(rec, _Where(path, line), f"{path.stem}:{number}")
-        conv.images = [_absolute(p, root) for p in conv.images]
+    for line, number, rec in read_records(path):
+        conv = _parse_record(rec, RecordLocation(path, line), f"{path.stem}:{number}")
+        conv.images = [absolute_path(p, root) for p in conv.images]
         if check_images:
             missing += [(line, f"images[{i}]", p) for i, p in enumerate(conv.images) if not os.path.isfile(p)]
         convs.append(conv)
@@ -89,7 +89,7 @@ def read_conversations(path: str | os.PathLike, *, data_root: str | os.PathLike 
     return convs
 
 
-def _parse_record(rec: dict, at: _Where, default_id: str) -> Conversation:
+def _parse_record(rec: dict, at: RecordLocation, default_id: str) -> Conversation:
     if "messages" not in rec:
         raise at.error("messages", f"missing; expected sharegpt records {{messages: [{{role, content}}], images: "
                        f"[...]}}, got keys {sorted(rec)}")
@@ -125,7 +125,7 @@ def _parse_record(rec: dict, at: _Where, default_id: str) -> Conversation:
     task = at.get(rec, "task", str, optional=True)
     if task is not None and task not in TASKS:
         raise at.error("task", f"expected one of {', '.join(TASKS)}, got '{task}'")
-    return Conversation(id=_record_id(rec, at) or default_id, messages=messages, images=images, task=task,
+    return Conversation(id=record_id(rec, at) or default_id, messages=messages, images=images, task=task,
                         file=str(at.file), line=at.line)
 
 
