@@ -34,6 +34,13 @@ def set_runtime_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def local_model(model: str) -> str:
+    """`model` as an absolute path when it names a local folder, else unchanged (a hub id). Ray Train
+    workers run in their own working directory, so a relative path from the command line would not resolve
+    there."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
 def run_main(body: Callable[[list[str]], int | None], argv: list[str] | None) -> int:
     """Run a job body; configuration and input errors print one clear line instead of a traceback."""
     set_runtime_env()

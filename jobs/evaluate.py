@@ -41,7 +41,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from jobs.common import REPO_ROOT, init_ray, run_main
+from jobs.common import REPO_ROOT, init_ray, local_model, run_main
 from services.app import EngineSettings
 from vigorl_core.config import ConfigError, StageConfig, parse_config
 
@@ -180,7 +180,7 @@ def _model_dir(cfg: EvalConfig) -> str:
         ChatTokens.from_pretrained(model)
     except OSError as err:
         raise FileNotFoundError(f"model: cannot load {model!r} (a model folder or hub id): {err}") from None
-    return model
+    return local_model(model)
 
 
 def load_benchmarks(cfg: EvalConfig) -> list[tuple[BenchmarkEntry, list]]:

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field
 
-from jobs.common import REPO_ROOT, init_ray, run_main
+from jobs.common import REPO_ROOT, init_ray, local_model, run_main
 from services.app import EngineSettings
 from vigorl_core.config import ConfigError, StageConfig, parse_config
 from vigorl_core.mcts import ASSISTANT_TAIL, FORCED_FINAL_USER, MCTSConfig
@@ -218,7 +218,7 @@ def _start_teacher(cfg: MCTSJobConfig, started: list[str]) -> tuple[str, str, st
     else:
         if not cfg.teacher.model:
             raise ConfigError("teacher.model: required unless teacher.app names a running Serve app")
-        app, model = f"mcts-{cfg.run_name}", cfg.teacher.model
+        app, model = f"mcts-{cfg.run_name}", local_model(cfg.teacher.model)
         print(f"starting teacher {model} ({cfg.teacher.replicas} PolicyServer replica(s)) as Serve app {app}")
         serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
         started.append(app)

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-from jobs.common import init_ray, run_main
+from jobs.common import init_ray, local_model, run_main
 from services.app import ServeConfig, build_app
 from vigorl_core.config import parse_config
 
@@ -29,7 +29,7 @@ def start(cfg: ServeConfig, *, num_cpus: int = 8) -> str:
 
     init_ray(num_cpus)
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"enable_access_log": False})
-    serve.run(build_app(cfg.model_dump()), name=APP_NAME, route_prefix="/", blocking=False,
+    serve.run(build_app({**cfg.model_dump(), "model": local_model(cfg.model)}), name=APP_NAME, route_prefix="/", blocking=False,
               logging_config={"enable_access_log": False})
     return f"http://{cfg.host}:{cfg.port}"
 

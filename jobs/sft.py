@@ -131,10 +131,10 @@ def _model_dir(cfg: SFTConfig) -> Path:
     if cfg.model != "tiny":
         if not Path(cfg.model, "config.json").is_file():
             raise ConfigError(f"model: {cfg.model} is not a Hugging Face model folder (no config.json)")
-        return Path(cfg.model)
+        return Path(cfg.model).resolve()  # workers run elsewhere: a relative path would not resolve there
     from vigorl_core.tiny import build_tiny_model
 
-    path = Path(cfg.runs_dir) / "models" / "tiny"
+    path = (Path(cfg.runs_dir) / "models" / "tiny").resolve()
     if not (path / "vigorl_model.json").is_file():
         build_tiny_model(path)
     return path

@@ -32,4 +32,10 @@ if [[ ",$extras," == *",cpu,"* ]]; then
   VIRTUAL_ENV=$PWD/.venv .venv/bin/uv pip uninstall -q --python .venv/bin/python torchaudio torchcodec 2>/dev/null || true
   .venv/bin/python scripts/fix_torchvision.py
 fi
+# Bytecode for every installed module, once: uv installs without it, and where PYTHONDONTWRITEBYTECODE is set
+# (CI) every process (each Ray worker, vLLM engine, job) would compile transformers, torch, vllm and ray from
+# source again: about 6 s per process on 2 cores. Up-to-date files are skipped on re-runs; the few files
+# written for other Python versions fail to compile and are skipped.
+site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+.venv/bin/python -m compileall -q -j 0 "$site" >/dev/null 2>&1 || true
 .venv/bin/python -c "import torch, torchvision, transformers, vigorl_core; print('vigorl set up: torch', torch.__version__, 'transformers', transformers.__version__)"
