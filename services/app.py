@@ -51,13 +51,15 @@ class ServeConfig(StageConfig):
     judge_model: str | None = Field(None, description="model folder of an LLM judge hosted by the Critic")
 
 
-def policy_app(model: str, engine: EngineSettings | None = None, replicas: int = 1, gpus: float = 0.0):
+def policy_app(model: str, engine: EngineSettings | None = None, replicas: int = 1, gpus: float = 0.0,
+               weights: str | None = None):
     """A Serve app of PolicyServer replicas only, for batch stages (MCTS, evaluation, GRPO rollouts):
     `handle = serve.run(policy_app(model), name="policy-<run>", route_prefix=None)`, then
-    `PolicyClient(handle)` in each worker (or `serve.get_deployment_handle("PolicyServer", name)`)."""
+    `PolicyClient(handle)` in each worker (or `serve.get_deployment_handle("PolicyServer", name)`).
+    `weights` names a weight store every replica follows (services.weight_sync: GRPO's weight sync)."""
     engine = engine or EngineSettings()
     return PolicyServer.options(num_replicas=replicas, ray_actor_options={"num_cpus": 1, "num_gpus": gpus}).bind(
-        {"model": model, **engine.model_dump()})
+        {"model": model, **engine.model_dump()}, weights)
 
 
 def build_app(args: dict[str, Any]):

@@ -54,11 +54,19 @@ class _LRU(OrderedDict):
 @serve.deployment(name="PolicyServer", max_ongoing_requests=256, ray_actor_options={"num_cpus": 1},
                   health_check_period_s=10, health_check_timeout_s=60)
 class PolicyServer:
-    """One vLLM engine (AsyncLLM) per replica: generate, stream, weight update, version."""
+    """One vLLM engine (AsyncLLM) per replica: generate, stream, weight update, version. With `weights` (a
+    weight store name) the replica loads the latest published weights before serving and follows the store
+    (services.weight_sync)."""
 
-    async def __init__(self, engine: dict[str, Any]):
+    async def __init__(self, engine: dict[str, Any], weights: str | None = None):
         self.engine = await VLLMEngine.create(EngineConfig(**engine))
         self._images = _LRU(IMAGE_CACHE_ENTRIES)
+        self._weights = None
+        if weights:
+            from services.weight_sync import ReplicaWeights
+
+            self._weights = ReplicaWeights(weights, self.engine, serve.get_replica_context().replica_id.unique_id)
+            await self._weights.start()
 
     def _resolve(self, images: Sequence[tuple[str, Any]]) -> list[Any] | MissingImages:
         """(hash, image or None) pairs -> images; an image sent in full is kept under its hash."""
@@ -94,9 +102,12 @@ class PolicyServer:
 
     def info(self) -> dict[str, Any]:
         cfg = self.engine.config
-        return {"model": cfg.model, "max_model_len": cfg.max_model_len, "version": self.engine.version}
+        return {"model": cfg.model, "max_model_len": cfg.max_model_len, "version": self.engine.version,
+                "replica": serve.get_replica_context().replica_id.unique_id}
 
     def __del__(self):
+        if getattr(self, "_weights", None) is not None:
+            self._weights.stop()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
@@ -105,8 +116,8 @@ class PolicyServer:
 class PolicyClient:
     """PolicyEngine over a PolicyServer deployment handle (see the module docstring).
 
-    `update_weights` reaches ONE replica (Serve routes a call to a single replica); syncing every
-    replica is the weight-sync layer's job (GRPO)."""
+    `update_weights` reaches ONE replica (Serve routes a call to a single replica); to update every
+    replica, start the app with a weight store and publish through services.weight_sync.WeightPublisher."""
 
     def __init__(self, handle: Any):
         self.handle = handle

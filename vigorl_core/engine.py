@@ -63,7 +63,7 @@ class PolicyEngine(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
-    async def update_weights(self, state_dict: Mapping[str, Any]) -> int: ...
+    async def update_weights(self, state_dict: Mapping[str, Any], version: int | None = None) -> int: ...
 
 
 @dataclass
@@ -192,9 +192,10 @@ class VLLMEngine:
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
 
-    async def update_weights(self, state_dict: Mapping[str, Any]) -> int:
-        """Load `state_dict` (HF parameter names) into the running engine; returns the new version.
-        In-flight requests finish first (pause with mode "wait"), caches are cleared, then resume."""
+    async def update_weights(self, state_dict: Mapping[str, Any], version: int | None = None) -> int:
+        """Load `state_dict` (HF parameter names) into the running engine; returns the new version (`version`
+        when given, as the weight store numbers them, else the current one + 1). In-flight requests finish
+        first (pause with mode "wait"), caches are cleared, then resume."""
         from safetensors.torch import save
 
         blob = save({name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()})
@@ -204,7 +205,7 @@ class VLLMEngine:
                 await self._llm.collective_rpc("load_safetensors_bytes", args=(blob,))
                 await self._llm.reset_prefix_cache()
                 await self._llm.reset_mm_cache()
-                self.version += 1
+                self.version = self.version + 1 if version is None else version
             finally:
                 await self._llm.resume_generation()
         return self.version

@@ -80,6 +80,6 @@ class PlannedTurnsEngine:
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
 
-    async def update_weights(self, state_dict: Mapping[str, Any]) -> int:
-        return await self.engine.update_weights(state_dict)
+    async def update_weights(self, state_dict: Mapping[str, Any], version: int | None = None) -> int:
+        return await self.engine.update_weights(state_dict, version)
 
