@@ -1,6 +1,6 @@
 """Weight sync to every PolicyServer replica (services/weight_sync.py) on real Serve + vLLM (tiny model):
-a published version reaches every replica, a replica added later loads it before serving, and
-publishing the original weights restores the original greedy output."""
+replicas that start after a version was published load it before serving (as autoscaled ones do), and a
+new version reaches every running replica before publish() returns."""
 
 from __future__ import annotations
 
@@ -25,8 +25,15 @@ def test_every_replica_serves_published_weights_and_new_replicas_catch_up(ray_lo
     from vigorl_core.engine import Sampling
 
     app, model = "weights-test", str(tiny_model_dir)
+    original = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).state_dict()
+    torch.manual_seed(7)
+    perturbed = {k: v + 0.05 * torch.randn_like(v) for k, v in original.items()}
+    publisher = WeightPublisher(app, app)
+    # Published before any replica exists (wait=False: nobody to wait for): both replicas, started
+    # together, must load version 1 before they serve, as a replica added by autoscaling would.
+    assert publisher.publish(perturbed, wait=False) == 1
     serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
-    serve.run(policy_app(model, replicas=1, weights=app), name=app, route_prefix=None)
+    serve.run(policy_app(model, replicas=2, weights=app), name=app, route_prefix=None)
     try:
         handle = serve.get_deployment_handle("PolicyServer", app)
         client = PolicyClient(handle)
@@ -35,32 +42,24 @@ def test_every_replica_serves_published_weights_and_new_replicas_catch_up(ray_lo
         image = Image.new("RGB", (112, 84), (250, 200, 0))
         greedy = Sampling(max_tokens=8, temperature=0.0)
 
-        def outputs(n: int):
-            return [asyncio.run(client.generate(ids, [image], greedy))[0] for _ in range(n)]
+        def outputs(n: int = 6) -> set[tuple[int, tuple[int, ...]]]:
+            gens = [asyncio.run(client.generate(ids, [image], greedy))[0] for _ in range(n)]
+            return {(g.policy_version, tuple(g.token_ids)) for g in gens}
 
         def replicas(n: int = 12) -> dict[str, int]:
             infos = [handle.info.remote().result() for _ in range(n)]
             return {info["replica"]: info["version"] for info in infos}
 
-        [before] = outputs(1)
-        assert before.policy_version == 0
-        original = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).state_dict()
-        torch.manual_seed(7)
-        perturbed = {k: v + 0.05 * torch.randn_like(v) for k, v in original.items()}
-
-        publisher = WeightPublisher(app, app)
-        assert publisher.publish(perturbed) == 1  # returns once the running replica serves version 1
-        serve.run(policy_app(model, replicas=2, weights=app), name=app, route_prefix=None)
         assert publisher.running_replicas() == 2
         seen = replicas()
-        assert len(seen) == 2 and set(seen.values()) == {1}  # the new replica loaded version 1 before serving
-        after = outputs(6)
-        assert {g.policy_version for g in after} == {1}
-        assert len({tuple(g.token_ids) for g in after}) == 1 and after[0].token_ids != before.token_ids
+        assert len(seen) == 2 and set(seen.values()) == {1}
+        [(version, tuned)] = outputs()  # one answer across replicas
+        assert version == 1
 
-        assert publisher.publish(original) == 2  # both replicas, then return
+        assert publisher.publish(original) == 2  # returns once both replicas serve version 2
         assert set(replicas().values()) == {2}
-        assert {tuple(g.token_ids) for g in outputs(6)} == {tuple(before.token_ids)}
+        [(version, restored)] = outputs()
+        assert version == 2 and restored != tuned
     finally:
         serve.delete(app)
         ray.kill(weight_store(app))
