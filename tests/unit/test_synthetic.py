@@ -37,7 +37,7 @@ def count_near(img: Image.Image, colour, box) -> int:
 def test_same_seed_same_bytes(task, tmp_path):
     a = write_dataset(task, 6, seed=3, out_dir=tmp_path / "a")
     b = write_dataset(task, 6, seed=3, out_dir=tmp_path / "b")
-    assert a == tmp_path / "a" / "samples.jsonl"
+    assert a == tmp_path / "a" / "samples.jsonl" and b == tmp_path / "b" / "samples.jsonl"
     da, db = digests(tmp_path / "a"), digests(tmp_path / "b")
     assert da == db and len(da) == 7  # 6 PNGs + samples.jsonl
     write_dataset(task, 6, seed=4, out_dir=tmp_path / "c")
