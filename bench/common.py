@@ -15,15 +15,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def provenance() -> dict:
     """Commit, machine and date of a result. $VIGORL_COMMIT overrides the commit: a device host's copy of the
     working tree may carry a stale .git."""
-    if os.environ.get("VIGORL_COMMIT"):
-        return {**_provenance(), "commit": os.environ["VIGORL_COMMIT"]}
-    return _provenance()
-
-
-def _provenance() -> dict:
+    commit = os.environ.get("VIGORL_COMMIT")
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+        commit = commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                          cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = "unknown"
     return {

@@ -73,8 +73,7 @@ def _profile_arm(name: str, model, step_fn, backward_fn, batches: list[dict], de
         batch = {k: v.to(device) for k, v in batch.items()}
         t1 = now()
         with torch.no_grad():
-            visual = model.model.visual if hasattr(model, "model") and hasattr(model.model, "visual") \
-                else model.module.model.visual
+            visual = getattr(model, "module", model).model.visual  # a DeepSpeed engine wraps the model
             visual(batch["pixel_values"].to(visual.dtype), grid_thw=batch["image_grid_thw"])
         t2 = now()
         nll, _ = _forward(model, batch)

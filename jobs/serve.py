@@ -29,8 +29,8 @@ def start(cfg: ServeConfig, *, num_cpus: int = 8) -> str:
 
     init_ray(num_cpus)
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"enable_access_log": False})
-    serve.run(build_app({**cfg.model_dump(), "model": local_model(cfg.model)}), name=APP_NAME, route_prefix="/", blocking=False,
-              logging_config={"enable_access_log": False})
+    app = build_app({**cfg.model_dump(), "model": local_model(cfg.model)})
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config={"enable_access_log": False})
     return f"http://{cfg.host}:{cfg.port}"
 
 

@@ -44,7 +44,7 @@ from typing import Literal
 import yaml
 from pydantic import Field
 
-from jobs.common import REPO_ROOT, init_ray, run_main
+from jobs.common import REPO_ROOT, init_ray, local_model, run_main
 from vigorl_core.config import ConfigError, StageConfig, parse_config
 
 
@@ -131,7 +131,7 @@ def _model_dir(cfg: SFTConfig) -> Path:
     if cfg.model != "tiny":
         if not Path(cfg.model, "config.json").is_file():
             raise ConfigError(f"model: {cfg.model} is not a Hugging Face model folder (no config.json)")
-        return Path(cfg.model).resolve()  # workers run elsewhere: a relative path would not resolve there
+        return Path(local_model(cfg.model))
     from vigorl_core.tiny import build_tiny_model
 
     path = (Path(cfg.runs_dir) / "models" / "tiny").resolve()
@@ -145,11 +145,7 @@ def _prepare_data(cfg: SFTConfig, model_dir: Path) -> dict:
     from vigorl_core.chat_tokens import ChatTokens
     from vigorl_core.data import DataError, infer_task_source
     from vigorl_core.prompts import system_prompt
-    from vigorl_core.sft_data import (
-        conversation_mode,
-        encode_conversation,
-        read_conversations,
-    )
+    from vigorl_core.sft_data import conversation_mode, encode_conversation, read_conversations
     from vigorl_core.sft_synthetic import write_synthetic_chains
 
     chat = ChatTokens.from_pretrained(model_dir)
@@ -414,9 +410,7 @@ def _fit(cfg: SFTConfig, run_dir: Path, model_dir: Path, data: dict):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from jobs.sft import (
-        train_worker,  # by module name, so workers import it instead of unpickling __main__
-    )
+    from jobs.sft import train_worker  # by module name, so workers import it instead of unpickling __main__
 
     if not os.environ.get("RAY_ADDRESS"):  # a local Ray: its controller polls workers every 0.2 s, not 2 s
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")

@@ -61,11 +61,12 @@ class PolicyServer:
     async def __init__(self, engine: dict[str, Any], weights: str | None = None):
         self.engine = await VLLMEngine.create(EngineConfig(**engine))
         self._images = _LRU(IMAGE_CACHE_ENTRIES)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._weights = None
         if weights:
             from services.weight_sync import ReplicaWeights
 
-            self._weights = ReplicaWeights(weights, self.engine, serve.get_replica_context().replica_id.unique_id)
+            self._weights = ReplicaWeights(weights, self.engine, self.replica_id)
             await self._weights.start()
 
     def _resolve(self, images: Sequence[tuple[str, Any]]) -> list[Any] | MissingImages:
@@ -103,7 +104,7 @@ class PolicyServer:
     def info(self) -> dict[str, Any]:
         cfg = self.engine.config
         return {"model": cfg.model, "max_model_len": cfg.max_model_len, "version": self.engine.version,
-                "replica": serve.get_replica_context().replica_id.unique_id}
+                "replica": self.replica_id}
 
     def __del__(self):
         if getattr(self, "_weights", None) is not None:
