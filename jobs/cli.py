@@ -19,6 +19,7 @@ COMMANDS = {
     "mcts": ("jobs.mcts", "tree search over grounded reasoning steps with a teacher (SFT data generation)"),
     "chains": ("jobs.chains", "linearize MCTS trees into SFT chains (single-turn and multi-turn zoom)"),
     "sft": ("jobs.sft", "supervised fine-tuning on Ray Train with DeepSpeed"),
+    "grpo": ("jobs.grpo", "GRPO (single-turn grounded or multi-turn zoom) on Ray Train with a replay actor"),
     "eval": ("jobs.evaluate", "evaluate a model on benchmarks with Ray Data (resumable)"),
     "score": ("jobs.score", "rescore predictions (ours or the original project's eval files) without the model"),
 }

@@ -313,24 +313,12 @@ class EvalActor:
 
 def start_policy(cfg: EvalConfig, model: str) -> tuple[str, bool]:
     """(Serve app name, whether this job started it). A reused app must serve the same model."""
-    from ray import serve
+    from services.app import start_policy_app
 
-    from services.app import policy_app
-
-    if cfg.policy.app:
-        running = serve.status().applications
-        if cfg.policy.app not in running:
-            raise ValueError(f"policy.app: no Serve app {cfg.policy.app!r} is running (running: {sorted(running)})")
-        info = serve.get_deployment_handle("PolicyServer", cfg.policy.app).info.remote().result()
-        if os.path.realpath(info["model"]) != os.path.realpath(model):
-            raise ValueError(f"policy.app {cfg.policy.app!r} serves {info['model']!r}, not model {model!r}")
-        return cfg.policy.app, False
-    name = f"policy-{cfg.run_name}"
-    serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})  # handles only, no HTTP
-    print(f"starting {cfg.policy.replicas} PolicyServer replica(s) of {model} (Serve app {name})", flush=True)
-    serve.run(policy_app(model, cfg.policy.engine, cfg.policy.replicas, cfg.policy.gpus), name=name,
-              route_prefix=None, logging_config={"enable_access_log": False})
-    return name, True
+    p = cfg.policy
+    app, _, started = start_policy_app(f"policy-{cfg.run_name}", model, engine=p.engine, replicas=p.replicas,
+                                       gpus=p.gpus, reuse=p.app)
+    return app, started
 
 
 class Progress:

@@ -206,24 +206,19 @@ def _start_teacher(cfg: MCTSJobConfig, started: list[str]) -> tuple[str, str, st
     before they deploy, so a failed start is cleaned up too."""
     from ray import serve
 
-    from services.app import policy_app
+    from services.app import start_policy_app
 
-    if cfg.teacher.app:
-        apps = serve.status().applications
-        if cfg.teacher.app not in apps:
-            raise ConfigError(f"teacher.app: no Serve app named {cfg.teacher.app!r} is running "
-                              f"(running: {sorted(apps) or 'none'})")
-        app = cfg.teacher.app
-        model = cfg.teacher.model or serve.get_deployment_handle("PolicyServer", app).info.remote().result()["model"]
-    else:
-        if not cfg.teacher.model:
-            raise ConfigError("teacher.model: required unless teacher.app names a running Serve app")
-        app, model = f"mcts-{cfg.run_name}", local_model(cfg.teacher.model)
-        print(f"starting teacher {model} ({cfg.teacher.replicas} PolicyServer replica(s)) as Serve app {app}")
-        serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
-        started.append(app)
-        serve.run(policy_app(model, cfg.teacher.engine, cfg.teacher.replicas, cfg.teacher.gpus), name=app,
-                  route_prefix=None, logging_config={"enable_access_log": False})
+    t = cfg.teacher
+    if not t.app and not t.model:
+        raise ConfigError("teacher.model: required unless teacher.app names a running Serve app")
+    name = f"mcts-{cfg.run_name}"
+    if not t.app:
+        started.append(name)  # before it deploys, so a failed start is cleaned up too
+    try:
+        app, model, _ = start_policy_app(name, local_model(t.model) if t.model and not t.app else t.model,
+                                         engine=t.engine, replicas=t.replicas, gpus=t.gpus, reuse=t.app)
+    except ValueError as err:
+        raise ConfigError(f"teacher.app: {err}") from None
     critic_app = None
     if cfg.reward == "critic":
         if cfg.teacher.app and "Critic" in serve.status().applications[cfg.teacher.app].deployments:

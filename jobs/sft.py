@@ -185,6 +185,15 @@ def _prepare_data(cfg: SFTConfig, model_dir: Path) -> dict:
 
 # ------------------------------------------------------------------------------------ per-worker training
 
+LOGGED = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s")
+
+
+def _progress(record: dict) -> str:
+    val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+    return (f"loss {record['loss']:.4f}{val} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s "
+            f"{record['samples_per_s']:.2f} samples/s")
+
+
 def train_worker(config: dict) -> None:
     """Ray Train worker: DeepSpeed engine, resume, the step loop, validation, checkpoints, logs."""
     from functools import partial
@@ -194,6 +203,7 @@ def train_worker(config: dict) -> None:
     import torch
     from transformers import AutoProcessor
 
+    from jobs.training import RunLog, deepspeed_engine, first_fault, grad_norm, load_checkpoint, save_checkpoint
     from vigorl_core.chat_tokens import ChatTokens
     from vigorl_core.sft_data import BatchPlan, SFTDataset, collate
     from vigorl_core.sft_train import set_system_template
@@ -206,12 +216,9 @@ def train_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     plan = BatchPlan([e.length for e in data["train"]], cfg.global_batch_size, cfg.micro_batch_size, world, cfg.seed)
     total = cfg.max_steps or math.ceil(cfg.epochs * plan.steps_per_epoch)
-    engine, optimizer = _engine(cfg, model_dir, plan.accumulation, world)
-    start = 0
-    if (checkpoint := ray.train.get_checkpoint()) is not None:
-        with checkpoint.as_directory() as folder:
-            _, client = engine.load_checkpoint(f"{folder}/deepspeed", tag="state", load_module_strict=False)
-        start = client["step"]
+    engine, optimizer = deepspeed_engine(cfg, model_dir, plan.accumulation, world)
+    client = load_checkpoint(engine)
+    start = client["step"] if client else 0
     chat = ChatTokens.from_pretrained(model_dir)
     processor = set_system_template(AutoProcessor.from_pretrained(model_dir), data["system"])
     collate_fn = partial(collate, pad_id=chat.tokenizer.pad_token_id, image_pad_id=chat.image_pad_id)
@@ -222,9 +229,9 @@ def train_worker(config: dict) -> None:
     batches = iter(loader)
     label_tokens = [e.label_tokens for e in data["train"]]
     device = engine.device
-    log = RunLog(run_dir, start, total, world) if rank == 0 else None
+    log = RunLog(run_dir / "log.jsonl", start, total, world, logger, LOGGED, _progress) if rank == 0 else None
     for step in range(start, total):
-        if cfg.fail_at_step == step + 1 and rank == world - 1 and _first_fault(run_dir):
+        if cfg.fail_at_step == step + 1 and rank == world - 1 and first_fault(run_dir):
             os._exit(1)  # a dying worker process: no cleanup, no exception
         started = time.perf_counter()
         lr = _set_lr(optimizer, cfg, step, total)
@@ -244,7 +251,7 @@ def train_worker(config: dict) -> None:
         loss, tokens, examples = sums.tolist()  # waits for the device: the step time is complete
         seconds = time.perf_counter() - started
         done = step + 1
-        record = {"step": done, "loss": loss / step_labels, "lr": lr, "grad_norm": _grad_norm(engine),
+        record = {"step": done, "loss": loss / step_labels, "lr": lr, "grad_norm": grad_norm(engine),
                   "tokens": int(tokens), "examples": int(examples), "step_seconds": seconds,
                   "tokens_per_s": tokens / seconds, "samples_per_s": examples / seconds,
                   "epoch": done / plan.steps_per_epoch}
@@ -253,49 +260,17 @@ def train_worker(config: dict) -> None:
         if log:
             log.step(record, show=done % cfg.log_every == 0 or done == total)
         if done % cfg.save_every == 0 or (done == total and cfg.save_at_end):
-            _save(engine, cfg, processor, model_dir, run_dir, done, record, rank)
+            save_checkpoint(engine, cfg.zero_stage, processor, model_dir, run_dir, done, record, rank,
+                            client_state={"step": done})
     if log:
         log.close()
 
 
-def _engine(cfg: SFTConfig, model_dir: str, accumulation: int, world: int):
-    """The model (vision tower frozen as configured) in a DeepSpeed engine with a torch AdamW."""
-    import deepspeed
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    from vigorl_core.sft_train import deepspeed_config, prepare_for_training
-
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cfg.use_gpu)
-    ds_config = deepspeed_config(cfg.zero_stage, cfg.micro_batch_size, accumulation, world, bf16,
-                                 cfg.max_grad_norm, cfg.offload_optimizer, gpu=cfg.use_gpu)
-    attn = cfg.attn_implementation
-    if attn == "auto":
-        try:
-            import flash_attn  # noqa: F401
-
-            attn = "flash_attention_2" if cfg.use_gpu else "sdpa"
-        except ImportError:
-            attn = "sdpa"
-    # Every rank loads the whole model into host memory; ZeRO-3 partitions it in deepspeed.initialize
-    # (transformers' load-time partitioning, HfDeepSpeedConfig, would add the accelerate package).
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation=attn)
-    trainable = prepare_for_training(model, freeze_vision_tower=cfg.freeze_vision_tower,
-                                     freeze_projector=cfg.freeze_projector,
-                                     gradient_checkpointing=cfg.gradient_checkpointing)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    return engine, optimizer
-
-
 def _set_lr(optimizer, cfg: SFTConfig, step: int, total: int) -> float:
+    from jobs.training import set_lr
     from vigorl_core.sft_train import cosine_lr
 
-    lr = cosine_lr(step, total, cfg.lr, cfg.warmup_ratio, cfg.min_lr_ratio)
-    for group in optimizer.param_groups:  # the groups ZeRO steps: it wraps this optimizer
-        group["lr"] = lr
-    return lr
+    return set_lr(optimizer, cosine_lr(step, total, cfg.lr, cfg.warmup_ratio, cfg.min_lr_ratio))
 
 
 def _forward(engine, batch: dict):
@@ -307,11 +282,6 @@ def _forward(engine, batch: dict):
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     out = engine(**inputs, logits_to_keep=positions, use_cache=False)
     return token_nll(out.logits, labels, positions)
-
-
-def _grad_norm(engine) -> float | None:
-    norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)
 
 
 def _validate(engine, cfg: SFTConfig, val_set, collate_fn, rank: int, world: int, device) -> float:
@@ -333,106 +303,19 @@ def _validate(engine, cfg: SFTConfig, val_set, collate_fn, rank: int, world: int
     return loss / max(1.0, count)
 
 
-def _save(engine, cfg: SFTConfig, processor, model_dir: str, run_dir: Path, done: int, record: dict,
-          rank: int) -> None:
-    """Write checkpoints/step-<done>/ in place (run_dir is shared storage): every rank its DeepSpeed shard,
-    rank 0 the Hugging Face folder; then register it with Ray Train without a copy (NO_UPLOAD). Ray Train
-    registers it once every rank has reported, and deletes checkpoints beyond keep_checkpoints."""
-    import ray.train
-    from ray.train import CheckpointUploadMode
-
-    from vigorl_core.sft_train import point_latest, save_hf_checkpoint
-
-    folder = run_dir / "checkpoints" / f"step-{done}"
-    (folder / "deepspeed").mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(folder / "deepspeed"), tag="state", client_state={"step": done},
-                           exclude_frozen_parameters=True)
-    state = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else None  # a collective
-    if rank == 0:
-        save_hf_checkpoint(folder, engine.module, processor, state_dict=state, source_dir=model_dir)
-    ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
-    if rank == 0:
-        point_latest(run_dir, folder)
-
-
-def _first_fault(run_dir: Path) -> bool:
-    marker = run_dir / "fault_injected"
-    if marker.exists():
-        return False
-    marker.write_text(f"{time.time()}\n")
-    return True
-
-
-class RunLog:
-    """Rank 0's record of the run: log.jsonl (one line per step, `start` events), TensorBoard scalars,
-    and a progress line with ETA. A restart first moves what was logged after its checkpoint to
-    log.superseded.jsonl: those steps run again, and each step stays in log.jsonl once."""
-
-    def __init__(self, run_dir: Path, start: int, total: int, world: int):
-        from tensorboardX import SummaryWriter
-
-        from vigorl_core.sft_train import truncate_log
-
-        self.path, self.start, self.total, self.began = run_dir / "log.jsonl", start, total, time.perf_counter()
-        truncate_log(self.path, start)
-        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
-        self._write({"event": "start", "step": start, "total_steps": total, "world_size": world})
-        if start:
-            logger.info(f"resuming at step {start} of {total}")
-
-    def _write(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
-
-    def step(self, record: dict, show: bool) -> None:
-        self._write(record)
-        for key in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s"):
-            if record.get(key) is not None:
-                self.tensorboard.add_scalar(("val/" if key == "val_loss" else "train/") + key, record[key],
-                                            record["step"])
-        if show:
-            step = record["step"]
-            eta = (time.perf_counter() - self.began) / (step - self.start) * (self.total - step)
-            val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
-            logger.info(f"step {step}/{self.total} loss {record['loss']:.4f}{val} lr {record['lr']:.2e} "
-                        f"{record['tokens_per_s']:.0f} tok/s {record['samples_per_s']:.2f} samples/s "
-                        f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-
-    def close(self) -> None:
-        self.tensorboard.close()
-
-
 # ------------------------------------------------------------------------------------------------ driver
 
 def _fit(cfg: SFTConfig, run_dir: Path, model_dir: Path, data: dict):
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from jobs.sft import train_worker  # by module name, so workers import it instead of unpickling __main__
+    from jobs.training import cpus_needed, fit
 
-    if not os.environ.get("RAY_ADDRESS"):  # a local Ray: its controller polls workers every 0.2 s, not 2 s
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     owned = not ray.is_initialized()
-    init_ray(num_cpus=max(8, math.ceil(cfg.num_workers * cfg.cpus_per_worker) + 2))
+    init_ray(num_cpus=cpus_needed(cfg))
     try:
-        env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM",
-                                          "HF_HUB_OFFLINE") if k in os.environ}
-        env["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
-        resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
-        trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "data": ray.put(data), "run_dir": str(run_dir),
-                               "model_dir": str(model_dir)},
-            scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(name="checkpoints", storage_path=str(run_dir),
-                                 failure_config=FailureConfig(max_failures=cfg.max_failures),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                                 worker_runtime_env={"env_vars": env}),
-        )
-        return trainer.fit()
+        return fit(train_worker, {"cfg": cfg.model_dump(mode="json"), "data": ray.put(data), "run_dir": str(run_dir),
+                                  "model_dir": str(model_dir)}, cfg, run_dir)
     finally:
         if owned:
             ray.shutdown()

@@ -62,6 +62,33 @@ def policy_app(model: str, engine: EngineSettings | None = None, replicas: int =
         {"model": model, **engine.model_dump()}, weights)
 
 
+def start_policy_app(name: str, model: str | None, *, engine: EngineSettings | None = None, replicas: int = 1,
+                     gpus: float = 0.0, reuse: str | None = None, weights: str | None = None) -> tuple[str, str, bool]:
+    """Start the Serve app `name` of PolicyServer replicas of `model` for a batch stage (MCTS, evaluation,
+    GRPO), or reuse the running app `reuse` (then `model` may be None: asked from the server; if given, it
+    must be what the app serves). Returns (app name, model it serves, whether this call started it: the
+    caller deletes only what it started). Handles only, no HTTP proxy."""
+    import os
+
+    from ray import serve
+
+    if reuse:
+        running = serve.status().applications
+        if reuse not in running:
+            raise ValueError(f"no Serve app named {reuse!r} is running (running: {sorted(running) or 'none'})")
+        served = serve.get_deployment_handle("PolicyServer", reuse).info.remote().result()["model"]
+        if model is not None and os.path.realpath(served) != os.path.realpath(model):
+            raise ValueError(f"Serve app {reuse!r} serves {served!r}, not {model!r}")
+        return reuse, served, False
+    if not model:
+        raise ValueError("a model is required unless a running Serve app is reused")
+    serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
+    print(f"starting {replicas} PolicyServer replica(s) of {model} (Serve app {name})", flush=True)
+    serve.run(policy_app(model, engine, replicas, gpus, weights), name=name, route_prefix=None,
+              logging_config={"enable_access_log": False})
+    return name, model, True
+
+
 def build_app(args: dict[str, Any]):
     """Application builder for Serve (`import_path: services.app:build_app`)."""
     from vigorl_core.chat_tokens import ChatTokens

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,9 +95,6 @@ class PolicyServer:
         async for delta in self.engine.stream(prompt_ids, resolved, sampling, request_id):
             yield delta
 
-    async def update_weights(self, state_dict: Mapping[str, Any]) -> int:
-        return await self.engine.update_weights(state_dict)
-
     def version(self) -> int:
         return self.engine.version
 
@@ -117,8 +114,8 @@ class PolicyServer:
 class PolicyClient:
     """PolicyEngine over a PolicyServer deployment handle (see the module docstring).
 
-    `update_weights` reaches ONE replica (Serve routes a call to a single replica); to update every
-    replica, start the app with a weight store and publish through services.weight_sync.WeightPublisher."""
+    It has no `update_weights`: a handle call reaches ONE replica. Weights reach every replica through
+    the app's weight store (services.weight_sync.WeightPublisher), the one version authority."""
 
     def __init__(self, handle: Any):
         self.handle = handle
@@ -184,10 +181,6 @@ class PolicyClient:
         response = self._inflight.pop(request_id, None)
         if response is not None:
             response.cancel()
-
-    async def update_weights(self, state_dict: Mapping[str, Any]) -> int:
-        self.version = await self.handle.update_weights.remote(state_dict)
-        return self.version
 
     async def info(self) -> dict[str, Any]:
         return await self.handle.info.remote()

@@ -1,16 +1,24 @@
 """Weight sync from a trainer to EVERY PolicyServer replica of a Serve app (GRPO's `policy_version`).
 
 A Serve handle call reaches one replica, so a weight update cannot go through the handle. Instead the
-replicas pull: the trainer publishes a state dict into the Ray object store through the app's named
-`WeightStore` actor; every replica of that app watches the store, loads each new version (vLLM pauses,
-loads, clears its caches, resumes: VLLMEngine.update_weights) and acknowledges it. A replica that starts
-later (autoscaling, a restart) loads the latest version before it serves. `publish(..., wait=True)`
-returns once every running replica serves the new version (synchronous GRPO, staleness 0); `wait=False`
-returns at once (asynchronous GRPO, staleness k >= 1).
+replicas pull: the trainer publishes a state dict through the run's `WeightStore` actor; every replica of
+the app watches the store, loads each new version (VLLMEngine.update_weights: new requests wait, admitted
+ones finish, vLLM loads, clears its caches, resumes) and acknowledges it. A replica that starts later
+(autoscaling, a restart) loads the latest version before it serves.
 
-    # app side: services.app.policy_app(model, weights="grpo-run") passes the store name to the replicas
-    publisher = WeightPublisher("grpo-run", app="policy-grpo-run")
+    publisher = WeightPublisher.create("grpo-run", app="policy-grpo-run")   # before the app starts
+    serve.run(policy_app(model, weights="grpo-run"), name="policy-grpo-run", route_prefix=None)
     version = publisher.publish(model.state_dict())          # every replica now generates with it
+
+Rules that keep versions honest:
+- the store is the one version authority: it numbers versions; engines take the number they are given;
+- the store is scoped to a run: `create` replaces any store of that name (a rerun never starts on the last
+  run's weights) and starts at `initial_version` (the version of the weights the replicas load from disk);
+  it is owned by the process that created it (the job) and ends with it;
+- the published weights are owned by the store (it puts them in the object store itself): a trainer worker
+  that dies does not take the object with it (replicas would get `OwnerDiedError`);
+- `publish(wait=True)` returns once every running replica serves the new version (synchronous GRPO);
+  `wait=False` returns at once (asynchronous GRPO).
 
 Transport: the Ray object store (CPU clusters, tests). NCCL broadcast for GPU clusters is to come behind
 the same `publish`.
@@ -36,26 +44,38 @@ def store_name(weights: str) -> str:
 class WeightStore:
     """The latest published weights (version, object ref) and which replicas serve which version."""
 
-    def __init__(self):
-        self.version = 0
+    def __init__(self, initial_version: int = 0):
+        self.initial_version = initial_version
+        self.version = initial_version
         self.weights: list[Any] = []  # [ObjectRef]: boxed, so Ray passes the ref along instead of resolving it
         self.acks: dict[str, int] = {}
         self._changed = asyncio.Condition()
 
-    async def publish(self, boxed_ref: list) -> int:
+    async def publish(self, state_dict: dict) -> int:
+        """Own a copy of the weights in the object store (put by this actor, so it outlives the trainer
+        process that sent them) and make it the next version."""
+        ref = ray.put(state_dict)
         async with self._changed:
             self.version += 1
-            self.weights = boxed_ref
+            self.weights = [ref]
             self._changed.notify_all()
         return self.version
 
+    def current(self) -> int:
+        return self.version
+
+    def initial(self) -> int:
+        return self.initial_version
+
     async def newer_than(self, version: int, timeout_s: float) -> tuple[int, list] | None:
-        """(version, [ref]) as soon as a version newer than `version` exists; None after `timeout_s`."""
+        """(version, [ref]) as soon as a published version newer than `version` exists; None after `timeout_s`
+        (also when the newest version is the initial one, which replicas load from disk)."""
         async with self._changed:
-            if self.version > version:
+            if self.version > version and self.weights:
                 return self.version, self.weights
             try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self.version > version), timeout_s)
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.version > version and self.weights),
+                                       timeout_s)
             except TimeoutError:
                 return None
             return self.version, self.weights
@@ -71,10 +91,13 @@ class WeightStore:
         return sum(v >= version for v in self.acks.values())
 
 
-def weight_store(weights: str):
-    """The named store (created on first use; detached, so it outlives the process that created it)."""
-    return WeightStore.options(name=store_name(weights), namespace=NAMESPACE, lifetime="detached",
-                               get_if_exists=True).remote()
+def find_store(weights: str):
+    """The run's store; a clear error when the job did not create one."""
+    try:
+        return ray.get_actor(store_name(weights), namespace=NAMESPACE)
+    except ValueError:
+        raise RuntimeError(f"weight store {store_name(weights)!r} not found: create it with "
+                           f"WeightPublisher.create({weights!r}, ...) before starting the app") from None
 
 
 class ReplicaWeights:
@@ -83,10 +106,13 @@ class ReplicaWeights:
     POLL_S = 30.0  # long-poll period; a new version wakes the poll at once
 
     def __init__(self, weights: str, engine: Any, replica: str):
-        self.store, self.engine, self.replica = weight_store(weights), engine, replica
+        self.store, self.engine, self.replica = find_store(weights), engine, replica
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        # The weights the engine loaded from disk are the store's initial version (a fresh run's model, a
+        # resumed run's checkpoint); anything published since is loaded before the replica serves.
+        self.engine.version = await self.store.initial.remote()
         await self._load_newer(timeout_s=0.0)
         self._task = asyncio.create_task(self._follow())
 
@@ -116,8 +142,23 @@ class ReplicaWeights:
 class WeightPublisher:
     """The trainer's side: publish a state dict to every replica of the Serve app `app`."""
 
-    def __init__(self, weights: str, app: str):
-        self.store, self.app = weight_store(weights), app
+    def __init__(self, weights: str, app: str, store=None):
+        self.store, self.app = store or find_store(weights), app
+
+    @classmethod
+    def create(cls, weights: str, app: str, initial_version: int = 0) -> WeightPublisher:
+        """A fresh store for this run (any store of that name is replaced), owned by the calling process;
+        `initial_version` numbers the weights the replicas load from disk (a resumed run's checkpoint)."""
+        try:
+            ray.kill(ray.get_actor(store_name(weights), namespace=NAMESPACE))
+        except ValueError:
+            pass
+        store = WeightStore.options(name=store_name(weights), namespace=NAMESPACE).remote(initial_version)
+        ray.get(store.current.remote())  # registered before any replica looks it up
+        return cls(weights, app, store)  # this handle keeps the store alive: the caller keeps the publisher
+
+    def version(self) -> int:
+        return ray.get(self.store.current.remote())
 
     def running_replicas(self) -> int:
         from ray import serve
@@ -126,14 +167,21 @@ class WeightPublisher:
         return status.replica_states.get("RUNNING", 0)
 
     def publish(self, state_dict: Mapping[str, Any], wait: bool = True, timeout_s: float = 600.0) -> int:
-        """Put the weights (HF parameter names) in the object store and bump the version; with `wait`,
-        return once every running replica serves it. Returns the new version."""
-        ref = ray.put({name: tensor.detach().cpu() for name, tensor in state_dict.items()})
-        version = ray.get(self.store.publish.remote([ref]))
+        """Hand the weights (HF parameter names) to the store, which owns them, and bump the version;
+        with `wait`, return once every running replica serves it. Returns the new version."""
+        version = ray.get(self.store.publish.remote({name: t.detach().cpu() for name, t in state_dict.items()}))
+        if wait:
+            self.wait_serving(version, timeout_s)
+        return version
+
+    def wait_serving(self, version: int, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s
-        while wait and ray.get(self.store.serving.remote(version)) < self.running_replicas():
+        while ray.get(self.store.serving.remote(version)) < self.running_replicas():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"weights version {version}: not every replica of {self.app!r} loaded them "
                                    f"within {timeout_s:.0f} s")
-            time.sleep(0.1)
-        return version
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        """End the store (and the weights it owns)."""
+        ray.kill(self.store)

@@ -2,15 +2,19 @@
 
     python -m jobs.synth --config configs/synth.yaml --task grounding --n=8 --zoom.offset 40
 
-`--config FILE` is read first, then every `--key value` / `--key=value` (dotted keys reach nested models)
-in order. Values are parsed as YAML scalars (`--flag true`, `--n 8`, `--sizes [1,2]`). Unknown keys and
-bad values fail fast with the field path in the message; `--help` lists every field with its description.
+`--config FILE` (repeatable; later files merge deeply into earlier ones, section by section) is read
+first, then every `--key value` / `--key=value` (dotted keys reach nested models) in order. Values are
+parsed as YAML scalars (`--flag true`, `--n 8`, `--sizes [1,2]`), except for a field annotated `str`,
+which takes the text as written (`--run_name 2024`, `--run_name off`); a `str | None` field reads only
+`null` or `~` as None. Unknown keys and bad values fail fast with the field path in the message; `--help`
+lists every field with its description.
 """
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -39,7 +43,35 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _parse_scalar(text: str) -> Any:
+def _merge(tree: dict[str, Any], update: dict[str, Any]) -> None:
+    """Deep merge: a later file's `engine: {dtype: x}` keeps the earlier file's other engine keys."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value)
+        else:
+            tree[key] = value
+
+
+def _field_annotation(model: type[BaseModel], dotted: str) -> Any:
+    """Annotation of the field at `dotted` (through nested models), or None when the path leaves the models
+    (unknown keys, dict fields): validation reports those."""
+    annotation: Any = model
+    for key in dotted.split("."):
+        candidates = get_args(annotation) or (annotation,)  # a model, or the model inside `Model | None`
+        models = [a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not models or key not in models[0].model_fields:
+            return None
+        annotation = models[0].model_fields[key].annotation
+    return annotation
+
+
+def _parse_value(text: str, annotation: Any) -> Any:
+    # YAML reads `2024` as an int and `off`/`yes` as bools, which a str field then rejects: str fields
+    # take the text itself, and an optional str only takes YAML's explicit nulls as None.
+    if annotation is str:
+        return text
+    if get_origin(annotation) in (Union, types.UnionType) and set(get_args(annotation)) == {str, type(None)}:
+        return None if text in ("null", "~") else text
     try:
         return yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
@@ -85,9 +117,10 @@ def parse_config(model: type[M], argv: list[str], *, prog: str = "vigorl") -> M:
             loaded = yaml.safe_load(path.read_text()) or {}
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{path}: expected a mapping of settings at the top level")
-            tree.update(loaded)
+            _merge(tree, loaded)
         else:
-            overrides.append((key.replace("-", "_"), _parse_scalar(value)))
+            key = key.replace("-", "_")
+            overrides.append((key, _parse_value(value, _field_annotation(model, key))))
     for key, value in overrides:
         _set_dotted(tree, key, value)
     try:

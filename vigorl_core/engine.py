@@ -4,11 +4,15 @@ Token-in/token-out: callers pass prompt token ids with ONE `<|image_pad|>` per i
 (already resized to the model frame); vLLM expands the placeholders itself. Results carry the engine's
 generated ids verbatim, their text and per-token log-probabilities (raw, before temperature, so a
 training forward reproduces them). Weight updates load a state dict into the running engine, clear the
-prefix and multimodal caches, and bump `version` (GRPO's weight sync calls this).
+prefix and multimodal caches, and set `version` to the one the weight store gave them (GRPO's weight
+sync calls this; the store is the one version authority, the engine never counts on its own).
 
     engine = await VLLMEngine.create(EngineConfig(model="runs/models/tiny"))
     [gen] = await engine.generate(prompt_ids, [image], Sampling(max_tokens=64))
-    await engine.update_weights(model.state_dict())     # version 0 -> 1
+    await engine.update_weights(model.state_dict(), version=1)
+
+Every generation is labelled with the version of the weights that produced all of its tokens: a weight
+update closes the gate to new requests, lets the admitted ones finish, swaps the weights and reopens.
 
 vllm is imported lazily so vigorl_core stays importable without it.
 """
@@ -63,7 +67,7 @@ class PolicyEngine(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
-    async def update_weights(self, state_dict: Mapping[str, Any], version: int | None = None) -> int: ...
+    async def update_weights(self, state_dict: Mapping[str, Any], version: int) -> int: ...
 
 
 @dataclass
@@ -93,6 +97,13 @@ class VLLMEngine:
         self._suppress = {token_id: -100.0 for token_id in suppressed_token_ids}
         self._ids = itertools.count()
         self._weights_lock = asyncio.Lock()
+        # Admission gate: requests pass it (and read `version`) only while no weight update runs; an update
+        # waits until the admitted requests are done, so a label can never name weights a request did not use.
+        self._open = asyncio.Event()
+        self._open.set()
+        self._admitted = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @classmethod
     async def create(cls, config: EngineConfig) -> VLLMEngine:
@@ -135,6 +146,19 @@ class VLLMEngine:
             prompt["multi_modal_data"] = {"image": list(images)}
         return self._llm.generate(prompt, params, f"{request_id}-{next(self._ids)}-{uuid.uuid4().hex[:8]}")
 
+    async def _admit(self) -> int:
+        """Wait while weights are being swapped, then count the request in; returns the version it runs on."""
+        while not self._open.is_set():
+            await self._open.wait()
+        self._admitted += 1
+        self._idle.clear()
+        return self.version
+
+    def _release(self) -> None:
+        self._admitted -= 1
+        if self._admitted == 0:
+            self._idle.set()
+
     async def _final_output(self, prompt_ids: Sequence[int], images: Sequence[Any], params: Any, request_id: str):
         final = None
         async for output in self._outputs(prompt_ids, images, params, request_id):
@@ -143,8 +167,11 @@ class VLLMEngine:
 
     async def generate(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
                        request_id: str | None = None) -> list[Generation]:
-        version = self.version
-        final = await self._final_output(prompt_ids, images, self._sampling_params(sampling), request_id or "gen")
+        version = await self._admit()
+        try:
+            final = await self._final_output(prompt_ids, images, self._sampling_params(sampling), request_id or "gen")
+        finally:
+            self._release()
         if final is None:
             return []
         generations = []
@@ -165,16 +192,19 @@ class VLLMEngine:
         and log-probs; the last delta carries the finish reason ("" before it)."""
         if sampling.n != 1:
             raise ValueError(f"stream generates one sample, got n={sampling.n}")
-        version = self.version
-        async for output in self._outputs(prompt_ids, images, self._sampling_params(sampling, stream=True),
-                                          request_id or "stream"):
-            completion = output.outputs[0]
-            logprobs = None
-            if sampling.logprobs and completion.logprobs is not None:
-                logprobs = [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs)]
-            yield Generation(token_ids=list(completion.token_ids), text=completion.text, logprobs=logprobs,
-                             finish_reason=completion.finish_reason or "", stop_reason=completion.stop_reason,
-                             policy_version=version)
+        version = await self._admit()
+        try:
+            async for output in self._outputs(prompt_ids, images, self._sampling_params(sampling, stream=True),
+                                              request_id or "stream"):
+                completion = output.outputs[0]
+                logprobs = None
+                if sampling.logprobs and completion.logprobs is not None:
+                    logprobs = [step[token].logprob for token, step in zip(completion.token_ids, completion.logprobs)]
+                yield Generation(token_ids=list(completion.token_ids), text=completion.text, logprobs=logprobs,
+                                 finish_reason=completion.finish_reason or "", stop_reason=completion.stop_reason,
+                                 policy_version=version)
+        finally:
+            self._release()
 
     async def score(self, prompt_ids: Sequence[int], images: Sequence[Any]) -> tuple[list[int], list[float | None]]:
         """Teacher-forced log-probs of a whole sequence: (the engine's expanded ids, the log-prob of each id
@@ -184,7 +214,11 @@ class VLLMEngine:
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False,
                                 output_kind=RequestOutputKind.FINAL_ONLY)
-        final = await self._final_output(prompt_ids, images, params, "score")
+        await self._admit()
+        try:
+            final = await self._final_output(prompt_ids, images, params, "score")
+        finally:
+            self._release()
         ids = list(final.prompt_token_ids)
         logprobs = [None if step is None else step[token].logprob for token, step in zip(ids, final.prompt_logprobs)]
         return ids, logprobs
@@ -192,22 +226,27 @@ class VLLMEngine:
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)
 
-    async def update_weights(self, state_dict: Mapping[str, Any], version: int | None = None) -> int:
-        """Load `state_dict` (HF parameter names) into the running engine; returns the new version (`version`
-        when given, as the weight store numbers them, else the current one + 1). In-flight requests finish
-        first (pause with mode "wait"), caches are cleared, then resume."""
+    async def update_weights(self, state_dict: Mapping[str, Any], version: int) -> int:
+        """Load `state_dict` (HF parameter names) into the running engine as `version` (the weight store's
+        number) and return it. New requests wait at the gate, admitted ones finish, the engine pauses, loads,
+        clears its prefix and multimodal caches, and resumes."""
         from safetensors.torch import save
 
         blob = save({name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()})
         async with self._weights_lock:
-            await self._llm.pause_generation(mode="wait", clear_cache=True)
+            self._open.clear()
             try:
-                await self._llm.collective_rpc("load_safetensors_bytes", args=(blob,))
-                await self._llm.reset_prefix_cache()
-                await self._llm.reset_mm_cache()
-                self.version = self.version + 1 if version is None else version
+                await self._idle.wait()
+                await self._llm.pause_generation(mode="wait", clear_cache=True)
+                try:
+                    await self._llm.collective_rpc("load_safetensors_bytes", args=(blob,))
+                    await self._llm.reset_prefix_cache()
+                    await self._llm.reset_mm_cache()
+                    self.version = version
+                finally:
+                    await self._llm.resume_generation()
             finally:
-                await self._llm.resume_generation()
+                self._open.set()
         return self.version
 
     def shutdown(self) -> None:

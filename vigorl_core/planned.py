@@ -40,6 +40,10 @@ FORCED_ANSWER = r" [a-z]{1,12} </answer>"
 class PlannedTurnsEngine:
     """PolicyEngine over `engine` that makes prompt p zoom `plan(p)` times before answering."""
 
+    # Its log-probs are those of the grammar-masked distribution, not the policy's: the rollout driver
+    # marks its records (RolloutRecord.constrained_logprobs) so nobody trains on them as sampled.
+    constrained = True
+
     def __init__(self, engine: PolicyEngine, tokenizer: Any, max_zooms: int = 4, max_think_chars: int = 48,
                  min_zooms: int = 0):
         if not 0 <= min_zooms <= max_zooms:
@@ -80,6 +84,6 @@ class PlannedTurnsEngine:
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
 
-    async def update_weights(self, state_dict: Mapping[str, Any], version: int | None = None) -> int:
+    async def update_weights(self, state_dict: Mapping[str, Any], version: int) -> int:
         return await self.engine.update_weights(state_dict, version)
 

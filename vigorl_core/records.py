@@ -106,9 +106,13 @@ class RolloutRecord(Record):
     image_tokens: list[int] = Field(description="expanded <|image_pad|> count of each image")
     text: str = Field(description="the response as one string (turns and observations, tags present)")
     trace: Trace
-    finish: str = Field(description="answer | no_tool_call | max_turns | response_budget | length")
+    finish: str = Field(description="answer | no_tool_call | max_turns | max_images (a tool call with the image "
+                        "budget full) | response_budget | length")
     num_turns: int
     reward: float | None = None
     reward_details: dict[str, Any] = Field(default_factory=dict)
     policy_versions: list[int] = Field(description="policy version that generated each turn")
     timings: dict[str, float] = Field(default_factory=dict)
+    constrained_logprobs: bool = Field(False, description="the log-probs came from a grammar-constrained engine "
+                                       "(PlannedTurnsEngine): they are the constrained distribution's, not the "
+                                       "policy's; train with recomputed log-probs only")

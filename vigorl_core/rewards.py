@@ -3,14 +3,17 @@
 Reference: VIGORL_REFERENCE.md section 3 (RL rewards), section 4 (judges), section 13 (bugs); the
 differences from the original are tabulated in docs/rewards.md.
 
-- `REWARDS[(task, mode)](text, truth) -> Reward`: `text` is the decoded response; for mode `multiturn`
-  it is the WHOLE conversation (assistant turns and `<observation>...</observation>` user turns joined,
-  tags present), because the grammar automaton checks the order of turns.
+- `REWARDS[(task, mode)](text, truth, zoom_points=None) -> Reward`: `text` is the decoded response; for
+  mode `multiturn` it is the WHOLE conversation (assistant turns and `<observation>...</observation>` user
+  turns joined, tags present), because the grammar automaton checks the order of turns. `zoom_points` are
+  the crop centres the rollout actually executed (clamped into the image, model frame); multi-turn
+  rewards count diversity on them (the text's raw tool-call points when None), the others ignore them.
 - `JUDGES[name](answer, truth) -> float`: `answer` is the already extracted prediction (Trace.answer).
   Evaluation reports `score` (strict judge) and `score_original` (the original lenient judge), see
   `judge_for`.
 - `Truth.box` / `Truth.point` are in the MODEL frame: the caller rescales them with frames.FrameMap
   (the original RL code never did, reference section 13.11). Rewards never parse a ground-truth box.
+  Grounding rewards judge point-in-box when the truth has a box, else point-match (< 50 px) on its point.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import re
 import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from vigorl_core.protocol import find_answer, parse_int_pair
 
@@ -55,6 +59,13 @@ class Truth:
     answer: str
     box: tuple[float, float, float, float] | None = None
     point: tuple[float, float] | None = None
+
+
+class RewardFn(Protocol):
+    """Every registered reward takes `zoom_points` so callers pass it uniformly; single-turn ones ignore it."""
+
+    def __call__(self, text: str, truth: Truth, *,
+                 zoom_points: Sequence[tuple[int, int]] | None = None) -> Reward: ...
 
 
 # ---- shared pieces ----
@@ -123,6 +134,17 @@ def point_match_judge(answer: str | None, truth: Truth) -> float:
     return 1.0 if p is not None and math.dist(p, truth.point) < POINT_MATCH_THRESHOLD else 0.0
 
 
+def grounding_accuracy(answer: str | None, truth: Truth) -> float:
+    """Point-in-box when the truth has a box, else point-match on its point (point-only grounding data,
+    scored as evaluation scores it); a truth with neither cannot be judged."""
+    if truth.box is not None:
+        return point_in_bbox_judge(answer, truth)
+    if truth.point is not None:
+        return point_match_judge(answer, truth)
+    raise ValueError("grounding rewards need Truth.box (from Sample.bbox) or Truth.point (from Sample.point), "
+                     "model frame; the sample has neither")
+
+
 def web_action_accuracy(answer: str | None, gt: str) -> float:
     """The original RL action rule, checked in this order: go_back, stop, scroll direction, click id
     (0.5 type + 0.5 id), type (0.5 type + 0.5 first bracket, i.e. the element id; typed text ignored)."""
@@ -171,31 +193,32 @@ def _combine(acc: float, fmt: float, w_acc: float, **details) -> Reward:
     return Reward(overall=w_acc * acc + (1 - w_acc) * fmt, format=fmt, accuracy=acc, details=details)
 
 
-def string_match(text: str, truth: Truth) -> Reward:
+def string_match(text: str, truth: Truth, *, zoom_points: Sequence[tuple[int, int]] | None = None) -> Reward:
     """Vanilla spatial / V*: format = F_tags and a non-empty answer; accuracy = strict string match."""
     fmt = float(tags_ok(text) and bool(find_answer(text, dotall=True)))
     answer = find_answer(text, dotall=False)
     return _combine(string_match_judge(answer, truth), fmt, 0.5, answer=answer)
 
 
-def point_in_bbox(text: str, truth: Truth) -> Reward:
-    """Vanilla grounding: format = F_tags and the answer is `(x, y)` with 2 ints; accuracy = inside box."""
+def point_in_bbox(text: str, truth: Truth, *, zoom_points: Sequence[tuple[int, int]] | None = None) -> Reward:
+    """Vanilla grounding: format = F_tags and the answer is `(x, y)` with 2 ints; accuracy = inside box
+    (or within 50 px of a point-only truth)."""
     answer = find_answer(text, dotall=False)
     point_ok = answer is not None and answer.startswith("(") and answer.endswith(")") \
         and parse_int_pair(answer) is not None
     fmt = float(tags_ok(text) and point_ok)
-    return _combine(point_in_bbox_judge(answer, truth), fmt, 0.5, answer=answer)
+    return _combine(grounding_accuracy(answer, truth), fmt, 0.5, answer=answer)
 
 
-def web_action(text: str, truth: Truth) -> Reward:
+def web_action(text: str, truth: Truth, *, zoom_points: Sequence[tuple[int, int]] | None = None) -> Reward:
     answer = find_answer(text, dotall=False)
     return _combine(web_action_accuracy(answer, truth.answer), float(tags_ok(text)), 0.5, answer=answer)
 
 
-def _with_grounding(base: Callable[[str, Truth], Reward]) -> Callable[[str, Truth], Reward]:
+def _with_grounding(base: RewardFn) -> RewardFn:
     """The ViGoRL single-turn variant of a reward: its format multiplied by C_grounded (>= 1 point)."""
 
-    def reward(text: str, truth: Truth) -> Reward:
+    def reward(text: str, truth: Truth, *, zoom_points: Sequence[tuple[int, int]] | None = None) -> Reward:
         r = base(text, truth)
         g = grounded(text)
         return _combine(r.accuracy, r.format * g, 0.5, answer=r.details["answer"], grounded=g)
@@ -264,13 +287,16 @@ def distinct_points(points: Sequence[tuple[float, float]], min_distance: float =
     return len(counted)
 
 
-def multiturn_format(text: str, answer_ok: Callable[[str], bool]) -> tuple[float, int]:
+def multiturn_format(text: str, answer_ok: Callable[[str], bool],
+                     zoom_points: Sequence[tuple[int, int]] | None = None) -> tuple[float, int]:
     """(format, U): 0 unless the grammar, every tool call and the answer are valid; else 1 + 0.2*(U-1)
-    for U > 1 distinct zoom points (no explicit cap: the image budget bounds it)."""
+    for U > 1 distinct zoom points (no explicit cap: the image budget bounds it). U counts `zoom_points`,
+    the crops that ran, when given: the driver clamps a point outside the image, so raw points far past
+    the border would each earn the bonus for the same corner crop. Without them, the text's points."""
     points = tool_call_points(text)
     if not tag_grammar_ok(text) or points is None or not answer_ok(text):
         return 0.0, 0
-    u = distinct_points(points)
+    u = distinct_points(points if zoom_points is None else zoom_points)
     return 1.0 + DIVERSITY_BONUS * max(0, u - 1), u
 
 
@@ -284,23 +310,25 @@ def _mt_answer(text: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
-def point_in_bbox_multicrop(text: str, truth: Truth) -> Reward:
-    """Multi-turn grounding: grammar + diversity format, accuracy = first answer inside the box."""
-    fmt, u = multiturn_format(text, _point_answer_ok)
+def point_in_bbox_multicrop(text: str, truth: Truth, *,
+                            zoom_points: Sequence[tuple[int, int]] | None = None) -> Reward:
+    """Multi-turn grounding: grammar + diversity format, accuracy = first answer inside the box (or within
+    50 px of a point-only truth)."""
+    fmt, u = multiturn_format(text, _point_answer_ok, zoom_points)
     answer = find_answer(text, dotall=False)
-    return _combine(point_in_bbox_judge(answer, truth), fmt, 0.6, answer=answer, unique_points=u)
+    return _combine(grounding_accuracy(answer, truth), fmt, 0.6, answer=answer, unique_points=u)
 
 
-def string_match_multiturn(text: str, truth: Truth) -> Reward:
+def string_match_multiturn(text: str, truth: Truth, *,
+                           zoom_points: Sequence[tuple[int, int]] | None = None) -> Reward:
     """Multi-turn V* / spatial: grammar + diversity format with a non-empty answer; strict string match."""
-    fmt, u = multiturn_format(text, lambda s: bool(_mt_answer(s)))
+    fmt, u = multiturn_format(text, lambda s: bool(_mt_answer(s)), zoom_points)
     answer = _mt_answer(text)
     return _combine(string_match_judge(answer, truth), fmt, 0.6, answer=answer, unique_points=u)
 
 
 # ---- registries ----
 
-RewardFn = Callable[[str, Truth], Reward]
 REWARDS: dict[tuple[str, str], RewardFn] = {
     ("spatial", "grounded"): string_match_grounded,
     ("spatial", "vanilla"): string_match,

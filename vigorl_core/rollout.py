@@ -13,9 +13,13 @@ Multi-turn rules (VIGORL_REFERENCE.md 2.1, with the differences documented in RE
 - a point outside the image is clamped into it for the crop and reported in `trace.errors`;
 - `max_images` counts the original plus crops; when a crop fills it, or when the next turn is the last
   of `max_turns`, the forced-final prefix (`<think> Based on all ... </think>\\n<answer>`) is appended
-  after the observation and the model must answer;
-- `max_response_tokens` counts every token after the prompt, image tokens included; a turn that would
-  not fit ends the conversation (`finish = "response_budget"`).
+  after the observation and the model must answer; a tool call with the image budget already full ends
+  the conversation (`finish = "max_images"`);
+- `max_response_tokens` counts every token after the prompt, image tokens included, and the response
+  never exceeds it; a turn that would not fit ends the conversation (`finish = "response_budget"`);
+- the diversity bonus of multi-turn rewards counts the crops that ran (clamped points), not raw points;
+- records from a grammar-constrained engine (`engine.constrained`, e.g. PlannedTurnsEngine) carry
+  `constrained_logprobs=True`: their log-probs are the constrained distribution's, not the policy's.
 
     driver = RolloutDriver(engine, ChatTokens.from_pretrained(model_dir), RolloutConfig(mode="multiturn"))
     async for group in driver.run(samples):      # list[Rollout] per sample, as groups finish
@@ -153,7 +157,9 @@ class Conversation:
             self.images.append(segment.image)
 
     def _end(self, finish: str, needs_eos: bool) -> None:
-        if needs_eos:
+        # The closing <|im_end|> is masked (no loss), so leaving it out costs training nothing; it is left
+        # out when the turn already filled the budget, so a response never exceeds max_response_tokens.
+        if needs_eos and self.response_len < self.config.max_response_tokens:
             self._append(_Segment("eos", [self.chat.im_end_id], ""))
         self.finish = finish
 
@@ -184,7 +190,7 @@ class Conversation:
             crop_image, visible = None, f"<observation>\n{note}{OBSERVATION_TAIL}"
         else:
             if not self.env.can_zoom:
-                return self._end("max_turns", needs_eos=needs_eos)
+                return self._end("max_images", needs_eos=needs_eos)
             crop = self.env.crop(*call.coordinate)
             if crop.clamped:
                 self.errors.append(f"turn {self.turn - 1}: point {list(call.coordinate)} outside the "
@@ -204,7 +210,8 @@ class Conversation:
         if force:
             self._append(_Segment("forced", list(forced_ids), FORCED_FINAL_PREFIX))
 
-    def to_rollout(self) -> Rollout:
+    def to_rollout(self, constrained_logprobs: bool = False) -> Rollout:
+        """The finished record; `constrained_logprobs` marks log-probs from a grammar-constrained engine."""
         p = self.prepared
         engine_ids: list[int] = []
         train_ids: list[int] = []
@@ -233,9 +240,11 @@ class Conversation:
             prompt_len=self.prompt_len, images=hashes, image_tokens=[self.chat.image_tokens(im) for im in images_seen],
             text=text, trace=trace, finish=self.finish or "length", num_turns=self.turn, policy_versions=self.versions,
             timings={"seconds": time.perf_counter() - self.started, "engine_seconds": self.engine_seconds},
+            constrained_logprobs=constrained_logprobs,
         )
         if self.config.score:
-            reward = reward_for(p.sample.task, self.config.mode)(text, p.truth)
+            zoom_points = [c.point for c in self.env.crops]  # what ran, clamped; the text holds raw requests
+            reward = reward_for(p.sample.task, self.config.mode)(text, p.truth, zoom_points=zoom_points)
             record.reward = reward.overall
             record.reward_details = {"format": reward.format, "accuracy": reward.accuracy, **reward.details}
         return Rollout(record, images_seen, list(self.env.crops))
@@ -262,6 +271,7 @@ class RolloutDriver:
         self.chat = chat
         self.config = config
         self.profile = config.profile or ("tiny" if chat.profile.max_pixels <= 200_704 else "qwen2.5-vl")
+        self.constrained = bool(getattr(engine, "constrained", False))
 
     def prepare(self, sample: Sample, images: Sequence[Image.Image] | None = None,
                 frame: FrameMap | None = None) -> PreparedSample:
@@ -305,7 +315,7 @@ class RolloutDriver:
                 conv.advance(gen, seconds)
 
         await asyncio.gather(*(finish(c) for c in convs))
-        return [c.to_rollout() for c in convs]
+        return [c.to_rollout(self.constrained) for c in convs]
 
     async def run(self, samples: Iterable[Sample | PreparedSample], concurrency: int = 64
                   ) -> AsyncIterator[list[Rollout]]:
@@ -330,4 +340,4 @@ class RolloutDriver:
             for conv, ([gen], seconds) in zip(live, results):
                 conv.advance(gen, seconds)
             live = [c for c in live if not c.done]
-        return [[c.to_rollout() for c in g] for g in groups]
+        return [[c.to_rollout(self.constrained) for c in g] for g in groups]

@@ -79,6 +79,7 @@ def test_multiturn_parity_with_hf_processor_and_forward(vllm_engine, chat, proce
     tokenizer = processor.tokenizer
     for rollout in rollouts:
         rec = rollout.record
+        assert rec.constrained_logprobs, "a grammar-constrained engine's log-probs are marked"
         assert len(rec.train_ids) == len(rec.loss_mask) == len(rec.logprobs)
         # Per-image pad counts equal the processor's.
         grids = processor.image_processor(images=rollout.images, return_tensors="pt")["image_grid_thw"]
@@ -133,6 +134,7 @@ def test_single_turn_sampling_logprobs_match_hf_forward(vllm_engine, chat, proce
     for rollout in rollouts[:2]:
         rec = rollout.record
         assert rec.finish in ("length", "answer", "no_tool_call") and rec.num_turns == 1
+        assert rec.constrained_logprobs is False
         hf = _hf_logprobs(model, processor, rec.train_ids, rollout.images, chat.image_pad_id)
         positions = [i for i, m in enumerate(rec.loss_mask) if m]
         assert positions and positions[0] == rec.prompt_len
@@ -221,7 +223,8 @@ def test_malformed_and_out_of_image_tool_calls_are_handled(vllm_engine, chat, vi
 
 def test_weight_update_changes_outputs_and_bumps_the_version(vllm_engine, tiny_model_dir, processor):
     """Load other weights into the running engine: greedy output changes, equals HF greedy with those
-    weights for a prompt already in the prefix cache, and the version bumps; then restore."""
+    weights for a prompt already in the prefix cache, and every generation is labelled with the version of
+    the weights it ran on, also when it arrived during the update; then restore."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText
 
@@ -237,16 +240,31 @@ def test_weight_update_changes_outputs_and_bumps_the_version(vllm_engine, tiny_m
     version = engine.version
     torch.manual_seed(7)
     perturbed = {k: v + 0.05 * torch.randn_like(v) for k, v in original.items()}
-    assert vllm_engine.run(engine.update_weights(perturbed)) == version + 1
+
+    async def update_during_generation():
+        """A request admitted before the update runs on the old weights; one that arrives while the update
+        waits for it is held at the gate, runs on the new weights and says so."""
+        import asyncio
+
+        long_one = asyncio.ensure_future(engine.generate(ids, [image], Sampling(max_tokens=200, temperature=0)))
+        await asyncio.sleep(0.05)
+        update = asyncio.ensure_future(engine.update_weights(perturbed, version=version + 1))
+        await asyncio.sleep(0)
+        during = asyncio.ensure_future(engine.generate(ids, [image], greedy))
+        return await long_one, await update, await during
+
+    [old_run], new_version, [during] = vllm_engine.run(update_during_generation())
+    assert new_version == version + 1 and old_run.policy_version == version
     try:
         [after] = vllm_engine.run(engine.generate(ids, [image], greedy))
         assert after.policy_version == version + 1 and before.policy_version == version
+        assert during.policy_version == version + 1 and during.token_ids == after.token_ids
         assert after.token_ids != before.token_ids
         model.load_state_dict(perturbed)
         inputs = processor(text=[text], images=[image], return_tensors="pt")
         hf = model.generate(**inputs, max_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1]:]
         assert hf.tolist() == after.token_ids
     finally:
-        vllm_engine.run(engine.update_weights(original))
+        vllm_engine.run(engine.update_weights(original, version=version + 2))
     [restored] = vllm_engine.run(engine.generate(ids, [image], greedy))
     assert restored.token_ids == before.token_ids and engine.version == version + 2

@@ -6,6 +6,8 @@ from vigorl_core.config import ConfigError, StageConfig, parse_config
 
 class Inner(StageConfig):
     offset: int = Field(10, description="half window")
+    label: str = Field("a", description="a nested string")
+    flag: bool = Field(False, description="a nested bool")
 
 
 class Cfg(StageConfig):
@@ -13,6 +15,7 @@ class Cfg(StageConfig):
 
     name: str = Field("x", description="run name")
     n: int = Field(1, ge=1)
+    note: str | None = Field(None, description="optional text")
     inner: Inner = Inner()
 
 
@@ -42,3 +45,35 @@ def test_help_lists_fields(capsys):
         parse_config(Cfg, ["--help"])
     out = capsys.readouterr().out
     assert "--inner.offset" in out and "half window" in out and "A test config." in out
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--name", "2024"], {"name": "2024"}),
+    (["--name=off"], {"name": "off"}),
+    (["--name", "1.5"], {"name": "1.5"}),
+    (["--name", "null"], {"name": "null"}),  # a str field has no null: the text itself
+    (["--inner.label", "yes"], {"inner.label": "yes"}),
+    (["--note", "2024"], {"note": "2024"}),
+    (["--note", "none"], {"note": "none"}),
+    (["--note", "null"], {"note": None}),
+    (["--note", "~"], {"note": None}),
+    (["--n", "4", "--inner.flag", "off", "--inner.offset", "8"], {"n": 4, "inner.flag": False, "inner.offset": 8}),
+])
+def test_string_fields_take_the_text_verbatim(argv, expected):
+    """YAML would read `2024` as an int and `off` as a bool; a str field must get the text as written,
+    other fields still parse as YAML scalars."""
+    cfg = parse_config(Cfg, argv)
+    for dotted, value in expected.items():
+        got = cfg
+        for key in dotted.split("."):
+            got = getattr(got, key)
+        assert got == value, dotted
+
+
+def test_config_files_and_overrides_merge_deeply(tmp_path):
+    base, extra = tmp_path / "base.yaml", tmp_path / "extra.yaml"
+    base.write_text("name: base\nn: 2\ninner:\n  offset: 5\n  label: keep\n")
+    extra.write_text("n: 3\ninner:\n  flag: true\n")
+    cfg = parse_config(Cfg, ["--config", str(base), "--config", str(extra), "--inner.offset", "6"])
+    assert (cfg.name, cfg.n) == ("base", 3)
+    assert (cfg.inner.offset, cfg.inner.label, cfg.inner.flag) == (6, "keep", True)

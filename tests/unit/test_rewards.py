@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vigorl_core import rewards as R
-from vigorl_core.protocol import FORCED_FINAL_PREFIX, render_single_turn, render_turn
 from vigorl_core.prompts import observation_text
+from vigorl_core.protocol import FORCED_FINAL_PREFIX, render_single_turn, render_turn
 
 BOX = (100.0, 200.0, 300.0, 400.0)
 
@@ -145,6 +145,50 @@ def test_multiturn_diversity_bonus(points, fmt):
     assert r.format == pytest.approx(fmt)
     assert r.accuracy == 1.0
     assert r.overall == pytest.approx(0.6 * 1.0 + 0.4 * fmt)
+
+
+def test_diversity_counts_executed_zoom_points():
+    """Raw tool-call points beyond a small image are clamped to one corner by the driver: one crop, no bonus.
+    Without `zoom_points` (plain text, e.g. /v1/score) the text's points are counted."""
+    text = conversation([(500, 500), (900, 900), (1300, 1300)], "(150, 250)")
+    truth = R.Truth("", box=BOX)
+    r = R.point_in_bbox_multicrop(text, truth, zoom_points=[(223, 223)] * 3)
+    assert (r.format, r.details["unique_points"]) == (1.0, 1)
+    r = R.string_match_multiturn(conversation([(500, 500), (900, 900)], "red"), R.Truth("red"),
+                                 zoom_points=[(223, 223), (223, 223)])
+    assert (r.format, r.details["unique_points"]) == (1.0, 1)
+    assert R.point_in_bbox_multicrop(text, truth).details["unique_points"] == 3
+    # The grammar and JSON checks still read the text: a broken tool call zeroes the format whatever ran.
+    broken = text.replace('"coordinate": [900, 900]', '"coordinate": [900]')
+    assert R.point_in_bbox_multicrop(broken, truth, zoom_points=[(10, 10), (100, 100)]).format == 0.0
+
+
+@pytest.mark.parametrize("key", sorted(R.REWARDS), ids="/".join)
+def test_every_reward_accepts_zoom_points(key):
+    """Callers pass the executed zoom points to whatever reward the task and mode select."""
+    truth, text = R.Truth("right", box=BOX), single("right")
+    r = R.REWARDS[key](text, truth, zoom_points=[(1, 2)])
+    if key[1] != "multiturn":  # single-turn rewards ignore them
+        assert r == R.REWARDS[key](text, truth)
+
+
+POINT_TRUTH = R.Truth("", point=(150.0, 250.0))
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "grounded", "multiturn"])
+@pytest.mark.parametrize("answer, acc", [("(150, 250)", 1.0), ("(180, 270)", 1.0), ("(200, 250)", 0.0),
+                                         ("(300, 300)", 0.0), ("left", 0.0)])
+def test_grounding_rewards_score_a_point_only_truth_with_point_match(mode, answer, acc):
+    """A truth with a point and no box (point-only grounding data) is judged as evaluation does: within
+    POINT_MATCH_THRESHOLD px (the original --judge point_match)."""
+    text = conversation([(150, 250)], answer) if mode == "multiturn" else single(answer)
+    assert R.reward_for("grounding", mode)(text, POINT_TRUTH).accuracy == acc
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "grounded", "multiturn"])
+def test_grounding_rewards_without_box_or_point_name_the_missing_fields(mode):
+    with pytest.raises(ValueError, match=r"Truth.box.*Sample.bbox.*Truth.point.*Sample.point"):
+        R.reward_for("grounding", mode)(single("(1, 2)"), R.Truth("(0, 0, 5, 5)"))
 
 
 TC = '<tool_call>\n{"name": "search_coordinate", "arguments": {"coordinate": [1, 2]}}\n</tool_call>'

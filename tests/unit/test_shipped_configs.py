@@ -9,12 +9,13 @@ import pytest
 
 from jobs.chains import ChainsConfig
 from jobs.evaluate import EvalConfig
+from jobs.grpo import GRPOConfig
 from jobs.mcts import MCTSJobConfig
 from jobs.sft import SFTConfig
 from vigorl_core.config import parse_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-STAGES = {"chains": ChainsConfig, "eval": EvalConfig, "mcts": MCTSJobConfig, "sft": SFTConfig}
+STAGES = {"chains": ChainsConfig, "eval": EvalConfig, "grpo": GRPOConfig, "mcts": MCTSJobConfig, "sft": SFTConfig}
 
 
 @pytest.mark.parametrize("path", sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "serve.yaml"))

@@ -1,0 +1,184 @@
+"""What the SFT and GRPO Ray Train workers share: the DeepSpeed engine, checkpoints, the run log, the
+fault-injection switch of the fault tests, and the Ray Train launch.
+
+Imported by jobs/sft.py and jobs/grpo.py (and their workers); not a stage of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+
+def deepspeed_engine(cfg: Any, model_dir: str, accumulation: int, world: int):
+    """The model (vision tower frozen as configured) in a DeepSpeed engine with a torch AdamW; `cfg` is a
+    stage config with the trainer fields (SFTConfig, GRPOConfig): precision, zero_stage, micro_batch_size,
+    max_grad_norm, offload_optimizer, use_gpu, attn_implementation, freeze_*, gradient_checkpointing, lr,
+    adam_betas, weight_decay. Returns (engine, optimizer)."""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vigorl_core.sft_train import deepspeed_config, prepare_for_training
+
+    bf16 = uses_bf16(cfg)
+    ds_config = deepspeed_config(cfg.zero_stage, cfg.micro_batch_size, accumulation, world, bf16,
+                                 cfg.max_grad_norm, cfg.offload_optimizer, gpu=cfg.use_gpu)
+    # Every rank loads the whole model into host memory; ZeRO-3 partitions it in deepspeed.initialize
+    # (transformers' load-time partitioning, HfDeepSpeedConfig, would add the accelerate package).
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation=attention(cfg))
+    trainable = prepare_for_training(model, freeze_vision_tower=cfg.freeze_vision_tower,
+                                     freeze_projector=cfg.freeze_projector,
+                                     gradient_checkpointing=cfg.gradient_checkpointing)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, optimizer
+
+
+def uses_bf16(cfg: Any) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and cfg.use_gpu)
+
+
+def attention(cfg: Any) -> str:
+    """auto: flash_attention_2 on GPU when flash-attn is installed, else sdpa."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    try:
+        import flash_attn  # noqa: F401
+
+        return "flash_attention_2" if cfg.use_gpu else "sdpa"
+    except ImportError:
+        return "sdpa"
+
+
+def set_lr(optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:  # the groups ZeRO steps: it wraps this optimizer
+        group["lr"] = lr
+    return lr
+
+
+def grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def save_checkpoint(engine, zero_stage: int, processor, model_dir: str, run_dir: Path, done: int, record: dict,
+                    rank: int, client_state: dict) -> None:
+    """Write checkpoints/step-<done>/ in place (run_dir is shared storage): every rank its DeepSpeed shard
+    (with `client_state`), rank 0 the Hugging Face folder; then register it with Ray Train without a copy
+    (NO_UPLOAD). Ray Train registers it once every rank has reported, and deletes checkpoints beyond
+    keep_checkpoints. `latest` points at it."""
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    from vigorl_core.sft_train import point_latest, save_hf_checkpoint
+
+    folder = run_dir / "checkpoints" / f"step-{done}"
+    (folder / "deepspeed").mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(folder / "deepspeed"), tag="state", client_state=client_state,
+                           exclude_frozen_parameters=True)
+    state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None  # a collective
+    if rank == 0:
+        save_hf_checkpoint(folder, engine.module, processor, state_dict=state, source_dir=model_dir)
+        (folder / "trainer_state.json").write_text(json.dumps(client_state) + "\n")
+    ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+    if rank == 0:
+        point_latest(run_dir, folder)
+
+
+def load_checkpoint(engine) -> dict | None:
+    """The client state of the checkpoint Ray Train restores (a restarted worker group, a rerun), after
+    loading its DeepSpeed state into `engine`; None for a fresh run."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        _, client = engine.load_checkpoint(f"{folder}/deepspeed", tag="state", load_module_strict=False)
+    return client
+
+
+def first_fault(run_dir: Path) -> bool:
+    """True once per run folder: the fault tests kill one worker, once."""
+    marker = run_dir / "fault_injected"
+    if marker.exists():
+        return False
+    marker.write_text(f"{time.time()}\n")
+    return True
+
+
+class RunLog:
+    """Rank 0's record of the run: a JSONL file (one line per step, `start` events), TensorBoard scalars,
+    and a progress line with ETA. A restart first moves what was logged after its checkpoint to
+    <name>.superseded.jsonl: those steps run again, and each step stays in the log once."""
+
+    def __init__(self, path: Path, start: int, total: int, world: int, logger: logging.Logger,
+                 scalars: Iterable[str], line: Callable[[dict], str]):
+        from tensorboardX import SummaryWriter
+
+        from vigorl_core.sft_train import truncate_log
+
+        self.path, self.start, self.total, self.began = path, start, total, time.perf_counter()
+        self.logger, self.scalars, self.line = logger, tuple(scalars), line
+        truncate_log(self.path, start)
+        self.tensorboard = SummaryWriter(str(path.parent / "tensorboard"), purge_step=start + 1)
+        self._write({"event": "start", "step": start, "total_steps": total, "world_size": world})
+        if start:
+            logger.info(f"resuming at step {start} of {total}")
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+
+    def step(self, record: dict, show: bool) -> None:
+        self._write(record)
+        for key in self.scalars:
+            if isinstance(record.get(key), (int, float)):
+                tag = key if "/" in key else f"val/{key}" if key.startswith("val_") else f"train/{key}"
+                self.tensorboard.add_scalar(tag, record[key], record["step"])
+        if show:
+            step = record["step"]
+            eta = (time.perf_counter() - self.began) / (step - self.start) * (self.total - step)
+            self.logger.info(f"step {step}/{self.total} {self.line(record)} "
+                             f"eta {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+
+    def close(self) -> None:
+        self.tensorboard.close()
+
+
+def fit(worker: Callable, loop_config: dict, cfg: Any, run_dir: Path, extra_env: dict | None = None):
+    """Run `worker` on `cfg.num_workers` Ray Train workers (a GPU each with `cfg.use_gpu`), checkpoints
+    under run_dir/checkpoints, restarts from the last checkpoint up to `cfg.max_failures` times. Ray must
+    be initialised by the caller."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not os.environ.get("RAY_ADDRESS"):  # a local Ray: its controller polls workers every 0.2 s, not 2 s
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM",
+                                      "HF_HUB_OFFLINE") if k in os.environ}
+    env["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
+    env.update(extra_env or {})
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    trainer = TorchTrainer(
+        worker, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name="checkpoints", storage_path=str(run_dir),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             worker_runtime_env={"env_vars": env}),
+    )
+    return trainer.fit()
+
+
+def cpus_needed(cfg: Any, extra: float = 2) -> int:
+    return max(8, math.ceil(cfg.num_workers * cfg.cpus_per_worker + extra))
