@@ -178,7 +178,7 @@ def train_worker(config: dict) -> None:
     from vigorl_core.grpo import group_advantages
     from vigorl_core.grpo_batch import minibatch_plan, step_samples
     from vigorl_core.prompts import system_prompt
-    from vigorl_core.sft_train import set_system_template
+    from vigorl_core.sft_train import DEFAULT_SYSTEM, set_system_template
 
     cfg = GRPOConfig.model_validate(config["cfg"])
     ctx = ray.train.get_context()
@@ -192,7 +192,9 @@ def train_worker(config: dict) -> None:
     start, version = (client["step"], client["version"]) if client else (0, config["initial_version"])
     reference = _reference(cfg, model_dir, engine.device) if cfg.kl_coef > 0 else None
     chat = ChatTokens.from_pretrained(model_dir)
-    processor = set_system_template(AutoProcessor.from_pretrained(model_dir), system_prompt(cfg.task, cfg.mode))
+    processor = AutoProcessor.from_pretrained(model_dir)
+    if DEFAULT_SYSTEM in (processor.chat_template or ""):  # an SFT checkpoint already carries the task's prompt
+        processor = set_system_template(processor, system_prompt(cfg.task, cfg.mode))
     buffer = ray.get_actor(replay_name(cfg.run_name), namespace=NAMESPACE)
     publisher = WeightPublisher(cfg.run_name, config["app"]) if rank == 0 else None
     if publisher and publisher.version() != version:
