@@ -243,10 +243,12 @@ class Conversation:
             constrained_logprobs=constrained_logprobs,
         )
         if self.config.score:
+            scoring = time.perf_counter()
             zoom_points = [c.point for c in self.env.crops]  # what ran, clamped; the text holds raw requests
             reward = reward_for(p.sample.task, self.config.mode)(text, p.truth, zoom_points=zoom_points)
             record.reward = reward.overall
             record.reward_details = {"format": reward.format, "accuracy": reward.accuracy, **reward.details}
+            record.timings["score_seconds"] = time.perf_counter() - scoring
         return Rollout(record, images_seen, list(self.env.crops))
 
 
