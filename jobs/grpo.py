@@ -41,7 +41,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, model_validator
 
-from jobs.common import REPO_ROOT, init_ray, local_model, run_main
+from jobs.common import REPO_ROOT, init_ray, run_main
 from services.app import EngineSettings
 from vigorl_core.config import ConfigError, StageConfig, parse_config
 from vigorl_core.grpo import AGGREGATIONS
@@ -411,19 +411,6 @@ def _reference_logprobs(cfg: GRPOConfig, reference, batch, device):
 
 # ------------------------------------------------------------------------------------------------ driver
 
-def _model_dir(cfg: GRPOConfig) -> Path:
-    if cfg.model != "tiny":
-        if not Path(cfg.model, "config.json").is_file():
-            raise ConfigError(f"model: {cfg.model} is not a Hugging Face model folder (no config.json)")
-        return Path(local_model(cfg.model))
-    from vigorl_core.tiny import build_tiny_model
-
-    path = (Path(cfg.runs_dir) / "models" / "tiny").resolve()
-    if not (path / "vigorl_model.json").is_file():
-        build_tiny_model(path)
-    return path
-
-
 def _samples(cfg: GRPOConfig) -> list:
     from vigorl_core.data import load_samples
     from vigorl_core.synthetic import write_dataset
@@ -441,14 +428,9 @@ def _samples(cfg: GRPOConfig) -> list:
 
 def _check_resume(cfg: GRPOConfig, run_dir: Path) -> tuple[int, int, Path | None]:
     """(step, policy version, checkpoint folder) a rerun continues from; (0, 0, None) for a new run."""
-    old_path = run_dir / "config.yaml"
-    if old_path.is_file():
-        old = yaml.safe_load(old_path.read_text()) or {}
-        changed = [k for k in RESUME_FIXED if k in old and old[k] != getattr(cfg, k)]
-        if changed:
-            diff = ", ".join(f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
-            raise ConfigError(f"run {run_dir} exists with different {diff}; continuing it needs the same data "
-                              "and batching (use a new --run_name)")
+    from jobs.training import check_same_settings
+
+    check_same_settings(cfg, run_dir, RESUME_FIXED)
     latest = run_dir / "latest"
     if not (latest / "trainer_state.json").is_file():
         return 0, 0, None
@@ -466,7 +448,7 @@ def _run(argv: list[str]) -> int:
     import ray
     from ray import serve
 
-    from jobs.training import cpus_needed, fit
+    from jobs.training import cpus_needed, fit, model_folder
     from services.app import start_policy_app
     from services.replay import NAMESPACE, ReplayBuffer, replay_name
     from services.rollouts import RolloutWorker
@@ -478,7 +460,7 @@ def _run(argv: list[str]) -> int:
     if start >= cfg.max_steps:
         print(f"run {run_dir} already has {start} of {cfg.max_steps} steps; nothing to do")
         return 0
-    model_dir = _model_dir(cfg)
+    model_dir = model_folder(cfg.model, cfg.runs_dir)
     samples = _samples(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -44,7 +44,7 @@ from typing import Literal
 import yaml
 from pydantic import Field
 
-from jobs.common import REPO_ROOT, init_ray, local_model, run_main
+from jobs.common import REPO_ROOT, init_ray, run_main
 from vigorl_core.config import ConfigError, StageConfig, parse_config
 
 
@@ -113,31 +113,6 @@ logger = logging.getLogger("vigorl.sft")
 # Settings that define which example each step sees: a resumed run must keep them.
 RESUME_FIXED = ("model", "data", "val_data", "val_fraction", "data_root", "synthetic_n", "task", "mode",
                 "system_prompt", "max_length", "global_batch_size", "seed")
-
-
-def _check_resume(cfg: SFTConfig, run_dir: Path) -> None:
-    old_path = run_dir / "config.yaml"
-    if not old_path.is_file():
-        return
-    old = yaml.safe_load(old_path.read_text()) or {}
-    changed = [k for k in RESUME_FIXED if k in old and old[k] != getattr(cfg, k)]
-    if changed:
-        diff = ", ".join(f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
-        raise ConfigError(f"run {run_dir} exists with different {diff}; resuming needs the same data and batching "
-                          "(use a new --run_name)")
-
-
-def _model_dir(cfg: SFTConfig) -> Path:
-    if cfg.model != "tiny":
-        if not Path(cfg.model, "config.json").is_file():
-            raise ConfigError(f"model: {cfg.model} is not a Hugging Face model folder (no config.json)")
-        return Path(local_model(cfg.model))
-    from vigorl_core.tiny import build_tiny_model
-
-    path = (Path(cfg.runs_dir) / "models" / "tiny").resolve()
-    if not (path / "vigorl_model.json").is_file():
-        build_tiny_model(path)
-    return path
 
 
 def _prepare_data(cfg: SFTConfig, model_dir: Path) -> dict:
@@ -344,11 +319,13 @@ def _summary(run_dir: Path, data: dict, result, seconds: float) -> dict:
 
 
 def _run(argv: list[str]) -> int:
+    from jobs.training import check_same_settings, model_folder
+
     cfg = parse_config(SFTConfig, argv, prog="vigorl sft")
     run_dir = (Path(cfg.runs_dir) / "sft" / cfg.run_name).resolve()
-    _check_resume(cfg, run_dir)
+    check_same_settings(cfg, run_dir, RESUME_FIXED)
     started = time.perf_counter()
-    model_dir = _model_dir(cfg)
+    model_dir = model_folder(cfg.model, cfg.runs_dir)
     data = _prepare_data(cfg, model_dir)
     if len(data["train"]) < cfg.global_batch_size:
         raise ConfigError(f"{len(data['train'])} training examples, fewer than global_batch_size "
