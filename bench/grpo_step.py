@@ -5,12 +5,11 @@
 
 Runs the GRPO job (`python -m jobs.grpo`) twice as a subprocess, each on its shipped tiny config with a
 fresh run folder and checkpoints only at the end (outside every step's time):
-- single_turn: configs/grpo_tiny.yaml (grounded pointing, 8 prompts x 8 samples, one optimizer step);
-- multi_turn: configs/grpo_tiny_multiturn.yaml (zoom loop with planned_zooms, 4 prompts x 4, 2 optimizer
-  steps per RL step).
-Both read the per-step records of runs/grpo/<run>/metrics.jsonl. The first step of each run carries the
-warm-up (engine graphs, DeepSpeed, first crops) and is reported apart; the means and shares are over the
-steps after it.
+- single_turn: configs/grpo_tiny.yaml (grounded pointing, one assistant turn);
+- multi_turn: configs/grpo_tiny_multiturn.yaml (the zoom loop, turns constrained by planned_zooms).
+The result records each arm's batch settings (prompts x samples, optimizer steps per RL step).
+Each arm's numbers come from its run's per-step records (runs/grpo/<run>/metrics.jsonl). The first step
+of a run carries the warm-up and is reported apart; the means and shares are over the steps after it.
 
 What the job's times are (jobs/grpo.py, train_worker): a step is wait (request the prompts, then block
 until the rollout workers have put every group) + train (old/reference log-probs and the optimizer
@@ -95,7 +94,7 @@ def _arm(run: dict, cfg: dict) -> dict:
     steady = [r for r in records if r["step"] > 1]
     if not steady:
         raise RuntimeError("need at least 2 steps per arm: the first one is warm-up")
-    split = _times(steady)
+    split, rollouts = _times(steady), cfg["rollout_batch_size"] * cfg["group_size"]
     return {
         **split,
         "sync_share": split["share_of_step"]["sync"],
@@ -103,9 +102,8 @@ def _arm(run: dict, cfg: dict) -> dict:
         "first_step": {k: records[0][f"time/{k}"] for k in TIMES},
         "step_seconds": [round(r["time/step"], 3) for r in records],
         "sync_seconds": [round(r["time/sync"], 3) for r in records],
-        "rollouts_per_step": cfg["rollout_batch_size"] * cfg["group_size"],
-        "optimizer_steps_per_rl_step": cfg["rollout_batch_size"] * cfg["group_size"]
-        // (cfg["train_batch_size"] or cfg["rollout_batch_size"] * cfg["group_size"]),
+        "rollouts_per_step": rollouts,
+        "optimizer_steps_per_rl_step": rollouts // (cfg["train_batch_size"] or rollouts),
         "turns_per_conversation": statistics.fmean(r["turns"] for r in steady),
         "zooms_per_conversation": statistics.fmean(r["zooms"] for r in steady),
         "generated_tokens_per_rollout": statistics.fmean(r["generated_tokens"] for r in steady),
@@ -119,6 +117,9 @@ def _arm(run: dict, cfg: dict) -> dict:
 
 
 def _measure(args, runs_dir: Path) -> dict:
+    from bench.common import provenance
+
+    commit = provenance()["commit"]
     extra = [x for kv in args.set for x in ("--" + kv.partition("=")[0], kv.partition("=")[2])]
     if args.model:
         extra += ["--model", args.model]
@@ -150,9 +151,8 @@ def _measure(args, runs_dir: Path) -> dict:
             "warmup_steps": 1,
         },
     }
-    if all(arm["seconds"]["score"] == 0 for arm in arms.values()):
-        result["notes"] = ("time/score is 0 in every step: jobs.grpo sums RolloutRecord.timings['score_seconds'], "
-                           "which vigorl_core.rollout does not set (its timings hold seconds, engine_seconds)")
+    if provenance()["commit"] != commit:  # the result's commit is read when it is written
+        result["commit_at_start"] = commit
     return result
 
 

@@ -185,8 +185,7 @@ def train_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run_dir, model_dir = Path(config["run_dir"]), config["model_dir"]
     torch.manual_seed(cfg.seed)
-    rollouts_per_step = cfg.rollout_batch_size * cfg.group_size
-    train_batch = cfg.train_batch_size or rollouts_per_step
+    train_batch = cfg.train_batch_size or cfg.rollout_batch_size * cfg.group_size
     engine, optimizer = deepspeed_engine(cfg, model_dir, train_batch // (cfg.micro_batch_size * world), world)
     client = load_checkpoint(engine)
     start, version = (client["step"], client["version"]) if client else (0, config["initial_version"])
@@ -219,8 +218,7 @@ def train_worker(config: dict) -> None:
         plan = minibatch_plan([len(r.train_ids) for r in records], train_batch, cfg.micro_batch_size, world,
                               cfg.seed, step)
         train_started = time.perf_counter()
-        sums = _train_step(cfg, engine, reference, records, advantages, plan, rank, image_refs, chat, processor,
-                           rollouts_per_step)
+        sums = _train_step(cfg, engine, reference, records, advantages, plan, rank, image_refs, chat, processor)
         torch.distributed.all_reduce(sums)
         trained = time.perf_counter()
         done = step + 1
@@ -248,8 +246,7 @@ def train_worker(config: dict) -> None:
 STAT_KEYS = ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "dual_clip_fraction", "ratio_mean", "approx_kl")
 
 
-def _train_step(cfg: GRPOConfig, engine, reference, records, advantages, plan, rank, image_refs, chat, processor,
-                rollouts_per_step: int):
+def _train_step(cfg: GRPOConfig, engine, reference, records, advantages, plan, rank, image_refs, chat, processor):
     """Old and reference log-probs, then one optimizer step per mini-batch of `plan`. Returns the summed stats
     (each weighted by its micro-batch's loss tokens), token counts and the engine/trainer log-prob gap."""
     import ray

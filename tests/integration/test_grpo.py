@@ -60,11 +60,14 @@ def single_turn_run(tmp_path_factory, subprocess_env, sft_checkpoint) -> Path:
 def test_grpo_raises_the_reward_of_a_partly_trained_model(single_turn_run):
     steps = _steps(single_turn_run)
     assert [r["step"] for r in steps] == list(range(1, 17))
+    # Measured: about 0.20 over the first 4 steps, 0.34 over the last 8 (format 0.39 -> 0.66); the noise of
+    # a step's mean over 64 rollouts is about 0.03.
     first = sum(r["reward_mean"] for r in steps[:4]) / 4
-    last = sum(r["reward_mean"] for r in steps[-4:]) / 4
+    last = sum(r["reward_mean"] for r in steps[-8:]) / 8
     assert last > first + 0.05, [round(r["reward_mean"], 3) for r in steps]
-    assert sum(r["format"] for r in steps[-4:]) > sum(r["format"] for r in steps[:4])
+    assert sum(r["format"] for r in steps[-8:]) / 8 > sum(r["format"] for r in steps[:4]) / 4
     assert all(r["kl"] >= 0 and r["trained_tokens"] > 0 and r["grad_norm"] is not None for r in steps)
+    assert steps[-1]["kl"] > 0 and steps[-1]["ratio_mean"] != 1.0  # 2 optimizer steps per RL step: the 2nd moves
     # The engine's log-probs and the trainer's agree (fp32 on both sides); the gap is reported, not hidden.
     assert all(r["logprob_mismatch"] < 1e-3 for r in steps)
     summary = json.loads((single_turn_run / "summary.json").read_text())
