@@ -62,7 +62,7 @@ class RolloutWorker:
 
     async def _loop(self) -> None:
         while not self._stopped:
-            item = await self.buffer.claim.remote(self.id, 2.0)
+            item = await self.buffer.claim.remote(self.id, 10.0)  # a long poll: work wakes it at once
             if item is None:
                 continue
             started = time.perf_counter()

@@ -80,8 +80,19 @@ class WeightStore:
                 return None
             return self.version, self.weights
 
-    def ack(self, replica: str, version: int) -> None:
-        self.acks[replica] = version
+    async def ack(self, replica: str, version: int) -> None:
+        async with self._changed:
+            self.acks[replica] = version
+            self._changed.notify_all()
+
+    async def wait_serving(self, version: int, replicas: int, timeout_s: float) -> int:
+        """Wait until `replicas` replicas serve `version` or newer (or `timeout_s` passes); returns how many do."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.serving(version) >= replicas), timeout_s)
+            except TimeoutError:
+                pass
+            return self.serving(version)
 
     def forget(self, replica: str) -> None:
         self.acks.pop(replica, None)
@@ -175,12 +186,17 @@ class WeightPublisher:
         return version
 
     def wait_serving(self, version: int, timeout_s: float = 600.0) -> None:
+        """Return once every running replica serves `version` (the store wakes this on each ack; the replica
+        count is asked again every few seconds, as autoscaling may change it)."""
         deadline = time.monotonic() + timeout_s
-        while ray.get(self.store.serving.remote(version)) < self.running_replicas():
+        while True:
+            replicas = self.running_replicas()
+            left = deadline - time.monotonic()
+            if ray.get(self.store.wait_serving.remote(version, replicas, min(5.0, max(0.0, left)))) >= replicas:
+                return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"weights version {version}: not every replica of {self.app!r} loaded them "
                                    f"within {timeout_s:.0f} s")
-            time.sleep(0.05)
 
     def close(self) -> None:
         """End the store (and the weights it owns)."""
