@@ -88,9 +88,22 @@ def aggregate(token_values: Tensor, mask: Tensor, mode: str = "token_mean", norm
     return total / (default if normalizer is None else (float(normalizer) or 1.0))
 
 
+def behaviour_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, cap: float = 2.0) -> Tensor:
+    """Truncated importance weights min(pi_old / mu, cap) per token [B, T] (detached; 0 off the mask), for
+    responses sampled by an OLDER policy mu (asynchronous GRPO: the engine's weights lag the trainer's).
+
+    The decoupled PPO objective (Hilton et al. 2022, "Batch size-invariance for policy optimization", used
+    by AReaL, Fu et al. 2025) clips the ratio pi / pi_old against the trainer's own recomputed "proximal"
+    log-probs and corrects for the behaviour policy with pi_old / mu; truncating that weight at `cap` (verl's
+    truncated importance sampling, cap 2) bounds the variance a very stale token can add.
+    """
+    log_w = (old_logprobs.detach() - behaviour_logprobs.detach()).clamp(-20.0, 20.0)
+    return torch.where(mask.bool(), torch.exp(log_w).clamp(max=cap), 0.0)
+
+
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_low: float = 0.2,
                 clip_high: float = 0.28, dual_clip: float = 3.0, aggregation: str = "token_mean",
-                normalizer: float | None = None) -> tuple[Tensor, dict[str, float]]:
+                normalizer: float | None = None, token_weights: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """Dual-clip PPO policy loss (verl's compute_policy_loss) and its statistics.
 
     logprobs, old_logprobs, mask: [B, T]; advantages: [B], one per sequence, broadcast over its tokens.
@@ -98,6 +111,8 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     advantages the loss is also capped at -A * dual_clip, so a huge ratio cannot blow up the update.
     Stats (python floats, masked token means): clip_fraction, dual_clip_fraction, ratio_mean, approx_kl
     (k1 estimate of KL(old || new), verl's ppo_kl).
+    `token_weights` [B, T] (behaviour_weights) multiply each token's loss: the off-policy correction of
+    asynchronous GRPO; None leaves the synchronous loss exactly as it is.
     """
     adv = advantages.detach().to(logprobs.dtype).unsqueeze(-1)  # [B, 1]
     log_ratio = (logprobs - old_logprobs.detach()).clamp(-20.0, 20.0)  # as verl: exp cannot overflow
@@ -107,6 +122,8 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask
     clipped = torch.maximum(pg1, pg2)
     pg3 = -adv * dual_clip
     losses = torch.where(adv < 0, torch.minimum(pg3, clipped), clipped)
+    if token_weights is not None:
+        losses = losses * token_weights.detach()
     loss = aggregate(losses, mask, aggregation, normalizer)
     with torch.no_grad():
         stats = {
@@ -130,7 +147,8 @@ def low_var_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 
 def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor | None, advantages: Tensor, mask: Tensor,
               *, clip_low: float = 0.2, clip_high: float = 0.28, dual_clip: float = 3.0, kl_coef: float = 0.01,
-              aggregation: str = "token_mean", normalizer: float | None = None) -> tuple[Tensor, dict[str, float]]:
+              aggregation: str = "token_mean", normalizer: float | None = None,
+              token_weights: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """Policy loss + kl_coef * aggregated k3 KL to the reference policy; returns (loss 0-d, stats).
 
     logprobs, old_logprobs, ref_logprobs, mask: [B, T]; advantages: [B]. The KL term is skipped when
@@ -139,7 +157,7 @@ def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor | Non
     original's logged "entropy"; only an estimate and not in the loss) and loss.
     """
     pg_loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip,
-                                 aggregation, normalizer)
+                                 aggregation, normalizer, token_weights)
     loss, kl = pg_loss, 0.0
     if ref_logprobs is not None:
         kl_tokens = low_var_kl(logprobs, ref_logprobs)

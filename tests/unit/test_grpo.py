@@ -260,3 +260,31 @@ def test_token_logprobs_matches_log_softmax(dtype):
     expected = torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     assert got.dtype == torch.float32 and got.shape == (2, 5)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_behaviour_weights_are_truncated_importance_ratios_off_the_mask_zero():
+    from vigorl_core.grpo import behaviour_weights
+
+    old = torch.tensor([[-1.0, -2.0, -0.5]])
+    behaviour = torch.tensor([[-1.5, -1.0, -3.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    w = behaviour_weights(old, behaviour, mask, cap=2.0)
+    assert torch.allclose(w, torch.tensor([[math.exp(0.5), math.exp(-1.0), 0.0]]))
+    assert behaviour_weights(old, behaviour - 5.0, torch.ones(1, 3), cap=2.0).max() == 2.0  # truncated
+
+
+def test_token_weights_of_one_give_exactly_the_synchronous_loss_and_weights_scale_it():
+    """k = 0: every rollout is fresh, so the asynchronous trainer passes weights of exactly 1 (or None):
+    the loss and its gradient equal the synchronous ones bit for bit; other weights scale token losses."""
+    torch.manual_seed(0)
+    lp = torch.randn(3, 5, requires_grad=True)
+    old, ref = lp.detach() + 0.1 * torch.randn(3, 5), lp.detach() + 0.1 * torch.randn(3, 5)
+    adv, mask = torch.tensor([1.0, -0.5, 0.3]), torch.rand(3, 5) > 0.3
+    sync, _ = grpo_loss(lp, old, ref, adv, mask)
+    (g_sync,) = torch.autograd.grad(sync, lp)
+    ones, _ = grpo_loss(lp, old, ref, adv, mask, token_weights=torch.ones(3, 5))
+    (g_ones,) = torch.autograd.grad(ones, lp)
+    assert torch.equal(sync, ones) and torch.equal(g_sync, g_ones)
+    halves, _ = grpo_loss(lp, old, None, adv, mask, kl_coef=0.0, token_weights=torch.full((3, 5), 0.5))
+    plain, _ = grpo_loss(lp, old, None, adv, mask, kl_coef=0.0)
+    assert torch.allclose(halves, 0.5 * plain)
