@@ -9,14 +9,17 @@ What runs (synchronous schedule: every step trains on rollouts of the weights it
    actors (services/): CPU actors running the core rollout driver against the replicas;
 2. a `TorchTrainer` starts `num_workers` trainer workers (DeepSpeed, the SFT model preparation: vision
    tower frozen) and a frozen reference model (the initial weights) when kl_coef > 0;
-3. each step: rank 0 requests the step's prompts from the buffer (a pure function of seed and step); the
-   rollout workers claim them, roll out groups of `group_size`, score them with the reward registry and put
-   them in the buffer; every rank gets the groups, computes group-normalised advantages, old log-probs
-   with its own forward (the engine's are kept only to report the engine/trainer mismatch) and the
-   reference log-probs, then takes rollouts / train_batch_size optimizer steps on the GRPO loss
-   (vigorl_core.grpo: clipped ratio with clip-higher and dual clip, low-variance KL, token-mean loss);
-4. rank 0 publishes the new weights; `publish` returns once every replica serves them; the next step's
-   rollouts come from them;
+3. each step: rank 0 requests the step's prompts from the buffer (a pure function of seed and step; with
+   max_staleness k >= 1 also the next k steps' prompts, each with the oldest policy version it may use);
+   the rollout workers claim them, roll out groups of `group_size`, score them with the reward registry and
+   put them in the buffer; every rank gets the groups, computes group-normalised advantages, old log-probs
+   with its own forward and the reference log-probs, then takes rollouts / train_batch_size optimizer steps
+   on the GRPO loss (vigorl_core.grpo: clipped ratio with clip-higher and dual clip, low-variance KL,
+   token-mean loss); a rollout of an older policy (k >= 1) is weighted by the truncated importance ratio
+   trainer / engine log-probs (decoupled PPO), so k = 0 is exactly the synchronous loss;
+4. rank 0 publishes the new weights; with k = 0 `publish` returns once every replica serves them and the
+   next step's rollouts come from them; with k >= 1 it returns at once and the replicas switch between
+   requests (a multi-turn conversation may span versions: each turn records its own);
 5. every `save_every` steps: a Hugging Face folder that transformers and vLLM load directly (no merge
    step) plus the DeepSpeed optimizer state, in runs/grpo/<run_name>/checkpoints/step-N; `latest` points to
    it. A killed trainer worker restarts from it (republishing its weights, so replicas and trainer agree
@@ -24,6 +27,10 @@ What runs (synchronous schedule: every step trains on rollouts of the weights it
 
 Run folder: runs/grpo/<run_name>/{config.yaml, metrics.jsonl, rollouts.jsonl (a few rollouts per step:
 text, points, reward), tensorboard/, checkpoints/step-N/, latest, summary.json}.
+
+Faults: the replay buffer restarts when it dies (the trainer requests the step again; the groups it held,
+at most `replay_capacity`, are rolled out again); a rollout whose replica dies is rolled out again from the
+start on another replica; a trainer worker that dies restarts from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -116,16 +123,26 @@ class GRPOConfig(StageConfig):
     rollout_workers: int = Field(1, ge=1, description="RolloutWorker actors")
     rollout_concurrency: int = Field(64, ge=1, description="groups each rollout worker rolls out at once")
     replay_capacity: int | None = Field(None, ge=1, description="groups the replay buffer holds (null: "
-                                        "2 x rollout_batch_size); rollout workers wait when it is full")
+                                        "(max_staleness + 2) x rollout_batch_size); rollout workers wait when it is "
+                                        "full")
     rollout_timeout_s: float = Field(3600.0, gt=0, description="fail a step whose rollouts take longer")
     save_every: int = Field(25, ge=1, description="checkpoint every N steps (and at the end)")
     keep_checkpoints: int | None = Field(2, ge=1, description="checkpoints kept (oldest deleted); null: all")
     log_rollouts: int = Field(4, ge=0, description="rollouts per step written to rollouts.jsonl")
     log_every: int = Field(1, ge=1, description="print a progress line every N steps")
     seed: int = Field(0, description="prompt order and initialisation seed")
+    max_staleness: int = Field(0, ge=0, description="k: train on rollouts generated at most k policy versions "
+                               "ago. 0 = synchronous (each step waits for rollouts of its own weights); k >= 1 "
+                               "rolls out the next k steps while the trainer trains (asynchronous GRPO)")
+    importance_cap: float = Field(2.0, gt=0, description="k >= 1: truncation of the importance weight "
+                                  "pi_old / mu of a rollout sampled by an older policy (decoupled PPO)")
     max_failures: int = Field(3, ge=0, description="trainer restarts from the last checkpoint before the run fails")
     fail_at_step: int | None = Field(None, ge=1, description="testing: the last trainer rank exits abruptly "
                                      "before this step, once per run (fault-recovery tests)")
+    fail_replay_at_step: int | None = Field(None, ge=1, description="testing: kill the replay buffer actor while "
+                                            "this step rolls out, once per run (it restarts empty)")
+    fail_policy_at_step: int | None = Field(None, ge=1, description="testing: kill a PolicyServer replica while "
+                                            "this step rolls out, once per run (Serve replaces it)")
 
     @model_validator(mode="after")
     def _batches_divide(self) -> GRPOConfig:
@@ -135,9 +152,10 @@ class GRPOConfig(StageConfig):
             raise ValueError(f"rollout_batch_size x group_size = {rollouts} rollouts per step must be a multiple "
                              f"of train_batch_size {train}, itself a multiple of micro_batch_size x num_workers = "
                              f"{self.micro_batch_size} x {self.num_workers}")
-        if self.replay_capacity is not None and self.replay_capacity < self.rollout_batch_size:
-            raise ValueError(f"replay_capacity {self.replay_capacity} is smaller than one step's "
-                             f"{self.rollout_batch_size} groups")
+        steps_held = self.max_staleness + 1  # the step being trained and the k rolled out ahead
+        if self.replay_capacity is not None and self.replay_capacity < steps_held * self.rollout_batch_size:
+            raise ValueError(f"replay_capacity {self.replay_capacity} is smaller than the {steps_held} steps of "
+                             f"{self.rollout_batch_size} groups the buffer must hold at once (max_staleness + 1)")
         return self
 
 
@@ -152,8 +170,9 @@ RESUME_FIXED = ("model", "data", "data_root", "task", "synthetic_n", "mode", "ro
 
 LOGGED = ("reward_mean", "reward_std", "accuracy", "format", "kl", "entropy", "clip_fraction", "grad_norm",
           "pg_loss", "loss", "response_tokens", "turns", "zooms", "zero_variance_groups", "logprob_mismatch",
-          "staleness_mean", "policy_version", "lr", "time/generate", "time/score", "time/wait", "time/train",
-          "time/sync", "time/step")
+          "staleness_mean", "stale_dropped", "importance_weight_mean", "importance_weight_max", "policy_version",
+          "lr", "time/generate", "time/score", "time/wait", "time/train", "time/sync", "time/step",
+          "time/generation_idle", "time/trainer_idle")
 
 
 def _progress(r: dict) -> str:
@@ -202,15 +221,22 @@ def train_worker(config: dict) -> None:
     version = _broadcast(version)
     total = cfg.max_steps
     log = RunLog(run_dir / "metrics.jsonl", start, total, world, logger, LOGGED, _progress) if rank == 0 else None
+    before = ray.get(buffer.status.remote()) if rank == 0 else {}
     for step in range(start, total):
         if cfg.fail_at_step == step + 1 and rank == world - 1 and first_fault(run_dir):
             os._exit(1)  # a dying worker process: no cleanup, no exception
         started = time.perf_counter()
         lr = set_lr(optimizer, cfg.lr * min(1.0, (step + 1) / max(1, math.ceil(cfg.warmup_ratio * total))))
+
+        def request(step=step, version=version) -> None:
+            """This step's prompts and, asynchronous, the next k steps' (idempotent: asked again each step)."""
+            for ahead in range(min(cfg.max_staleness, total - 1 - step) + 1):
+                indices = step_samples(config["num_samples"], cfg.rollout_batch_size, cfg.seed, step + ahead)
+                ray.get(buffer.request.remote(step + ahead, version + ahead - cfg.max_staleness, indices))
+
         if rank == 0:
-            ray.get(buffer.request.remote(step, version, step_samples(config["num_samples"], cfg.rollout_batch_size,
-                                                                      cfg.seed, step)))
-        groups, image_refs = ray.get(buffer.get.remote(step, cfg.rollout_timeout_s))
+            _inject_faults(cfg, run_dir, step, buffer, config["app"], request)
+        groups, image_refs = _fetch_groups(cfg, buffer, step, rank, request)
         waited = time.perf_counter() - started
         records = [r for g in groups for r in g.records]
         rewards = torch.tensor([r.reward for r in records], dtype=torch.float32)
@@ -218,20 +244,25 @@ def train_worker(config: dict) -> None:
         plan = minibatch_plan([len(r.train_ids) for r in records], train_batch, cfg.micro_batch_size, world,
                               cfg.seed, step)
         train_started = time.perf_counter()
-        sums = _train_step(cfg, engine, reference, records, advantages, plan, rank, image_refs, chat, processor)
+        sums = _train_step(cfg, engine, reference, records, advantages, plan, rank, image_refs, chat, processor,
+                           version)
         torch.distributed.all_reduce(sums)
         trained = time.perf_counter()
-        done = step + 1
-        if publisher:
-            version = publisher.publish(_policy_state(engine, cfg), wait=True)
+        done, trained_version = step + 1, version
+        if publisher:  # asynchronous: the replicas switch between requests; nobody waits for them
+            version = publisher.publish(_policy_state(engine, cfg), wait=cfg.max_staleness == 0)
         else:
             _policy_state(engine, cfg)  # ZeRO-3 gathers collectively
         version = _broadcast(version)
         synced = time.perf_counter()
         record = {"step": done, "policy_version": version, "lr": lr, "grad_norm": grad_norm(engine),
-                  **_train_metrics(sums), **_rollout_metrics(groups, records, step_version=version - 1),
-                  "time/wait": waited, "time/train": trained - train_started, "time/sync": synced - trained,
-                  "time/step": synced - started}
+                  **_train_metrics(sums), **_rollout_metrics(groups, records, trained_version),
+                  "time/wait": waited, "time/trainer_idle": waited,
+                  "time/train": trained - train_started, "time/sync": synced - trained, "time/step": synced - started}
+        if rank == 0:
+            now = ray.get(buffer.status.remote())
+            record.update(_buffer_metrics(before, now))
+            before = now
         if log:
             log.step(record, show=done % cfg.log_every == 0 or done == total)
             _log_rollouts(run_dir, done, records, cfg.log_rollouts)
@@ -243,17 +274,76 @@ def train_worker(config: dict) -> None:
         log.close()
 
 
+def _fetch_groups(cfg: GRPOConfig, buffer, step: int, rank: int, request):
+    """(groups, image refs) of `step`, the same on every rank. A buffer that restarted empty answers None for
+    the step (and its image objects are gone with it): rank 0 requests the step again and every rank
+    retries, until `rollout_timeout_s`."""
+    import ray
+    import torch
+
+    deadline = time.monotonic() + cfg.rollout_timeout_s
+    while True:
+        if rank == 0:
+            request()
+        got = ray.get(buffer.get.remote(step, 10.0))
+        if got is not None and got[1]:
+            try:  # the images' owner is the buffer: if it died after answering, they are gone too
+                ray.get(next(iter(got[1].values()))[0], timeout=60)
+            except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError):
+                got = None
+        ok = torch.tensor([got is not None], dtype=torch.int64)
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        if ok.item():
+            return got
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"step {step}: rollouts not complete after {cfg.rollout_timeout_s:.0f} s "
+                               f"(replay buffer: {ray.get(buffer.status.remote())})")
+
+
+def _inject_faults(cfg: GRPOConfig, run_dir: Path, step: int, buffer, app: str, request) -> None:
+    """Testing (fault tests): kill the replay buffer, or one PolicyServer replica, while the step rolls out,
+    once per run."""
+    import ray
+    from ray import serve
+
+    from jobs.training import first_fault
+
+    if step + 1 in (cfg.fail_replay_at_step, cfg.fail_policy_at_step):
+        request()
+        time.sleep(1.0)  # rollouts in flight
+    if cfg.fail_replay_at_step == step + 1 and first_fault(run_dir, "replay"):
+        ray.kill(buffer, no_restart=False)
+    if cfg.fail_policy_at_step == step + 1 and first_fault(run_dir, "policy"):
+        replica = serve.get_deployment_handle("PolicyServer", app).info.remote().result()["replica"]
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::{app}#PolicyServer#{replica}", namespace="serve"), no_restart=True)
+
+
+def _buffer_metrics(before: dict, now: dict) -> dict:
+    """What the replay buffer saw during the step: whether it restarted (a new process; its counters start
+    again), groups dropped as too old, rolled out again, put after their step was gone, and how long
+    generation sat idle."""
+    restarted = now["pid"] != before["pid"]
+    if restarted:
+        before = {}
+    return {"replay_restarts": int(restarted), "stale_dropped": now["stale"] - before.get("stale", 0),
+            "rollout_retries": now["retried"] - before.get("retried", 0),
+            "late_groups": now["late"] - before.get("late", 0),
+            "time/generation_idle": now["idle_seconds"] - before.get("idle_seconds", 0.0)}
+
+
 STAT_KEYS = ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "dual_clip_fraction", "ratio_mean", "approx_kl")
 
 
-def _train_step(cfg: GRPOConfig, engine, reference, records, advantages, plan, rank, image_refs, chat, processor):
+def _train_step(cfg: GRPOConfig, engine, reference, records, advantages, plan, rank, image_refs, chat, processor,
+                version: int):
     """Old and reference log-probs, then one optimizer step per mini-batch of `plan`. Returns the summed stats
-    (each weighted by its micro-batch's loss tokens), token counts and the engine/trainer log-prob gap."""
+    (each weighted by its micro-batch's loss tokens), token counts, the engine/trainer log-prob gap and the
+    importance weights of rollouts older than `version` (the trainer's)."""
     import ray
     import torch
     from PIL import Image
 
-    from vigorl_core.grpo import grpo_loss
+    from vigorl_core.grpo import behaviour_weights, grpo_loss
     from vigorl_core.grpo_batch import collate_rollouts, rollout_item, sequence_logprobs
 
     device = engine.device
@@ -265,13 +355,16 @@ def _train_step(cfg: GRPOConfig, engine, reference, records, advantages, plan, r
     def batch_of(micro):
         items = [rollout_item(records[i], [images[h] for h in records[i].images], float(advantages[i]),
                               processor.image_processor) for i in micro]
-        return {k: v.to(device) for k, v in collate_rollouts(items, chat.tokenizer.pad_token_id,
-                                                              chat.image_pad_id).items()}
+        batch = collate_rollouts(items, chat.tokenizer.pad_token_id, chat.image_pad_id)
+        # A rollout with a turn of an older policy gets the off-policy correction (unless its engine
+        # log-probs are a grammar's: those are not the behaviour policy's).
+        batch["behind"] = torch.tensor([min(records[i].policy_versions) < version for i in micro]) & ~batch["constrained"]
+        return {k: v.to(device) for k, v in batch.items()}
 
     micro_batches = [[batch_of(micro) for micro in minibatch[rank]] for minibatch in plan]
     # With one optimizer step per rollout batch the policy has not moved when the loss is computed, so the
     # training forward's own (detached) log-probs ARE the old log-probs; otherwise a no-grad pass first.
-    separate_old = len(plan) > 1
+    separate_old = len(plan) > 1 or any(bool(b["behind"].any()) for mini in micro_batches for b in mini)
     with torch.no_grad():
         engine.eval()
         for batch in (b for mini in micro_batches for b in mini):
@@ -282,27 +375,34 @@ def _train_step(cfg: GRPOConfig, engine, reference, records, advantages, plan, r
     engine.train()
     accumulation = len(micro_batches[0])
     world = torch.distributed.get_world_size()
-    sums = torch.zeros(len(STAT_KEYS) + 4, dtype=torch.float64, device=device)
+    sums = torch.zeros(len(STAT_KEYS) + 7, dtype=torch.float64, device=device)
     for mini_index, minibatch in enumerate(plan):
         members = [i for ranks in minibatch for micro in ranks for i in micro]
         normalizer = _normalizer(cfg, [records[i] for i in members])
         for batch in micro_batches[mini_index]:
             logprobs, mask, _ = sequence_logprobs(engine, batch)
             old = batch.get("old", logprobs.detach())
+            engine_lp = batch["engine_logprobs"].gather(1, _next_positions(batch, mask))
+            weights, stale_tokens = None, mask & batch["behind"][:, None]
+            if stale_tokens.any():
+                weights = torch.where(stale_tokens, behaviour_weights(old, engine_lp, mask, cfg.importance_cap), 1.0)
             loss, stats = grpo_loss(logprobs, old, batch.get("ref"), batch["advantages"], mask,
                                     clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
-                                    kl_coef=cfg.kl_coef, aggregation=cfg.loss_aggregation, normalizer=normalizer)
+                                    kl_coef=cfg.kl_coef, aggregation=cfg.loss_aggregation, normalizer=normalizer,
+                                    token_weights=weights)
             # DeepSpeed divides by the accumulation steps and averages over ranks: scaled so, the update
             # follows the loss aggregated over the whole mini-batch (normalizer is global).
             engine.backward(loss * world * accumulation)
             engine.step()
             tokens = float(mask.sum())
-            engine_lp = batch["engine_logprobs"].gather(1, _next_positions(batch, mask))
             trusted = mask & ~batch["constrained"][:, None]
             gap = ((old.detach() - engine_lp).abs() * trusted).sum()
             stat_values = [stats[k] * tokens for k in STAT_KEYS]
-            sums += torch.tensor([*stat_values, tokens, float(trusted.sum()), float(gap), 1.0],
-                                 dtype=torch.float64, device=device)
+            w_sum = float(weights[stale_tokens].sum()) if weights is not None else 0.0
+            w_max = float(weights[stale_tokens].max()) if weights is not None else 0.0
+            capped = float((weights[stale_tokens] >= cfg.importance_cap).sum()) if weights is not None else 0.0
+            sums += torch.tensor([*stat_values, tokens, float(trusted.sum()), float(gap), float(stale_tokens.sum()),
+                                  w_sum, capped, w_max], dtype=torch.float64, device=device)
     return sums
 
 
@@ -323,23 +423,30 @@ def _normalizer(cfg: GRPOConfig, members) -> float:
 
 
 def _train_metrics(sums) -> dict:
+    """Token-weighted means of the loss statistics; the importance weights of older rollouts' tokens. (The
+    weight maximum is summed over ranks by the all-reduce: an upper bound, capped by importance_cap.)"""
     values = sums.tolist()
-    tokens, trusted, gap = values[len(STAT_KEYS):len(STAT_KEYS) + 3]
+    tokens, trusted, gap, stale, w_sum, capped, w_max = values[len(STAT_KEYS):]
     out = {k: v / max(tokens, 1.0) for k, v in zip(STAT_KEYS, values)}
     out["trained_tokens"] = int(tokens)
     out["logprob_mismatch"] = gap / trusted if trusted else None
+    out["off_policy_tokens"] = int(stale)
+    out["importance_weight_mean"] = w_sum / stale if stale else None
+    out["importance_weight_max"] = w_max if stale else None
+    out["importance_weight_capped"] = capped / stale if stale else None
     return out
 
 
-def _rollout_metrics(groups, records, step_version: int) -> dict:
+def _rollout_metrics(groups, records, trained_version: int) -> dict:
     """What the step's rollouts look like (all ranks hold the same records; rank 0 logs)."""
     import statistics
 
     rewards = [r.reward for r in records]
     zero_var = sum(len({r.reward for r in g.records}) == 1 for g in groups)
-    staleness = [step_version - min(r.policy_versions) for r in records]
+    staleness = [trained_version - min(r.policy_versions) for r in records]
     received = [g.received for g in groups]
     return {
+        "groups": len(groups), "rollouts": len(records),
         "reward_mean": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards),
         "accuracy": statistics.fmean(r.reward_details.get("accuracy", 0.0) for r in records),
         "format": statistics.fmean(r.reward_details.get("format", 0.0) for r in records),
@@ -350,6 +457,8 @@ def _rollout_metrics(groups, records, step_version: int) -> dict:
         "finish": dict(Counter(r.finish for r in records)),
         "zero_variance_groups": zero_var / len(groups),
         "staleness_mean": statistics.fmean(staleness), "staleness_max": max(staleness),
+        "staleness_histogram": {str(k): v for k, v in sorted(Counter(staleness).items())},
+        "versions_per_rollout": statistics.fmean(len(set(r.policy_versions)) for r in records),
         "constrained_rollouts": sum(r.constrained_logprobs for r in records),
         "time/generate": max(received) - min(g.received - g.seconds for g in groups),
         "time/score": sum(r.timings.get("score_seconds", 0.0) for r in records),
@@ -468,16 +577,21 @@ def _run(argv: list[str]) -> int:
     init_ray(num_cpus=cpus_needed(cfg, extra=2 + cfg.policy.replicas))
     app = f"grpo-{cfg.run_name}"
     publisher = WeightPublisher.create(cfg.run_name, app, initial_version=version)
-    buffer = ReplayBuffer.options(name=replay_name(cfg.run_name), namespace=NAMESPACE).remote(
-        cfg.replay_capacity or 2 * cfg.rollout_batch_size)
+    # A buffer that dies comes back empty (its calls in flight are retried on it); the trainer requests the
+    # lost steps again.
+    buffer = ReplayBuffer.options(name=replay_name(cfg.run_name), namespace=NAMESPACE, max_restarts=-1,
+                                  max_task_retries=-1).remote(cfg.replay_capacity or
+                                                              (cfg.max_staleness + 2) * cfg.rollout_batch_size)
     workers, started_app = [], False
     try:
         # The replicas load the weights the trainer starts from: the checkpoint a rerun continues, else the model.
         _, _, started_app = start_policy_app(app, str(checkpoint or model_dir), engine=cfg.policy.engine,
                                              replicas=cfg.policy.replicas, gpus=cfg.policy.gpus, weights=cfg.run_name)
         samples_ref = ray.put(samples)
-        workers = [RolloutWorker.remote(f"rollout-{i}", cfg.run_name, app, str(model_dir), samples_ref,
-                                        _rollout_settings(cfg), cfg.planned_zooms)
+        # A worker that dies restarts, and its `run` call with it; it hands its unfinished claims back first.
+        workers = [RolloutWorker.options(max_restarts=-1, max_task_retries=-1).remote(
+                       f"rollout-{i}", cfg.run_name, app, str(model_dir), samples_ref, _rollout_settings(cfg),
+                       cfg.planned_zooms)
                    for i in range(cfg.rollout_workers)]
         for worker in workers:
             worker.run.remote(cfg.rollout_concurrency)

@@ -143,9 +143,9 @@ def load_checkpoint(engine) -> dict | None:
     return client
 
 
-def first_fault(run_dir: Path) -> bool:
-    """True once per run folder: the fault tests kill one worker, once."""
-    marker = run_dir / "fault_injected"
+def first_fault(run_dir: Path, what: str = "") -> bool:
+    """True once per run folder (and kind of fault): the fault tests kill something once."""
+    marker = run_dir / (f"fault_injected_{what}" if what else "fault_injected")
     if marker.exists():
         return False
     marker.write_text(f"{time.time()}\n")

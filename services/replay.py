@@ -13,7 +13,13 @@ are in and `release`s them after the update. So:
   dies loses nothing), once per distinct image (a group's prompt image is shared by its samples);
 - capacity (groups held) gives backpressure: `put` waits while the buffer is full;
 - calls on an async actor are not processed in submission order, so every group carries the policy
-  version of every turn, never an order-derived one.
+  version of every turn, never an order-derived one;
+- the job starts it with `max_restarts`: a buffer that dies comes back empty; `get` of a step it does not
+  know returns None, the trainer requests the step again, and the groups it held are rolled out again (at
+  most `capacity` of them);
+- `retry` puts an item back when its rollout failed for a reason outside the sample (a policy replica died
+  mid-conversation): the whole group is rolled out again from the start, as the next attempt; a rollout
+  worker that died and restarted hands back what it had claimed with `release_claims`.
 
     buffer = ReplayBuffer.options(name=replay_name(run), namespace=NAMESPACE).remote(capacity=256)
     buffer.request.remote(step, min_version, sample_indices)                    # trainer rank 0
@@ -25,6 +31,7 @@ are in and `release`s them after the update. So:
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -83,37 +90,54 @@ class ReplayBuffer:
         self.groups: dict[int, dict[int, Group]] = {}        # step -> slot -> finished group
         self.images: dict[str, list] = {}                    # hash -> [ObjectRef] (boxed: passed, not resolved)
         self.image_users: dict[str, int] = {}
-        self.stats: dict[str, float] = {"put": 0, "stale": 0, "late": 0, "claimed": 0}
-        self.claims: dict[str, str] = {}                     # group id -> the worker rolling it out
+        self.stats: dict[str, float] = {"put": 0, "stale": 0, "late": 0, "claimed": 0, "retried": 0}
+        self.claims: dict[str, tuple[str, WorkItem]] = {}    # group id -> (the worker rolling it out, the item)
         self.errors: dict[int, str] = {}                     # step -> why a group of it could not be made
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.last_retry = ""                                 # why the last retried item was retried
+        self.idle_seconds = 0.0                              # time with no work queued or in flight
+        self._idle_since: float | None = time.monotonic()
         self._changed = asyncio.Condition()
 
     # ---- trainer side
     async def request(self, step: int, min_version: int, sample_indices: list[int]) -> None:
-        """Queue a step's work. Idempotent for a step already requested with the same min_version; a new
-        min_version (or a step that failed) replaces the step's pending work and drops its groups."""
+        """Queue a step's work. Idempotent for a step already requested with the same min_version. A new
+        min_version (a restarted trainer republished its weights) keeps the step's finished groups that are
+        still recent enough and queues the rest again; a step that failed is queued again in full."""
         async with self._changed:
             current = self.expected.get(step)
             failed = self.errors.pop(step, None) is not None  # a failed step is always tried again
             if current and not failed and all(it.min_version == min_version for it in current.values()):
                 return
+            kept = {slot: g for slot, g in self.groups.get(step, {}).items()
+                    if not failed and g.oldest_version >= min_version and slot < len(sample_indices)
+                    and g.item.sample_index == sample_indices[slot]}
+            for slot in kept:
+                self.groups[step].pop(slot)
             self._drop_step(step)
             attempt = 1 + max((it.attempt for it in (current or {}).values()), default=-1)
-            self.expected[step] = {slot: WorkItem(step, slot, index, attempt, min_version)
+            self.expected[step] = {slot: kept[slot].item if slot in kept else
+                                   WorkItem(step, slot, index, attempt, min_version)
                                    for slot, index in enumerate(sample_indices)}
-            self.groups[step] = {}
-            self.queue.extend(self.expected[step].values())
-            self._changed.notify_all()
+            self.groups[step] = kept
+            self.queue.extend(it for slot, it in self.expected[step].items() if slot not in kept)
+            self._notify()
 
-    async def get(self, step: int, timeout_s: float | None = None) -> tuple[list[Group], dict[str, list]]:
-        """The step's groups (in request order) once every requested slot's group is in, and {hash: [ObjectRef]} of their
-        images. Raises TimeoutError after `timeout_s`."""
+    async def get(self, step: int, timeout_s: float | None = None) -> tuple[list[Group], dict[str, list]] | None:
+        """The step's groups (in request order) once every requested slot's group is in, and {hash: [ObjectRef]}
+        of their images; None after `timeout_s`, or at once for a step never requested (a restarted buffer:
+        request it again). Raises RuntimeError when a group of the step could not be rolled out."""
         def complete() -> bool:
-            return step in self.errors or (
-                step in self.expected and len(self.groups.get(step, {})) == len(self.expected[step]))
+            return step in self.errors or step not in self.expected or (
+                len(self.groups.get(step, {})) == len(self.expected[step]))
 
         async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(complete), timeout_s)
+            try:
+                await asyncio.wait_for(self._changed.wait_for(complete), timeout_s)
+            except TimeoutError:
+                return None
+            if step not in self.expected:
+                return None
             if step in self.errors:
                 raise RuntimeError(f"step {step}: {self.errors[step]}")  # every waiting rank raises
             groups = [self.groups[step][i] for i in sorted(self.groups[step])]
@@ -125,7 +149,7 @@ class ReplayBuffer:
         async with self._changed:
             self._drop_step(step)
             self.expected.pop(step, None)
-            self._changed.notify_all()
+            self._notify()
 
     # ---- rollout-worker side
     async def claim(self, worker: str, timeout_s: float = 5.0) -> WorkItem | None:
@@ -136,8 +160,9 @@ class ReplayBuffer:
             except TimeoutError:
                 return None
             item = self.queue.popleft()
-            self.claims[item.group_id] = worker
+            self.claims[item.group_id] = (worker, item)
             self.stats["claimed"] += 1
+            self._notify()
             return item
 
     async def put(self, item: WorkItem, records: list, images: dict[str, Any], worker: str,
@@ -148,6 +173,7 @@ class ReplayBuffer:
         re-requested meanwhile: dropped)."""
         async with self._changed:
             self.claims.pop(item.group_id, None)
+            self._notify()
             await self._changed.wait_for(lambda: self._held() < self.capacity or not self._live(item))
             if not self._live(item):
                 self.stats["late"] += 1
@@ -155,10 +181,7 @@ class ReplayBuffer:
             group = Group(item, records, list(dict.fromkeys(h for r in records for h in r.images)), worker, seconds)
             if group.oldest_version < item.min_version:
                 self.stats["stale"] += 1
-                retry = WorkItem(item.step, item.slot, item.sample_index, item.attempt + 1, item.min_version)
-                self.expected[item.step][item.slot] = retry
-                self.queue.append(retry)
-                self._changed.notify_all()
+                self._requeue(item)
                 return "stale"
             for h in group.image_hashes:
                 if h not in self.images:
@@ -166,7 +189,7 @@ class ReplayBuffer:
                 self.image_users[h] = self.image_users.get(h, 0) + 1
             self.groups[item.step][item.slot] = group
             self.stats["put"] += 1
-            self._changed.notify_all()
+            self._notify()
             return "stored"
 
     async def fail(self, item: WorkItem, message: str) -> None:
@@ -176,14 +199,58 @@ class ReplayBuffer:
             self.claims.pop(item.group_id, None)
             if self._live(item):
                 self.errors[item.step] = message
-                self._changed.notify_all()
+            self._notify()
+
+    async def retry(self, item: WorkItem, reason: str) -> bool:
+        """Roll the item out again from the start, as its next attempt (its rollout failed outside the sample:
+        a replica died mid-conversation). False when the item is no longer wanted."""
+        async with self._changed:
+            self.claims.pop(item.group_id, None)
+            if not self._live(item):
+                self._notify()
+                return False
+            self.stats["retried"] += 1
+            self.last_retry = reason
+            self._requeue(item)
+            return True
+
+    async def release_claims(self, worker: str) -> int:
+        """Queue again the items `worker` claimed and never finished (a rollout worker that restarted after
+        dying calls this first); returns how many."""
+        async with self._changed:
+            mine = [item for gid, (owner, item) in list(self.claims.items()) if owner == worker]
+            for item in mine:
+                self.claims.pop(item.group_id)
+                if self._live(item):
+                    self._requeue(item)
+            self._notify()
+            return len(mine)
 
     # ---- inspection
     def status(self) -> dict[str, Any]:
-        return {"queued": len(self.queue), "in_flight": len(self.claims), "held_groups": self._held(), "images": len(self.images),
-                "capacity": self.capacity, "steps": sorted(self.expected), **self.stats}
+        idle = self.idle_seconds + (time.monotonic() - self._idle_since if self._idle_since is not None else 0.0)
+        return {"queued": len(self.queue), "in_flight": len(self.claims), "held_groups": self._held(),
+                "images": len(self.images), "capacity": self.capacity, "steps": sorted(self.expected),
+                "restarted": self.restarted, "pid": os.getpid(), "idle_seconds": idle, **self.stats}
 
     # ---- internals
+    def _requeue(self, item: WorkItem) -> None:
+        retry = WorkItem(item.step, item.slot, item.sample_index, item.attempt + 1, item.min_version)
+        self.expected[item.step][item.slot] = retry
+        self.queue.append(retry)
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake the waiters and keep the idle clock: generation is idle while nothing is queued or in flight."""
+        busy = bool(self.queue or self.claims)
+        now = time.monotonic()
+        if busy and self._idle_since is not None:
+            self.idle_seconds += now - self._idle_since
+            self._idle_since = None
+        elif not busy and self._idle_since is None:
+            self._idle_since = now
+        self._changed.notify_all()
+
     def _held(self) -> int:
         return sum(len(g) for g in self.groups.values())
 

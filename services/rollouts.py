@@ -5,6 +5,10 @@ its group with the core RolloutDriver against the PolicyServer replicas (the sam
 evaluation and MCTS use), score it in process with the reward registry, and put the group (records and
 image pixels) into the ReplayBuffer. Scale = more workers and more PolicyServer replicas.
 
+A group whose rollout fails because of the system (a replica died mid-conversation, an actor was lost) is
+handed back with `retry` and rolled out again from the start, so no conversation is ever half on one
+replica and half on another; a failure of the sample itself (a bug, bad data) is reported with `fail`.
+
     worker = RolloutWorker.remote("w0", run="demo", app="policy-demo", model_dir=..., samples=ref,
                                   rollout={"mode": "grounded", "group_size": 5})
     done = worker.run.remote(concurrency=64)      # until stop()
@@ -20,8 +24,14 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.serve.exceptions import RayServeException
 
 from services.replay import NAMESPACE, replay_name
+
+# Failures of the system around a rollout (a replica or actor died, Serve had no replica): worth rolling the
+# group out again. An exception raised inside a replica's own code arrives as RayTaskError (also a RayError)
+# and is a real failure.
+SYSTEM_ERRORS = (ray.exceptions.RayError, RayServeException)
 
 
 @ray.remote(num_cpus=0.5)
@@ -45,6 +55,7 @@ class RolloutWorker:
         self._prepared: OrderedDict[int, Any] = OrderedDict()  # decoded, resized samples (recent ones)
         self._stopped = False
         self.groups = 0
+        self.retries = 0
 
     def _prepare(self, index: int):
         prepared = self._prepared.get(index)
@@ -56,7 +67,9 @@ class RolloutWorker:
         return prepared
 
     async def run(self, concurrency: int = 64) -> int:
-        """Work until stop(); returns the number of groups put."""
+        """Work until stop(); returns the number of groups put. A worker restarted after dying (the job starts
+        workers with max_restarts, and this call is retried) first hands back what it had claimed."""
+        await self.buffer.release_claims.remote(self.id)
         await asyncio.gather(*(self._loop() for _ in range(concurrency)))
         return self.groups
 
@@ -68,6 +81,14 @@ class RolloutWorker:
             started = time.perf_counter()
             try:
                 rollouts = await self.driver.rollout_group(self._prepare(item.sample_index))
+            except SYSTEM_ERRORS as err:
+                if not isinstance(err, ray.exceptions.RayTaskError):  # the replica's own code raised: a real error
+                    self.retries += 1
+                    await self.buffer.retry.remote(item, f"{type(err).__name__}: {err}"[:500])
+                    await asyncio.sleep(1.0)  # Serve needs a moment to route around (or replace) a dead replica
+                    continue
+                await self.buffer.fail.remote(item, f"rollout worker {self.id}, sample {item.sample_index}: {err}")
+                continue
             except Exception as err:  # noqa: BLE001 - reported to the trainer, which fails the step loudly
                 await self.buffer.fail.remote(item, f"rollout worker {self.id}, sample {item.sample_index}: "
                                               f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=5)}")

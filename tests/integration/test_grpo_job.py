@@ -156,3 +156,31 @@ def test_rerunning_the_run_name_continues_without_repeating_steps(multiturn_run)
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
     assert steps[-1]["policy_version"] == 7  # the store of the rerun starts at the checkpoint's version 6
     assert (run_dir / "latest").resolve().name == "step-5"
+
+
+def test_asynchronous_grpo_survives_a_dead_buffer_a_dead_replica_and_a_dead_trainer(tmp_path, subprocess_env,
+                                                                                    tiny_model_dir):
+    """max_staleness 1 (multi-turn zoom, planned): the next step rolls out while the trainer trains. The replay
+    buffer is killed during step 2 (it restarts empty; the step is requested again), the only PolicyServer
+    replica during step 3 (Serve replaces it; the conversations in flight are rolled out again from the start,
+    and the new replica serves the newest weights from its first request), the last trainer worker before
+    step 6 (it resumes from checkpoint 4). Every step trains on one group per prompt, none older than 1."""
+    args = ["--config", str(REPO / "configs" / "grpo_tiny_multiturn.yaml"), "--runs_dir", str(tmp_path),
+            "--model", str(tiny_model_dir), "--run_name", "async", "--max_staleness", "1", "--max_steps", "6",
+            "--save_every", "2", "--fail_replay_at_step", "2", "--fail_policy_at_step", "3", "--fail_at_step", "6"]
+    _job("jobs.grpo", args, subprocess_env)
+    run_dir = tmp_path / "grpo" / "async"
+    assert all((run_dir / f"fault_injected{kind}").is_file() for kind in ("", "_replay", "_policy"))
+    log = _lines(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in log if r.get("event") == "start"] == [0, 4]
+    steps = [r for r in log if "reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]  # none counted twice
+    assert all(r["groups"] == 4 and r["rollouts"] == 16 and r["trained_tokens"] > 0 for r in steps)
+    assert all(r["staleness_max"] <= 1 for r in steps)
+    assert any(r["staleness_max"] == 1 for r in steps), "the next step was rolled out while training"
+    assert steps[1]["replay_restarts"] >= 1
+    first_tries = _lines(run_dir / "metrics.superseded.jsonl")
+    assert [r["step"] for r in first_tries] == [5]
+    assert sum(r["rollout_retries"] for r in steps[2:] + first_tries) >= 1
+    versions = [r["policy_version"] for r in steps]
+    assert versions == sorted(versions) and len(set(versions)) == 6
