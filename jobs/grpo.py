@@ -41,7 +41,6 @@ import math
 import os
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -196,6 +195,7 @@ def train_worker(config: dict) -> None:
     from vigorl_core.chat_tokens import ChatTokens
     from vigorl_core.grpo import group_advantages
     from vigorl_core.grpo_batch import minibatch_plan, step_samples
+    from vigorl_core.grpo_metrics import buffer_metrics, rollout_metrics, train_metrics
     from vigorl_core.prompts import system_prompt
     from vigorl_core.sft_train import DEFAULT_SYSTEM, set_system_template
 
@@ -256,12 +256,12 @@ def train_worker(config: dict) -> None:
         version = _broadcast(version)
         synced = time.perf_counter()
         record = {"step": done, "policy_version": version, "lr": lr, "grad_norm": grad_norm(engine),
-                  **_train_metrics(sums), **_rollout_metrics(groups, records, trained_version),
+                  **train_metrics(sums), **rollout_metrics(groups, records, trained_version),
                   "time/wait": waited, "time/trainer_idle": waited,
                   "time/train": trained - train_started, "time/sync": synced - trained, "time/step": synced - started}
         if rank == 0:
             now = ray.get(buffer.status.remote())
-            record.update(_buffer_metrics(before, now))
+            record.update(buffer_metrics(before, now))
             before = now
         if log:
             log.step(record, show=done % cfg.log_every == 0 or done == total)
@@ -318,22 +318,6 @@ def _inject_faults(cfg: GRPOConfig, run_dir: Path, step: int, buffer, app: str, 
         ray.kill(ray.get_actor(f"SERVE_REPLICA::{app}#PolicyServer#{replica}", namespace="serve"), no_restart=True)
 
 
-def _buffer_metrics(before: dict, now: dict) -> dict:
-    """What the replay buffer saw during the step: whether it restarted (a new process; its counters start
-    again), groups dropped as too old, rolled out again, put after their step was gone, and how long
-    generation sat idle."""
-    restarted = now["pid"] != before["pid"]
-    if restarted:
-        before = {}
-    return {"replay_restarts": int(restarted), "stale_dropped": now["stale"] - before.get("stale", 0),
-            "rollout_retries": now["retried"] - before.get("retried", 0),
-            "late_groups": now["late"] - before.get("late", 0),
-            "time/generation_idle": now["idle_seconds"] - before.get("idle_seconds", 0.0)}
-
-
-STAT_KEYS = ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "dual_clip_fraction", "ratio_mean", "approx_kl")
-
-
 def _train_step(cfg: GRPOConfig, engine, reference, records, advantages, plan, rank, image_refs, chat, processor,
                 version: int):
     """Old and reference log-probs, then one optimizer step per mini-batch of `plan`. Returns the summed stats
@@ -345,6 +329,7 @@ def _train_step(cfg: GRPOConfig, engine, reference, records, advantages, plan, r
 
     from vigorl_core.grpo import behaviour_weights, grpo_loss
     from vigorl_core.grpo_batch import collate_rollouts, rollout_item, sequence_logprobs
+    from vigorl_core.grpo_metrics import EXTRA_SUMS, STAT_KEYS, loss_normalizer
 
     device = engine.device
     mine = [i for minibatch in plan for micro in minibatch[rank] for i in micro]
@@ -375,10 +360,11 @@ def _train_step(cfg: GRPOConfig, engine, reference, records, advantages, plan, r
     engine.train()
     accumulation = len(micro_batches[0])
     world = torch.distributed.get_world_size()
-    sums = torch.zeros(len(STAT_KEYS) + 7, dtype=torch.float64, device=device)
+    sums = torch.zeros(len(STAT_KEYS) + EXTRA_SUMS, dtype=torch.float64, device=device)
     for mini_index, minibatch in enumerate(plan):
         members = [i for ranks in minibatch for micro in ranks for i in micro]
-        normalizer = _normalizer(cfg, [records[i] for i in members])
+        normalizer = loss_normalizer(cfg.loss_aggregation, [records[i] for i in members],
+                                     cfg.max_response_tokens)
         for batch in micro_batches[mini_index]:
             logprobs, mask, _ = sequence_logprobs(engine, batch)
             old = batch.get("old", logprobs.detach())
@@ -411,58 +397,6 @@ def _next_positions(batch, mask):
 
     positions = loss_positions(batch["labels"]) + 1
     return positions.expand(mask.shape[0], -1)
-
-
-def _normalizer(cfg: GRPOConfig, members) -> float:
-    """The global denominator of a mini-batch's loss (vigorl_core.grpo.aggregate)."""
-    if cfg.loss_aggregation == "token_mean":
-        return float(sum(sum(r.loss_mask) for r in members))
-    if cfg.loss_aggregation == "seq_mean_token_mean":
-        return float(len(members))
-    return float(len(members) * cfg.max_response_tokens)
-
-
-def _train_metrics(sums) -> dict:
-    """Token-weighted means of the loss statistics; the importance weights of older rollouts' tokens. (The
-    weight maximum is summed over ranks by the all-reduce: an upper bound, capped by importance_cap.)"""
-    values = sums.tolist()
-    tokens, trusted, gap, stale, w_sum, capped, w_max = values[len(STAT_KEYS):]
-    out = {k: v / max(tokens, 1.0) for k, v in zip(STAT_KEYS, values)}
-    out["trained_tokens"] = int(tokens)
-    out["logprob_mismatch"] = gap / trusted if trusted else None
-    out["off_policy_tokens"] = int(stale)
-    out["importance_weight_mean"] = w_sum / stale if stale else None
-    out["importance_weight_max"] = w_max if stale else None
-    out["importance_weight_capped"] = capped / stale if stale else None
-    return out
-
-
-def _rollout_metrics(groups, records, trained_version: int) -> dict:
-    """What the step's rollouts look like (all ranks hold the same records; rank 0 logs)."""
-    import statistics
-
-    rewards = [r.reward for r in records]
-    zero_var = sum(len({r.reward for r in g.records}) == 1 for g in groups)
-    staleness = [trained_version - min(r.policy_versions) for r in records]
-    received = [g.received for g in groups]
-    return {
-        "groups": len(groups), "rollouts": len(records),
-        "reward_mean": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards),
-        "accuracy": statistics.fmean(r.reward_details.get("accuracy", 0.0) for r in records),
-        "format": statistics.fmean(r.reward_details.get("format", 0.0) for r in records),
-        "response_tokens": statistics.fmean(len(r.train_ids) - r.prompt_len for r in records),
-        "generated_tokens": statistics.fmean(sum(r.loss_mask) for r in records),
-        "turns": statistics.fmean(r.num_turns for r in records),
-        "zooms": statistics.fmean(len(r.images) - 1 for r in records),
-        "finish": dict(Counter(r.finish for r in records)),
-        "zero_variance_groups": zero_var / len(groups),
-        "staleness_mean": statistics.fmean(staleness), "staleness_max": max(staleness),
-        "staleness_histogram": {str(k): v for k, v in sorted(Counter(staleness).items())},
-        "versions_per_rollout": statistics.fmean(len(set(r.policy_versions)) for r in records),
-        "constrained_rollouts": sum(r.constrained_logprobs for r in records),
-        "time/generate": max(received) - min(g.received - g.seconds for g in groups),
-        "time/score": sum(r.timings.get("score_seconds", 0.0) for r in records),
-    }
 
 
 def _log_rollouts(run_dir: Path, step: int, records, n: int) -> None:

@@ -70,9 +70,22 @@ class EngineHarness:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     def close(self):
+        """Shut the engine down and let its background tasks finish cancelling on the loop; left pending, they
+        are reported ("Task was destroyed but it is pending!") at interpreter exit, after pytest's summary."""
+        import asyncio
+
         self.engine.shutdown()
+
+        async def cancel_the_rest():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(cancel_the_rest(), timeout=30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
+        self.loop.close()
 
 
 @pytest.fixture(scope="session")
