@@ -112,6 +112,9 @@ class GRPOConfig(StageConfig):
     num_workers: int = Field(1, ge=1, description="Ray Train trainer workers (one per GPU on GPU clusters)")
     use_gpu: bool = Field(False, description="one GPU per trainer worker, NCCL, bf16")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per trainer worker")
+    gpus_per_worker: float = Field(1.0, gt=0, le=1, description="with use_gpu: GPU share per trainer worker; below "
+                                   "1 the trainer shares its GPU with a policy replica (policy.gpus, and "
+                                   "policy.engine.gpu_memory_utilization low enough for both)")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (3 for 7B)")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer state in CPU memory")
     offload_reference: bool = Field(False, description="keep the reference model in CPU memory between uses")

@@ -204,7 +204,8 @@ def fit(worker: Callable, loop_config: dict, cfg: Any, run_dir: Path, extra_env:
                                       "HF_HUB_OFFLINE") if k in os.environ}
     env["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
     env.update(extra_env or {})
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})}
+    gpus = getattr(cfg, "gpus_per_worker", 1.0)  # < 1: the trainer shares its GPU (with a policy replica)
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": gpus} if cfg.use_gpu else {})}
     trainer = TorchTrainer(
         worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
