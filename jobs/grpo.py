@@ -239,7 +239,7 @@ def train_worker(config: dict) -> None:
 
         if rank == 0:
             _inject_faults(cfg, run_dir, step, buffer, config["app"], request)
-        groups, image_refs = _fetch_groups(cfg, buffer, step, rank, request)
+        groups, image_refs = _fetch_groups(cfg, buffer, step, rank, request, engine.device)
         waited = time.perf_counter() - started
         records = [r for g in groups for r in g.records]
         rewards = torch.tensor([r.reward for r in records], dtype=torch.float32)
@@ -277,7 +277,7 @@ def train_worker(config: dict) -> None:
         log.close()
 
 
-def _fetch_groups(cfg: GRPOConfig, buffer, step: int, rank: int, request):
+def _fetch_groups(cfg: GRPOConfig, buffer, step: int, rank: int, request, device):
     """(groups, image refs) of `step`, the same on every rank. A buffer that restarted empty answers None for
     the step (and its image objects are gone with it): rank 0 requests the step again and every rank
     retries, until `rollout_timeout_s`."""
@@ -294,7 +294,7 @@ def _fetch_groups(cfg: GRPOConfig, buffer, step: int, rank: int, request):
                 ray.get(next(iter(got[1].values()))[0], timeout=60)
             except (ray.exceptions.OwnerDiedError, ray.exceptions.ObjectLostError):
                 got = None
-        ok = torch.tensor([got is not None], dtype=torch.int64)
+        ok = torch.tensor([got is not None], dtype=torch.int64, device=device)  # NCCL reduces GPU tensors only
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
         if ok.item():
             return got

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -229,24 +230,33 @@ class VLLMEngine:
     async def update_weights(self, state_dict: Mapping[str, Any], version: int) -> int:
         """Load `state_dict` (HF parameter names) into the running engine as `version` (the weight store's
         number) and return it. New requests wait at the gate, admitted ones finish, the engine pauses, loads,
-        clears its prefix and multimodal caches, and resumes."""
-        from safetensors.torch import save
+        clears its prefix and multimodal caches, and resumes.
 
-        blob = save({name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()})
-        async with self._weights_lock:
-            self._open.clear()
-            try:
-                await self._idle.wait()
-                await self._llm.pause_generation(mode="wait", clear_cache=True)
+        The weights reach vLLM's worker processes as a safetensors FILE they read (in /dev/shm when it has
+        room, else the temp folder), not as bytes through the RPC: vLLM's message encoding stops at 4 GiB,
+        and a 3B model in bf16 is 7.5 GB."""
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        tensors = {name: t.detach().cpu().contiguous() for name, t in state_dict.items()}
+        with tempfile.TemporaryDirectory(dir=_weights_folder(tensors), prefix="vigorl-weights-") as tmp:
+            path = os.path.join(tmp, "weights.safetensors")
+            await asyncio.to_thread(save_file, tensors, path)
+            async with self._weights_lock:
+                self._open.clear()
                 try:
-                    await self._llm.collective_rpc("load_safetensors_bytes", args=(blob,))
-                    await self._llm.reset_prefix_cache()
-                    await self._llm.reset_mm_cache()
-                    self.version = version
+                    await self._idle.wait()
+                    await self._llm.pause_generation(mode="wait", clear_cache=True)
+                    try:
+                        await self._llm.collective_rpc("load_safetensors_file", args=(path,))
+                        await self._llm.reset_prefix_cache()
+                        await self._llm.reset_mm_cache()
+                        self.version = version
+                    finally:
+                        await self._llm.resume_generation()
                 finally:
-                    await self._llm.resume_generation()
-            finally:
-                self._open.set()
+                    self._open.set()
         return self.version
 
     def shutdown(self) -> None:
@@ -256,3 +266,14 @@ class VLLMEngine:
             # AsyncLLM.__del__ calls shutdown() again, at interpreter exit when vLLM's module globals are
             # already gone (a TypeError traceback after the program's last line); once is enough.
             llm.shutdown = lambda *args, **kwargs: None
+
+
+def _weights_folder(tensors: Mapping[str, Any]) -> str | None:
+    """/dev/shm (memory, no disk write) when it has room for the weights twice over, else None (the temp folder)."""
+    import shutil
+
+    need = 2 * sum(t.numel() * t.element_size() for t in tensors.values())
+    try:
+        return "/dev/shm" if shutil.disk_usage("/dev/shm").free > need else None
+    except OSError:
+        return None

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 
 class WeightLoader:
-    """Loads a safetensors blob (HF parameter names) into the worker's model. Bytes, not tensors, cross
-    the RPC boundary: vLLM's utility-call encoder does not carry tensors intact."""
+    """Loads a safetensors file (HF parameter names) into the worker's model. A path, not tensors or bytes,
+    crosses the RPC boundary: vLLM's utility-call encoder does not carry tensors intact and stops at 4 GiB."""
 
-    def load_safetensors_bytes(self, blob: bytes) -> int:
-        from safetensors.torch import load
+    def load_safetensors_file(self, path: str) -> int:
+        from safetensors.torch import load_file
 
         runner = self.model_runner  # type: ignore[attr-defined]
-        tensors = load(blob)
+        tensors = load_file(path)
         if hasattr(runner, "reload_weights"):
             # Layer-wise reload re-runs process_weights_after_loading: the CPU backend repacks linear
             # weights into kernel format after the first load, so a plain load_weights cannot target them.

@@ -249,7 +249,8 @@ def test_weight_update_changes_outputs_and_bumps_the_version(vllm_engine, tiny_m
         long_one = asyncio.ensure_future(engine.generate(ids, [image], Sampling(max_tokens=200, temperature=0)))
         await asyncio.sleep(0.05)
         update = asyncio.ensure_future(engine.update_weights(perturbed, version=version + 1))
-        await asyncio.sleep(0)
+        while engine._open.is_set():  # the update has written its weights file and closed the gate
+            await asyncio.sleep(0.001)
         during = asyncio.ensure_future(engine.generate(ids, [image], greedy))
         return await long_one, await update, await during
 
