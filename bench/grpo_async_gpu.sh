@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Asynchronous GRPO (max_staleness 1) against synchronous (0) on ONE GPU (H100/H200) with the 3B-shaped
 # random-weight Qwen2.5-VL: the GPU counterpart of bench/grpo_async.py (same job, same metric).
-# On a device host, after the wheel bundle is installed (../shared/gpu/README.md), stages in any split:
+# On a device host, after the GPU wheel bundle is installed (as for bench/gpu.sh), stages in any split:
 #
 #   VIGORL_COMMIT=<sha> bash bench/grpo_async_gpu.sh model sync   # one call: build the model, the sync arm
 #   VIGORL_COMMIT=<sha> bash bench/grpo_async_gpu.sh async        # next call (the machine still warm)
