@@ -1,7 +1,7 @@
 """What every job needs before it starts: the process environment and the error style.
 
-The environment defaults are the measured ones for vLLM on CPU and Ray on small machines
-(measured on our CPU and GPU machines); a variable the user already set is left alone.
+The environment defaults are the ones measured to work for vLLM on CPU and Ray on small machines; a variable
+the user already set is left alone.
 """
 
 from __future__ import annotations
