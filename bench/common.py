@@ -29,9 +29,9 @@ def provenance() -> dict:
     }
 
 
-def write_result(area: str, name: str, result: dict) -> Path:
-    """bench/results/<area>_<name>.json with exactly one `ratio` (new / baseline, > 1 = better)."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{area}_{name}.json"
+def write_result(area: str, name: str, result: dict, path: Path | None = None) -> Path:
+    """bench/results/<area>_<name>.json (or `path`) with exactly one `ratio` (new / baseline, > 1 = better)."""
+    path = path or RESULTS / f"{area}_{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**result, **provenance()}, indent=2) + "\n")
     return path

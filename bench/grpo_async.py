@@ -26,16 +26,14 @@ each has its own GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import yaml
 
-from bench.grpo_step import _run_arm
+from bench.grpo_step import job_overrides, measure_and_write, run_arm
 from jobs.common import REPO_ROOT
 
 TIMES = ("wait", "generation_idle", "train", "sync", "step")
@@ -43,7 +41,7 @@ NOTE = ("2 CPU cores: the policy engine and the trainer compete for the same cor
         "capacity to use; this shows the mechanism works, not the speed-up (that needs a GPU for each)")
 
 
-def _arm(run: dict) -> dict:
+def summarize_arm(run: dict) -> dict:
     records = run["records"]
     steady = [r for r in records if r["step"] > 1]
     if not steady:
@@ -70,22 +68,18 @@ def _arm(run: dict) -> dict:
 
 
 def _measure(args, runs_dir: Path) -> dict:
-    from bench.common import provenance
     from jobs.training import model_folder
 
-    commit = provenance()["commit"]
     base = yaml.safe_load((REPO_ROOT / args.config).read_text())
     # The tiny model is built once, before both arms, so neither job's wall time carries the build.
     model_folder(args.model or base["model"], str(runs_dir))
-    extra = [x for kv in args.set for x in ("--" + kv.partition("=")[0], kv.partition("=")[2])]
-    if args.model:
-        extra += ["--model", args.model]
+    extra = job_overrides(args.set, args.model)
     arms, configs = {}, {}
     for name, k in (("sync", 0), ("async", args.staleness)):
         shutil.rmtree(runs_dir / "grpo" / f"bench-{name}", ignore_errors=True)  # a kept run would be continued
-        run, configs[name] = _run_arm(name, args.config, args.steps, runs_dir, [*extra, "--max_staleness", str(k)],
+        run, configs[name] = run_arm(name, args.config, args.steps, runs_dir, [*extra, "--max_staleness", str(k)],
                                       args.timeout)
-        arms[name] = _arm(run)
+        arms[name] = summarize_arm(run)
     keep = ("mode", "task", "seed", "rollout_batch_size", "group_size", "train_batch_size", "micro_batch_size",
             "max_tokens_per_turn", "max_response_tokens", "max_turns", "planned_zooms", "importance_cap",
             "num_workers", "rollout_workers", "rollout_concurrency", "replay_capacity", "precision", "max_steps")
@@ -108,8 +102,6 @@ def _measure(args, runs_dir: Path) -> dict:
             "warmup_steps": 1,
         },
     }
-    if provenance()["commit"] != commit:  # the result's commit is read when it is written
-        result["commit_at_start"] = commit
     return result
 
 
@@ -134,18 +126,7 @@ def main() -> None:
         parser.error("--staleness needs at least 1: 0 is the synchronous arm")
     if not (REPO_ROOT / args.config).is_file():
         parser.error(f"--config: no such file {REPO_ROOT / args.config}")
-    from bench.common import RESULTS, provenance
-
-    runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="vigorl-bench-grpo-async-")).resolve()
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        result = _measure(args, runs_dir)
-    finally:
-        if not args.runs_dir:
-            shutil.rmtree(runs_dir, ignore_errors=True)
-    path = Path(args.out) if args.out else RESULTS / "grpo_async_cpu.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**result, **provenance()}, indent=2) + "\n")
+    result, path = measure_and_write(args, _measure, "vigorl-bench-grpo-async-", "grpo_async", "cpu")
     for name in ("sync", "async"):
         arm = result[name]
         times = " ".join(f"{k} {arm['seconds'][k]:.2f}s" for k in TIMES)

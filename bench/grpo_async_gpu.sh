@@ -117,13 +117,13 @@ result() {
 import json, sys
 from pathlib import Path
 from bench.common import RESULTS, provenance
-from bench.grpo_async import TIMES, _arm
+from bench.grpo_async import TIMES, summarize_arm
 
 work, staleness = Path(sys.argv[1]), int(sys.argv[2])
 raw = {name: json.loads((work / f"{name}.json").read_text()) for name in ("sync", "async")}
 arms = {}
 for name, run in raw.items():
-    arms[name] = {**_arm(run), "complete": run["complete"], "peak_gpu_memory_mib": run["peak_gpu_memory_mib"],
+    arms[name] = {**summarize_arm(run), "complete": run["complete"], "peak_gpu_memory_mib": run["peak_gpu_memory_mib"],
                   "per_step": [{k: r.get(k) for k in ("step", "rollouts", "time/step", "time/wait", "time/train",
                                                       "time/sync", "time/generation_idle", "staleness_histogram")}
                                for r in run["records"]]}

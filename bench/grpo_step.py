@@ -47,7 +47,7 @@ TIMES = ("generate", "score", "wait", "train", "sync", "step")
 ARMS = {"single_turn": "configs/grpo_tiny.yaml", "multi_turn": "configs/grpo_tiny_multiturn.yaml"}
 
 
-def _run_arm(name: str, config: str, steps: int, runs_dir: Path, extra: list[str], timeout: float) -> tuple[dict, dict]:
+def run_arm(name: str, config: str, steps: int, runs_dir: Path, extra: list[str], timeout: float) -> tuple[dict, dict]:
     """Run the job; returns (per-step records, the run's resolved config). Raises with the job's output tail."""
     argv = [sys.executable, "-m", "jobs.grpo", "--config", config, "--run_name", f"bench-{name}",
             "--runs_dir", str(runs_dir), "--max_steps", str(steps), "--save_every", str(10 ** 6), *extra]
@@ -116,16 +116,36 @@ def _arm(run: dict, cfg: dict) -> dict:
     }
 
 
-def _measure(args, runs_dir: Path) -> dict:
-    from bench.common import provenance
+def job_overrides(settings: list[str], model: str | None) -> list[str]:
+    """`--set KEY=VALUE` options (and --model) as the job's `--KEY VALUE` arguments."""
+    extra = [x for kv in settings for x in ("--" + kv.partition("=")[0], kv.partition("=")[2])]
+    return extra + (["--model", model] if model else [])
 
+
+def measure_and_write(args, measure, prefix: str, area: str, name: str) -> tuple[dict, Path]:
+    """Run `measure(args, runs_dir)` in --runs-dir (kept) or a temp folder (deleted), note a commit that changed
+    meanwhile (`commit_at_start`; the result's commit is read when it is written), and write the result to
+    --out or bench/results/<area>_<name>.json. Returns (result, path)."""
+    from bench.common import provenance, write_result
+
+    runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix=prefix)).resolve()
+    runs_dir.mkdir(parents=True, exist_ok=True)
     commit = provenance()["commit"]
-    extra = [x for kv in args.set for x in ("--" + kv.partition("=")[0], kv.partition("=")[2])]
-    if args.model:
-        extra += ["--model", args.model]
+    try:
+        result = measure(args, runs_dir)
+    finally:
+        if not args.runs_dir:
+            shutil.rmtree(runs_dir, ignore_errors=True)
+    if provenance()["commit"] != commit:
+        result["commit_at_start"] = commit
+    return result, write_result(area, name, result, Path(args.out) if args.out else None)
+
+
+def _measure(args, runs_dir: Path) -> dict:
+    extra = job_overrides(args.set, args.model)
     arms, configs, steady = {}, {}, []
     for name, steps in (("single_turn", args.steps), ("multi_turn", args.multiturn_steps)):
-        run, cfg = _run_arm(name, ARMS[name], steps, runs_dir, extra, args.timeout)
+        run, cfg = run_arm(name, ARMS[name], steps, runs_dir, extra, args.timeout)
         arms[name], configs[name] = _arm(run, cfg), cfg
         steady += [r for r in run["records"] if r["step"] > 1]
     sync, step = sum(r["time/sync"] for r in steady), sum(r["time/step"] for r in steady)
@@ -151,8 +171,6 @@ def _measure(args, runs_dir: Path) -> dict:
             "warmup_steps": 1,
         },
     }
-    if provenance()["commit"] != commit:  # the result's commit is read when it is written
-        result["commit_at_start"] = commit
     return result
 
 
@@ -170,18 +188,7 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.steps, args.multiturn_steps) < 2:
         parser.error("--steps and --multiturn-steps need at least 2: the first step is warm-up")
-    from bench.common import RESULTS, provenance
-
-    runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix="vigorl-bench-grpo-")).resolve()
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        result = _measure(args, runs_dir)
-    finally:
-        if not args.runs_dir:
-            shutil.rmtree(runs_dir, ignore_errors=True)
-    path = Path(args.out) if args.out else RESULTS / "grpo_step_cpu.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**result, **provenance()}, indent=2) + "\n")
+    result, path = measure_and_write(args, _measure, "vigorl-bench-grpo-", "grpo_step", "cpu")
     for name in ARMS:
         arm = result[name]
         split = " ".join(f"{k} {arm['seconds'][k]:.2f}s ({arm['share_of_step'][k]:.0%})" for k in TIMES if k != "step")
