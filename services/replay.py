@@ -34,7 +34,7 @@ import asyncio
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
@@ -94,7 +94,7 @@ class ReplayBuffer:
         self.claims: dict[str, tuple[str, WorkItem]] = {}    # group id -> (the worker rolling it out, the item)
         self.errors: dict[int, str] = {}                     # step -> why a group of it could not be made
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
-        self.last_retry = ""                                 # why the last retried item was retried
+        self.last_retry = ""                                 # why the last retried item was retried (status)
         self.idle_seconds = 0.0                              # time with no work queued or in flight
         self._idle_since: float | None = time.monotonic()
         self._changed = asyncio.Condition()
@@ -112,8 +112,9 @@ class ReplayBuffer:
             kept = {slot: g for slot, g in self.groups.get(step, {}).items()
                     if not failed and g.oldest_version >= min_version and slot < len(sample_indices)
                     and g.item.sample_index == sample_indices[slot]}
-            for slot in kept:
+            for slot, group in kept.items():
                 self.groups[step].pop(slot)
+                group.item = replace(group.item, min_version=min_version)  # so asking again is idempotent
             self._drop_step(step)
             attempt = 1 + max((it.attempt for it in (current or {}).values()), default=-1)
             self.expected[step] = {slot: kept[slot].item if slot in kept else
@@ -231,7 +232,8 @@ class ReplayBuffer:
         idle = self.idle_seconds + (time.monotonic() - self._idle_since if self._idle_since is not None else 0.0)
         return {"queued": len(self.queue), "in_flight": len(self.claims), "held_groups": self._held(),
                 "images": len(self.images), "capacity": self.capacity, "steps": sorted(self.expected),
-                "restarted": self.restarted, "pid": os.getpid(), "idle_seconds": idle, **self.stats}
+                "restarted": self.restarted, "pid": os.getpid(), "idle_seconds": idle,
+                "last_retry": self.last_retry, **self.stats}
 
     # ---- internals
     def _requeue(self, item: WorkItem) -> None:

@@ -146,9 +146,13 @@ def test_rerequest_keeps_groups_that_are_still_recent_enough(ray_local, buffer):
     assert (status["held_groups"], status["images"], status["queued"]) == (1, 1, 1)
     [again] = _claim_all(ray, buffer, 1)
     assert (again.sample_index, again.min_version) == (8, 5)
+    # The trainer asks again with the same version (it does each step): nothing is queued again, and the
+    # rollout in flight still counts.
+    ray.get(buffer.request.remote(3, 5, [7, 8]))
+    assert ray.get(buffer.status.remote())["queued"] == 0
     assert _put(ray, buffer, again, {"z": _pixels(3)}) == "stored"
     groups, images = ray.get(buffer.get.remote(3, 5.0), timeout=10)
-    assert [g.item.sample_index for g in groups] == [7, 8] and groups[0].item == first
+    assert [g.item.sample_index for g in groups] == [7, 8] and groups[0].item.group_id == first.group_id
     assert sorted(images) == ["x", "z"]
 
 
