@@ -369,9 +369,9 @@ def _train_step(cfg: GRPOConfig, engine, reference, records, advantages, plan, r
         normalizer = loss_normalizer(cfg.loss_aggregation, [records[i] for i in members],
                                      cfg.max_response_tokens)
         for batch in micro_batches[mini_index]:
-            logprobs, mask, _ = sequence_logprobs(engine, batch)
+            logprobs, mask, positions = sequence_logprobs(engine, batch)
             old = batch.get("old", logprobs.detach())
-            engine_lp = batch["engine_logprobs"].gather(1, _next_positions(batch, mask))
+            engine_lp = batch["engine_logprobs"][:, positions + 1]  # aligned with logprobs [B, K]
             weights, stale_tokens = None, mask & batch["behind"][:, None]
             if stale_tokens.any():
                 weights = torch.where(stale_tokens, behaviour_weights(old, engine_lp, mask, cfg.importance_cap), 1.0)
@@ -393,13 +393,6 @@ def _train_step(cfg: GRPOConfig, engine, reference, records, advantages, plan, r
             sums += torch.tensor([*stat_values, tokens, float(trusted.sum()), float(gap), float(stale_tokens.sum()),
                                   w_sum, capped, w_max], dtype=torch.float64, device=device)
     return sums
-
-
-def _next_positions(batch, mask):
-    from vigorl_core.sft_train import loss_positions
-
-    positions = loss_positions(batch["labels"]) + 1
-    return positions.expand(mask.shape[0], -1)
 
 
 def _log_rollouts(run_dir: Path, step: int, records, n: int) -> None:

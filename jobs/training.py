@@ -191,7 +191,7 @@ class RunLog:
         self.tensorboard.close()
 
 
-def fit(worker: Callable, loop_config: dict, cfg: Any, run_dir: Path, extra_env: dict | None = None):
+def fit(worker: Callable, loop_config: dict, cfg: Any, run_dir: Path):
     """Run `worker` on `cfg.num_workers` Ray Train workers (a GPU each with `cfg.use_gpu`), checkpoints
     under run_dir/checkpoints, restarts from the last checkpoint up to `cfg.max_failures` times. Ray must
     be initialised by the caller."""
@@ -203,7 +203,6 @@ def fit(worker: Callable, loop_config: dict, cfg: Any, run_dir: Path, extra_env:
     env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM",
                                       "HF_HUB_OFFLINE") if k in os.environ}
     env["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
-    env.update(extra_env or {})
     gpus = getattr(cfg, "gpus_per_worker", 1.0)  # < 1: the trainer shares its GPU (with a policy replica)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": gpus} if cfg.use_gpu else {})}
     trainer = TorchTrainer(

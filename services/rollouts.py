@@ -55,7 +55,6 @@ class RolloutWorker:
         self._prepared: OrderedDict[int, Any] = OrderedDict()  # decoded, resized samples (recent ones)
         self._stopped = False
         self.groups = 0
-        self.retries = 0
 
     def _prepare(self, index: int):
         prepared = self._prepared.get(index)
@@ -83,7 +82,6 @@ class RolloutWorker:
                 rollouts = await self.driver.rollout_group(self._prepare(item.sample_index))
             except SYSTEM_ERRORS as err:
                 if not isinstance(err, ray.exceptions.RayTaskError):  # the replica's own code raised: a real error
-                    self.retries += 1
                     await self.buffer.retry.remote(item, f"{type(err).__name__}: {err}"[:500])
                     await asyncio.sleep(1.0)  # Serve needs a moment to route around (or replace) a dead replica
                     continue
