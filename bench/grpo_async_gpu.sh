@@ -142,7 +142,7 @@ result = {
             "same config, seed, model and steps; trainer and vLLM replica share one GPU",
     "note": "one GPU shared by the trainer (Ray Train + DeepSpeed ZeRO-2, 0.5 GPU) and one vLLM replica (0.5 GPU, "
             "eager): overlapping generation with training only uses what each leaves idle on the same chip; "
-            "weight sync goes through the Ray object store (CPU). job_seconds stop at the last step's record "
+            "weight sync is one safetensors file per version in /dev/shm (written by the trainer, read by vLLM's worker). job_seconds stop at the last step's record "
             "(the end-of-run checkpoint is cut off).",
     **arms,
     "config": {

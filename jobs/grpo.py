@@ -252,7 +252,7 @@ def train_worker(config: dict) -> None:
         torch.distributed.all_reduce(sums)
         trained = time.perf_counter()
         done, trained_version = step + 1, version
-        if publisher:  # asynchronous: the replicas switch between requests; nobody waits for them
+        if publisher:  # asynchronous: written and announced in the background; replicas switch between requests
             version = publisher.publish(_policy_state(engine, cfg), wait=cfg.max_staleness == 0)
         else:
             _policy_state(engine, cfg)  # ZeRO-3 gathers collectively
@@ -273,6 +273,8 @@ def train_worker(config: dict) -> None:
         if done % cfg.save_every == 0 or done == total:
             save_checkpoint(engine, cfg.zero_stage, processor, model_dir, run_dir, done, record, rank,
                             client_state={"step": done, "version": version})
+    if publisher:
+        publisher.flush()  # the last version is announced before the job ends
     if log:
         log.close()
 

@@ -15,49 +15,95 @@ Rules that keep versions honest:
 - the store is scoped to a run: `create` replaces any store of that name (a rerun never starts on the last
   run's weights) and starts at `initial_version` (the version of the weights the replicas load from disk);
   it is owned by the process that created it (the job) and ends with it;
-- the published weights are owned by the store (it puts them in the object store itself): a trainer worker
-  that dies does not take the object with it (replicas would get `OwnerDiedError`);
+- the published weights outlive the trainer worker that wrote them (a file, not an object that worker owns:
+  replicas would get `OwnerDiedError`);
 - `publish(wait=True)` returns once every running replica serves the new version (synchronous GRPO);
   `wait=False` returns at once (asynchronous GRPO).
 
-Transport: the Ray object store (CPU clusters, tests). NCCL broadcast for GPU clusters is to come behind
-the same `publish`.
+Transport: one safetensors file per version, written once by the publisher into a per-run folder on its
+node (/dev/shm when it has room: memory, no disk). A replica on that node hands the path straight to its
+engine (no copy through the object store: for a 3B model in bf16 that copy, 7.5 GB three times over, was
+most of a GRPO step on one GPU); a replica on another node reads the file through a task pinned to the
+publisher's node, which moves the tensors through the object store. Files live on after the trainer
+process that wrote them; the publisher keeps the newest two versions and `close` removes the folders.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import tempfile
 import time
+import uuid
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import ray
 
 NAMESPACE = "vigorl"
+KEEP_VERSIONS = 2  # the newest file and the one before it, which a replica may still be loading
 
 
 def store_name(weights: str) -> str:
     return f"vigorl-weights-{weights}"
 
 
+def weights_folder(weights: str, need_bytes: int) -> Path:
+    """This node's folder for the run's weight files: /dev/shm when it has room for them twice over
+    (memory, no disk), else the temp folder."""
+    try:
+        shm_free = shutil.disk_usage("/dev/shm").free
+    except OSError:
+        shm_free = 0
+    root = "/dev/shm" if shm_free > 2 * need_bytes else tempfile.gettempdir()
+    return Path(root) / "vigorl-weights" / weights
+
+
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def _on_node(node: str):
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(node, soft=False)
+
+
+@ray.remote(num_cpus=0)
+def read_weights(path: str) -> dict:
+    """The tensors of a weight file, read on the node that holds it (for a replica on another node)."""
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+@ray.remote(num_cpus=0)
+def _remove_folders(folders: list[str]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @ray.remote(num_cpus=0)
 class WeightStore:
-    """The latest published weights (version, object ref) and which replicas serve which version."""
+    """The latest published weights (version, where its file is) and which replicas serve which version."""
 
     def __init__(self, initial_version: int = 0):
         self.initial_version = initial_version
         self.version = initial_version
-        self.weights: list[Any] = []  # [ObjectRef]: boxed, so Ray passes the ref along instead of resolving it
+        self.latest: dict[str, str] | None = None  # {"path", "node"} of the newest version's file
+        self.folders: dict[str, set[str]] = {}  # node -> folders written there (removed by `remove_files`)
         self.acks: dict[str, int] = {}
         self._changed = asyncio.Condition()
 
-    async def publish(self, state_dict: dict) -> int:
-        """Own a copy of the weights in the object store (put by this actor, so it outlives the trainer
-        process that sent them) and make it the next version."""
-        ref = ray.put(state_dict)
+    async def publish(self, path: str, node: str) -> int:
+        """Make the file `path` on `node` the next version; returns its number."""
         async with self._changed:
             self.version += 1
-            self.weights = [ref]
+            self.latest = {"path": path, "node": node}
+            self.folders.setdefault(node, set()).add(str(Path(path).parent))
             self._changed.notify_all()
         return self.version
 
@@ -67,18 +113,19 @@ class WeightStore:
     def initial(self) -> int:
         return self.initial_version
 
-    async def newer_than(self, version: int, timeout_s: float) -> tuple[int, list] | None:
-        """(version, [ref]) as soon as a published version newer than `version` exists; None after `timeout_s`
-        (also when the newest version is the initial one, which replicas load from disk)."""
+    async def newer_than(self, version: int, timeout_s: float) -> tuple[int, dict[str, str]] | None:
+        """(version, {"path", "node"}) as soon as a published version newer than `version` exists; None after
+        `timeout_s` (also when the newest version is the initial one, which replicas load from disk)."""
+        def found() -> bool:
+            return self.version > version and self.latest is not None
+
         async with self._changed:
-            if self.version > version and self.weights:
-                return self.version, self.weights
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self.version > version and self.weights),
-                                       timeout_s)
-            except TimeoutError:
-                return None
-            return self.version, self.weights
+            if not found():
+                try:
+                    await asyncio.wait_for(self._changed.wait_for(found), timeout_s)
+                except TimeoutError:
+                    return None
+            return self.version, self.latest
 
     async def ack(self, replica: str, version: int) -> None:
         async with self._changed:
@@ -101,6 +148,12 @@ class WeightStore:
         """How many replicas serve `version` or newer."""
         return sum(v >= version for v in self.acks.values())
 
+    def remove_files(self) -> None:
+        """Remove every folder of weight files, on each node that has one (the run is over)."""
+        ray.get([_remove_folders.options(scheduling_strategy=_on_node(node)).remote(sorted(folders))
+                 for node, folders in self.folders.items()])
+        self.folders.clear()
+
 
 def find_store(weights: str):
     """The run's store; a clear error when the job did not create one."""
@@ -118,6 +171,7 @@ class ReplicaWeights:
 
     def __init__(self, weights: str, engine: Any, replica: str):
         self.store, self.engine, self.replica = find_store(weights), engine, replica
+        self.node = _node_id()
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -130,8 +184,12 @@ class ReplicaWeights:
     async def _load_newer(self, timeout_s: float) -> None:
         found = await self.store.newer_than.remote(self.engine.version, timeout_s)
         if found is not None:
-            version, [ref] = found
-            await self.engine.update_weights(await ref, version=version)
+            version, where = found
+            if where["node"] == self.node:
+                await self.engine.update_weights_from_file(where["path"], version=version)
+            else:
+                tensors = await read_weights.options(scheduling_strategy=_on_node(where["node"])).remote(where["path"])
+                await self.engine.update_weights(tensors, version=version)
         await self.store.ack.remote(self.replica, self.engine.version)
 
     async def _follow(self) -> None:
@@ -154,7 +212,9 @@ class WeightPublisher:
     """The trainer's side: publish a state dict to every replica of the Serve app `app`."""
 
     def __init__(self, weights: str, app: str, store=None):
-        self.store, self.app = store or find_store(weights), app
+        self.weights, self.store, self.app = weights, store or find_store(weights), app
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     @classmethod
     def create(cls, weights: str, app: str, initial_version: int = 0) -> WeightPublisher:
@@ -178,11 +238,47 @@ class WeightPublisher:
         return status.replica_states.get("RUNNING", 0)
 
     def publish(self, state_dict: Mapping[str, Any], wait: bool = True, timeout_s: float = 600.0) -> int:
-        """Hand the weights (HF parameter names) to the store, which owns them, and bump the version;
-        with `wait`, return once every running replica serves it. Returns the new version."""
-        version = ray.get(self.store.publish.remote({name: t.detach().cpu() for name, t in state_dict.items()}))
+        """Make the weights (HF parameter names) the store's next version and return its number.
+
+        The tensors are copied to host memory here (the caller may change them right after); writing the file
+        to this node's weight folder and announcing it to the store follow. With `wait` they run now and this
+        returns once every running replica serves the version (synchronous GRPO); without, they run in the
+        background while the trainer goes on (asynchronous GRPO) and the next `publish` or `flush` waits for
+        them and raises their error."""
+        self.flush()
+        tensors = {name: t.detach().cpu().contiguous() for name, t in state_dict.items()}
         if wait:
+            version = self._announce(tensors)
             self.wait_serving(version, timeout_s)
+            return version
+        version = self.version() + 1  # a run has one publisher at a time: the next number is this one's
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-publish")
+        self._pending = self._writer.submit(self._announce, tensors, version)
+        return version
+
+    def flush(self) -> None:
+        """Wait until a background publish is announced; its error, if any, is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _announce(self, tensors: dict[str, Any], expected: int | None = None) -> int:
+        """Write one file (atomically: a replica never sees half of it), make it the store's next version,
+        drop files older than the newest `KEEP_VERSIONS`."""
+        from safetensors.torch import save_file
+
+        folder = weights_folder(self.weights, sum(t.numel() * t.element_size() for t in tensors.values()))
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{uuid.uuid4().hex}.safetensors"
+        partial = path.with_suffix(".partial")
+        save_file(tensors, str(partial))
+        os.replace(partial, path)
+        version = ray.get(self.store.publish.remote(str(path), _node_id()))
+        _keep_newest(folder, KEEP_VERSIONS)
+        if expected is not None and version != expected:
+            raise RuntimeError(f"weights published as version {version}, expected {expected}: another publisher "
+                               f"of run {self.weights!r} is running")
         return version
 
     def wait_serving(self, version: int, timeout_s: float = 600.0) -> None:
@@ -199,5 +295,16 @@ class WeightPublisher:
                                    f"within {timeout_s:.0f} s")
 
     def close(self) -> None:
-        """End the store (and the weights it owns)."""
-        ray.kill(self.store)
+        """End the store and remove the run's weight files."""
+        try:
+            self.flush()
+            ray.get(self.store.remove_files.remote())
+        finally:
+            ray.kill(self.store)
+
+
+def _keep_newest(folder: Path, keep: int) -> None:
+    """Delete all but the `keep` newest weight files in `folder` (older ones, a killed run's leftovers)."""
+    files = sorted(folder.glob("*.safetensors"), key=lambda f: f.stat().st_mtime_ns, reverse=True)
+    for old in files[keep:]:
+        old.unlink(missing_ok=True)

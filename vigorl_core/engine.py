@@ -229,12 +229,8 @@ class VLLMEngine:
 
     async def update_weights(self, state_dict: Mapping[str, Any], version: int) -> int:
         """Load `state_dict` (HF parameter names) into the running engine as `version` (the weight store's
-        number) and return it. New requests wait at the gate, admitted ones finish, the engine pauses, loads,
-        clears its prefix and multimodal caches, and resumes.
-
-        The weights reach vLLM's worker processes as a safetensors FILE they read (in /dev/shm when it has
-        room, else the temp folder), not as bytes through the RPC: vLLM's message encoding stops at 4 GiB,
-        and a 3B model in bf16 is 7.5 GB."""
+        number) and return it: written to a temporary safetensors file (in /dev/shm when it has room, else
+        the temp folder), then `update_weights_from_file`."""
         import tempfile
 
         from safetensors.torch import save_file
@@ -243,20 +239,31 @@ class VLLMEngine:
         with tempfile.TemporaryDirectory(dir=_weights_folder(tensors), prefix="vigorl-weights-") as tmp:
             path = os.path.join(tmp, "weights.safetensors")
             await asyncio.to_thread(save_file, tensors, path)
-            async with self._weights_lock:
-                self._open.clear()
+            return await self.update_weights_from_file(path, version)
+
+    async def update_weights_from_file(self, path: str, version: int) -> int:
+        """Load a safetensors file of HF-named weights into the running engine as `version` and return it.
+        New requests wait at the gate, admitted ones finish, the engine pauses, loads, clears its prefix and
+        multimodal caches, and resumes.
+
+        vLLM's worker processes read the file themselves: a path, not bytes, crosses the RPC (vLLM's message
+        encoding stops at 4 GiB, and a 3B model in bf16 is 7.5 GB)."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"weights file {path} does not exist (on this node)")
+        async with self._weights_lock:
+            self._open.clear()
+            try:
+                await self._idle.wait()
+                await self._llm.pause_generation(mode="wait", clear_cache=True)
                 try:
-                    await self._idle.wait()
-                    await self._llm.pause_generation(mode="wait", clear_cache=True)
-                    try:
-                        await self._llm.collective_rpc("load_safetensors_file", args=(path,))
-                        await self._llm.reset_prefix_cache()
-                        await self._llm.reset_mm_cache()
-                        self.version = version
-                    finally:
-                        await self._llm.resume_generation()
+                    await self._llm.collective_rpc("load_safetensors_file", args=(path,))
+                    await self._llm.reset_prefix_cache()
+                    await self._llm.reset_mm_cache()
+                    self.version = version
                 finally:
-                    self._open.set()
+                    await self._llm.resume_generation()
+            finally:
+                self._open.set()
         return self.version
 
     def shutdown(self) -> None:
