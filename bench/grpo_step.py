@@ -20,8 +20,8 @@ are not meant to add up with the others.
 
 ratio = 1 - sum(time/sync) / sum(time/step) over the steady steps of both arms: the share of the step
 NOT spent in weight sync. The "baseline" is the step itself; the goal is sync < 5% of the step (ratio
->= 0.95). Sync here is the CPU transport: the trainer sends its state dict to the run's WeightStore (Ray
-object store) and waits until every replica has loaded it into vLLM. The tiny model keeps every part of the
+>= 0.95). Sync: the trainer writes its weights to one safetensors file, the run's WeightStore announces it,
+and the trainer waits until every replica has loaded it into vLLM. The tiny model keeps every part of the
 step short; with real models, train, generate and the weights sent all grow, so CPU shares do not carry over.
 """
 

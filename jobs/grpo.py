@@ -249,7 +249,7 @@ def train_worker(config: dict) -> None:
         train_started = time.perf_counter()
         sums = _train_step(cfg, engine, reference, records, advantages, plan, rank, image_refs, chat, processor,
                            version)
-        torch.distributed.all_reduce(sums)
+        _all_reduce_stats(sums)
         trained = time.perf_counter()
         done, trained_version = step + 1, version
         if publisher:  # asynchronous: written and announced in the background; replicas switch between requests
@@ -334,7 +334,7 @@ def _train_step(cfg: GRPOConfig, engine, reference, records, advantages, plan, r
 
     from vigorl_core.grpo import behaviour_weights, grpo_loss
     from vigorl_core.grpo_batch import collate_rollouts, rollout_item, sequence_logprobs
-    from vigorl_core.grpo_metrics import EXTRA_SUMS, STAT_KEYS, loss_normalizer
+    from vigorl_core.grpo_metrics import EXTRA_SUMS, STAT_KEYS, add_micro_batch, loss_normalizer
 
     device = engine.device
     mine = [i for minibatch in plan for micro in minibatch[rank] for i in micro]
@@ -392,8 +392,8 @@ def _train_step(cfg: GRPOConfig, engine, reference, records, advantages, plan, r
             w_sum = float(weights[stale_tokens].sum()) if weights is not None else 0.0
             w_max = float(weights[stale_tokens].max()) if weights is not None else 0.0
             capped = float((weights[stale_tokens] >= cfg.importance_cap).sum()) if weights is not None else 0.0
-            sums += torch.tensor([*stat_values, tokens, float(trusted.sum()), float(gap), float(stale_tokens.sum()),
-                                  w_sum, capped, w_max], dtype=torch.float64, device=device)
+            add_micro_batch(sums, [*stat_values, tokens, float(trusted.sum()), float(gap), float(stale_tokens.sum()),
+                                   w_sum, capped], w_max)
     return sums
 
 
@@ -403,6 +403,16 @@ def _log_rollouts(run_dir: Path, step: int, records, n: int) -> None:
                          "text": r.text, "points": [[p.x, p.y] for p in r.trace.points]}) + "\n" for r in records[:n]]
     with open(run_dir / "rollouts.jsonl", "a", encoding="utf-8") as f:
         f.writelines(lines)
+
+
+def _all_reduce_stats(sums) -> None:
+    """Sum the step's statistics over ranks, except the last one (the importance-weight maximum): MAX."""
+    import torch
+
+    highest = sums[-1:].clone()
+    torch.distributed.all_reduce(highest, op=torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(sums)
+    sums[-1:] = highest
 
 
 def _broadcast(value: int) -> int:

@@ -12,8 +12,15 @@ from collections import Counter
 # Loss statistics the trainer sums per micro-batch (weighted by its loss tokens), then all-reduces.
 STAT_KEYS = ("loss", "pg_loss", "kl", "entropy", "clip_fraction", "dual_clip_fraction", "ratio_mean", "approx_kl")
 # After them in the same vector: tokens, trusted tokens, engine/trainer gap, off-policy tokens, weight sum,
-# capped weights, weight maximum.
+# capped weights (all sums), then the weight maximum (a maximum over micro-batches and ranks).
 EXTRA_SUMS = 7
+
+
+def add_micro_batch(sums, values: list[float], weight_max: float) -> None:
+    """Add one micro-batch's statistics to the step's vector `sums` (a tensor of len(STAT_KEYS) + EXTRA_SUMS):
+    `values` are every entry but the last, summed; `weight_max` raises the running weight maximum."""
+    sums[:-1] += sums.new_tensor(values)
+    sums[-1] = max(float(sums[-1]), weight_max)
 
 
 def loss_normalizer(aggregation: str, members, max_response_tokens: int) -> float:
@@ -26,8 +33,8 @@ def loss_normalizer(aggregation: str, members, max_response_tokens: int) -> floa
 
 
 def train_metrics(sums) -> dict:
-    """Token-weighted means of the loss statistics; the importance weights of older rollouts' tokens. (The
-    weight maximum is summed over ranks by the all-reduce: an upper bound, capped by importance_cap.)"""
+    """Token-weighted means of the loss statistics; the importance weights of older rollouts' tokens (every
+    value is a sum over micro-batches and ranks except the weight maximum, which is the maximum)."""
     values = sums.tolist()
     tokens, trusted, gap, stale, w_sum, capped, w_max = values[len(STAT_KEYS):]
     out = {k: v / max(tokens, 1.0) for k, v in zip(STAT_KEYS, values)}

@@ -178,6 +178,8 @@ def test_asynchronous_grpo_survives_a_dead_buffer_a_dead_replica_and_a_dead_trai
     assert all(r["groups"] == 4 and r["rollouts"] == 16 and r["trained_tokens"] > 0 for r in steps)
     assert all(r["staleness_max"] <= 1 for r in steps)
     assert any(r["staleness_max"] == 1 for r in steps), "the next step was rolled out while training"
+    # Planned turns' engine log-probs are a grammar's, not the behaviour policy's: no importance correction.
+    assert all(r["off_policy_tokens"] == 0 and r["importance_weight_max"] is None for r in steps)
     assert steps[1]["replay_restarts"] >= 1
     first_tries = _lines(run_dir / "metrics.superseded.jsonl")
     assert [r["step"] for r in first_tries] == [5]

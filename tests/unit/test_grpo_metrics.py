@@ -10,6 +10,7 @@ import torch
 from vigorl_core.grpo_metrics import (
     EXTRA_SUMS,
     STAT_KEYS,
+    add_micro_batch,
     buffer_metrics,
     loss_normalizer,
     rollout_metrics,
@@ -49,6 +50,20 @@ def test_train_metrics_weight_by_tokens_and_report_importance_weights():
     assert m["importance_weight_mean"] == pytest.approx(1.1) and m["importance_weight_capped"] == 0.25
     none = train_metrics(torch.zeros(len(STAT_KEYS) + EXTRA_SUMS, dtype=torch.float64))
     assert none["importance_weight_mean"] is None and none["logprob_mismatch"] is None
+
+
+def test_micro_batches_add_their_sums_and_keep_the_largest_importance_weight():
+    sums = torch.zeros(len(STAT_KEYS) + EXTRA_SUMS, dtype=torch.float64)
+    width = len(sums) - 1
+    for weight_max in (1.2, 1.9, 1.1):  # three micro-batches of 2 off-policy tokens each
+        values = [0.0] * width
+        values[len(STAT_KEYS)] = values[len(STAT_KEYS) + 3] = 2.0  # tokens, off-policy tokens
+        values[len(STAT_KEYS) + 4] = 2.2  # weight sum
+        add_micro_batch(sums, values, weight_max)
+    m = train_metrics(sums)
+    assert m["trained_tokens"] == 6 and m["off_policy_tokens"] == 6
+    assert m["importance_weight_mean"] == pytest.approx(1.1)
+    assert m["importance_weight_max"] == 1.9  # the largest, not the sum of the micro-batches' maxima
 
 
 def test_buffer_metrics_are_deltas_and_start_again_after_a_restart():
