@@ -21,10 +21,14 @@ def provenance() -> dict:
                                           cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = "unknown"
+    machine = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+               "processor": platform.processor() or platform.machine()}
+    gpu = _gpu_name()
+    if gpu:
+        machine["gpu"] = gpu
     return {
         "commit": commit or "unknown",
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "processor": platform.processor() or platform.machine()},
+        "machine": machine,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -35,3 +39,16 @@ def write_result(area: str, name: str, result: dict, path: Path | None = None) -
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**result, **provenance()}, indent=2) + "\n")
     return path
+
+
+def _gpu_name() -> str | None:
+    """"NVIDIA H200, 143771 MiB, driver 580.159.04" on a GPU host (nvidia-smi), else None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if not out:
+        return None
+    name, memory, driver = (part.strip() for part in out.splitlines()[0].split(","))
+    return f"{name}, {memory}, driver {driver}"
