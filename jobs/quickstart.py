@@ -57,13 +57,15 @@ class QuickstartConfig(StageConfig):
     num_cpus: int = Field(8, ge=1, description="logical CPUs of the local Ray (stages schedule fractions)")
 
 
-# What each stage does at each size. The full sizes are chosen for learning on 2 cores within about 30
-# minutes; --fast keeps every stage but only a few samples and steps.
-SIZES: dict[str, dict[str, int]] = {
+# What each stage does at each size. The full sizes are chosen for learning on 2 cores; --fast keeps every
+# kind of stage with a few samples, steps and tokens, and evaluates two models (one per evaluation mode).
+SIZES: dict[str, dict[str, Any]] = {
     "full": {"train_n": 256, "heldout_n": 64, "teacher_steps": 300, "mcts_n": 48, "sft_steps": 400,
-             "grpo_steps": 30, "grpo_zoom_steps": 20, "rollout_batch": 8, "group": 8, "mcts_simulations": 4},
+             "grpo_steps": 30, "grpo_zoom_steps": 20, "rollout_batch": 8, "group": 8, "mcts_simulations": 4,
+             "turn_tokens": 96, "response_tokens": 512, "eval_models": MODELS},
     "fast": {"train_n": 8, "heldout_n": 4, "teacher_steps": 4, "mcts_n": 2, "sft_steps": 4,
-             "grpo_steps": 2, "grpo_zoom_steps": 2, "rollout_batch": 2, "group": 2, "mcts_simulations": 1},
+             "grpo_steps": 2, "grpo_zoom_steps": 2, "rollout_batch": 2, "group": 2, "mcts_simulations": 1,
+             "turn_tokens": 48, "response_tokens": 144, "eval_models": ("sft", "grpo_zoom")},
 }
 
 
@@ -139,7 +141,7 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
         config={"runs_dir": str(p.runs), "run_name": p.name, "data": mcts_data,
                 "teacher": {"model": str(p.model("teacher")), "replicas": 1, "engine": engine},
                 "mcts": {"simulations": s["mcts_simulations"], "children": 3, "rollouts_per_child": 2,
-                         "max_depth": 4, "rollout_max_steps": 3, "max_tokens": 96, "temperature": 1.0,
+                         "max_depth": 4, "rollout_max_steps": 3, "max_tokens": s["turn_tokens"], "temperature": 1.0,
                          "min_thoughts": [1, 3], "time_limit_s": 120},
                 "actors": 1, "trees_per_actor": 8},
         progress=lambda: (_lines(p.run("mcts") / "trees.jsonl"), 2 * s["mcts_n"])))
@@ -170,17 +172,17 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
         "grpo", "GRPO single-turn (grounded pointing) from the SFT checkpoint", p.model("grpo"), module="jobs.grpo",
         config={**grpo, "run_name": p.name, "model": str(p.model("sft")), "data": str(p.split("grounding", "train")),
                 "task": "grounding", "mode": "grounded", "max_steps": s["grpo_steps"], "save_every": s["grpo_steps"],
-                "max_tokens_per_turn": 96, "max_response_tokens": 96},
+                "max_tokens_per_turn": s["turn_tokens"], "max_response_tokens": s["turn_tokens"]},
         progress=_steps_progress(p.run("grpo") / "metrics.jsonl", s["grpo_steps"])))
     stages.append(Stage(
         "grpo_zoom", "GRPO multi-turn with zoom (visual search) from the GRPO checkpoint", p.model("grpo_zoom"),
         module="jobs.grpo",
         config={**grpo, "run_name": p.name + "-zoom", "model": str(p.model("grpo")),
                 "data": str(p.split("visual_search", "train")), "task": "visual_search", "mode": "multiturn",
-                "max_steps": s["grpo_zoom_steps"], "save_every": s["grpo_zoom_steps"], "max_tokens_per_turn": 96,
-                "max_response_tokens": 512},
+                "max_steps": s["grpo_zoom_steps"], "save_every": s["grpo_zoom_steps"],
+                "max_tokens_per_turn": s["turn_tokens"], "max_response_tokens": s["response_tokens"]},
         progress=_steps_progress(p.run("grpo", "-zoom") / "metrics.jsonl", s["grpo_zoom_steps"])))
-    for model in MODELS:
+    for model in s["eval_models"]:
         zoom = "multiturn" if model == "grpo_zoom" else "grounded"
         benchmarks = [{"name": "synthetic_grounding", "path": str(p.split("grounding", "heldout")), "mode": "grounded"},
                       {"name": "synthetic_visual_search", "path": str(p.split("visual_search", "heldout")),
@@ -191,7 +193,8 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
             module="jobs.evaluate",
             config={"runs_dir": str(p.runs), "run_name": f"{p.name}-{model}", "model": str(p.model(model)),
                     "benchmarks": benchmarks, "policy": {"replicas": 1, "engine": engine},
-                    "sampling": {"temperature": 0.0, "max_tokens_per_turn": 96, "max_response_tokens": 512},
+                    "sampling": {"temperature": 0.0, "max_tokens_per_turn": s["turn_tokens"],
+                                 "max_response_tokens": s["response_tokens"]},
                     "actors": 1, "batch_size": 8, "concurrency": 8, "examples": 0},
             progress=lambda run_dir=run_dir: (_lines(run_dir / "predictions.jsonl"), 2 * s["heldout_n"])))
     stages.append(Stage("report", "report", p.out / "report.md", call=lambda: _report(cfg, p)))
