@@ -266,7 +266,8 @@ def _run_job(stage: Stage, p: Paths, env: dict[str, str], verbose: bool) -> int:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
         out = None if verbose else log
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)  # noqa: PLW1509 - one system call, no locks
         try:
             while proc.poll() is None:
                 time.sleep(1.0)
@@ -279,6 +280,25 @@ def _run_job(stage: Stage, p: Paths, env: dict[str, str], verbose: bool) -> int:
     if stage.progress and not verbose and sys.stdout.isatty():
         print("\r" + " " * 72 + "\r", end="")
     return proc.returncode
+
+
+def _die_with_parent() -> None:
+    """In the job's process, before exec: SIGTERM it when the quickstart process dies, even by SIGKILL (Linux).
+    libc is loaded in the parent, so the forked child only makes one system call (no allocation, no locks)."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
+
+
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True) if sys.platform.startswith("linux") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
 
 
 def _start_ray(cfg: QuickstartConfig, p: Paths) -> str:
