@@ -62,10 +62,12 @@ class QuickstartConfig(StageConfig):
 SIZES: dict[str, dict[str, Any]] = {
     "full": {"train_n": 256, "heldout_n": 64, "teacher_steps": 300, "mcts_n": 48, "sft_steps": 400,
              "grpo_steps": 30, "grpo_zoom_steps": 20, "rollout_batch": 8, "group": 8, "mcts_simulations": 4,
-             "turn_tokens": 96, "response_tokens": 512, "eval_models": MODELS},
+             "turn_tokens": 96, "response_tokens": 512, "eval_models": MODELS,
+             "mcts": {"children": 3, "rollouts_per_child": 2, "max_depth": 4, "time_limit_s": 120}},
     "fast": {"train_n": 8, "heldout_n": 4, "teacher_steps": 4, "mcts_n": 2, "sft_steps": 4,
              "grpo_steps": 2, "grpo_zoom_steps": 2, "rollout_batch": 2, "group": 2, "mcts_simulations": 1,
-             "turn_tokens": 48, "response_tokens": 144, "eval_models": ("sft", "grpo_zoom")},
+             "turn_tokens": 48, "response_tokens": 144, "eval_models": ("sft", "grpo_zoom"),
+             "mcts": {"children": 2, "rollouts_per_child": 1, "max_depth": 2, "time_limit_s": 20}},
 }
 
 
@@ -140,9 +142,8 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
         "mcts", "MCTS with the teacher on the train split", p.run("mcts") / "stats.json", module="jobs.mcts",
         config={"runs_dir": str(p.runs), "run_name": p.name, "data": mcts_data,
                 "teacher": {"model": str(p.model("teacher")), "replicas": 1, "engine": engine},
-                "mcts": {"simulations": s["mcts_simulations"], "children": 3, "rollouts_per_child": 2,
-                         "max_depth": 4, "rollout_max_steps": 3, "max_tokens": s["turn_tokens"], "temperature": 1.0,
-                         "min_thoughts": [1, 3], "time_limit_s": 120},
+                "mcts": {"simulations": s["mcts_simulations"], **s["mcts"], "rollout_max_steps": 3,
+                         "max_tokens": s["turn_tokens"], "temperature": 1.0, "min_thoughts": [1, 3]},
                 "actors": 1, "trees_per_actor": 8},
         progress=lambda: (_lines(p.run("mcts") / "trees.jsonl"), 2 * s["mcts_n"])))
     stages.append(Stage(
