@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Mapping
@@ -51,15 +50,11 @@ def store_name(weights: str) -> str:
     return f"vigorl-weights-{weights}"
 
 
-def weights_folder(weights: str, need_bytes: int) -> Path:
-    """This node's folder for the run's weight files: /dev/shm when it has room for them twice over
-    (memory, no disk), else the temp folder."""
-    try:
-        shm_free = shutil.disk_usage("/dev/shm").free
-    except OSError:
-        shm_free = 0
-    root = "/dev/shm" if shm_free > 2 * need_bytes else tempfile.gettempdir()
-    return Path(root) / "vigorl-weights" / weights
+def run_weights_folder(weights: str, tensors: Mapping[str, Any]) -> Path:
+    """This node's folder for the run's weight files (vigorl_core.engine.weights_folder picks the root)."""
+    from vigorl_core.engine import weights_folder
+
+    return Path(weights_folder(tensors)) / "vigorl-weights" / weights
 
 
 def _node_id() -> str:
@@ -268,7 +263,7 @@ class WeightPublisher:
         drop files older than the newest `KEEP_VERSIONS`."""
         from safetensors.torch import save_file
 
-        folder = weights_folder(self.weights, sum(t.numel() * t.element_size() for t in tensors.values()))
+        folder = run_weights_folder(self.weights, tensors)
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{uuid.uuid4().hex}.safetensors"
         partial = path.with_suffix(".partial")

@@ -236,7 +236,7 @@ class VLLMEngine:
         from safetensors.torch import save_file
 
         tensors = {name: t.detach().cpu().contiguous() for name, t in state_dict.items()}
-        with tempfile.TemporaryDirectory(dir=_weights_folder(tensors), prefix="vigorl-weights-") as tmp:
+        with tempfile.TemporaryDirectory(dir=weights_folder(tensors), prefix="vigorl-weights-") as tmp:
             path = os.path.join(tmp, "weights.safetensors")
             await asyncio.to_thread(save_file, tensors, path)
             return await self.update_weights_from_file(path, version)
@@ -275,12 +275,14 @@ class VLLMEngine:
             llm.shutdown = lambda *args, **kwargs: None
 
 
-def _weights_folder(tensors: Mapping[str, Any]) -> str | None:
-    """/dev/shm (memory, no disk write) when it has room for the weights twice over, else None (the temp folder)."""
+def weights_folder(tensors: Mapping[str, Any]) -> str:
+    """Where to write `tensors` as a weights file: /dev/shm (memory, no disk write) when it has room for them
+    twice over, else the temp folder."""
     import shutil
+    import tempfile
 
     need = 2 * sum(t.numel() * t.element_size() for t in tensors.values())
     try:
-        return "/dev/shm" if shutil.disk_usage("/dev/shm").free > need else None
+        return "/dev/shm" if shutil.disk_usage("/dev/shm").free > need else tempfile.gettempdir()
     except OSError:
-        return None
+        return tempfile.gettempdir()
