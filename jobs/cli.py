@@ -14,7 +14,7 @@ import sys
 COMMANDS = {
     "tiny": ("jobs.tiny", "build a random-weight Qwen2.5-VL (tiny, 3b or 7b shape) offline"),
     "synth": ("jobs.synth", "write a deterministic synthetic benchmark (visual_search, grounding, spatial)"),
-    "quickstart": ("jobs.quickstart", "run the pipeline on the tiny model and synthetic data"),
+    "quickstart": ("jobs.quickstart", "the whole pipeline (teacher, MCTS, SFT, GRPO, eval, report) on the tiny model"),
     "serve": ("jobs.serve", "serve a model over HTTP (OpenAI chat completions, /v1/grounded) on Ray Serve"),
     "mcts": ("jobs.mcts", "tree search over grounded reasoning steps with a teacher (SFT data generation)"),
     "chains": ("jobs.chains", "linearize MCTS trees into SFT chains (single-turn and multi-turn zoom)"),

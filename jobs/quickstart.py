@@ -1,28 +1,41 @@
-"""Quickstart: the pipeline on one machine with the tiny model and synthetic data (the embedded default).
+"""Quickstart: the whole ViGoRL pipeline on one machine, with the tiny model and synthetic data, no network.
 
-    vigorl quickstart                      # or: python -m jobs.quickstart [--n 8] [--run_name demo]
+    vigorl quickstart                 # the full run (see README for its time on 2 cores)
+    vigorl quickstart --fast          # every stage on a few samples: checks the plumbing, not the learning
+    vigorl quickstart --verbose       # also show the jobs' own output (engine, Ray and library logs)
 
-What runs today (MCTS, SFT, GRPO and evaluation stages join as they land):
-1. build the tiny random-weight Qwen2.5-VL into runs/models/tiny (once);
-2. write synthetic grounding and visual-search benchmarks into runs/data/;
-3. start one vLLM engine (CPU build here) on the tiny model;
-4. single-turn grounded rollouts on grounding (GRPO groups of `group_size`) and multi-turn zoom rollouts on
-   visual search, through the turn-asynchronous rollout driver, scored with the reward registry;
-5. write runs/quickstart/<run_name>/{config.yaml, rollouts.jsonl, metrics.json} and print a summary.
+Stages, in order; each is the real job (`python -m jobs.<stage>`), run as its own process against ONE local
+Ray that the quickstart starts, with its config written to runs/quickstart/<run>/configs/<stage>.yaml, so
+any stage can be rerun by hand with the same command (the stage's log names it):
+1. data        synthetic pointing (grounding) and visual-search samples, a train and a held-out split;
+2. teacher     the tiny model after a short SFT on programmatically written grounded chains
+               (vigorl_core.sft_synthetic): a weak, noisy stand-in for the paper's Qwen2.5-VL-72B;
+3. mcts        tree search over the teacher's reasoning steps on the train split; the rule reward keeps the
+               branches that reach the right answer;
+4. chains      the trees linearized into SFT chains (single-turn and multi-turn zoom);
+5. sft         the random tiny model fine-tuned on those chains (the warm start);
+6. grpo        single-turn grounded GRPO from the SFT checkpoint on the pointing task;
+7. grpo_zoom   multi-turn GRPO with the zoom tool on visual search, from the GRPO checkpoint;
+8. eval_*      every model (random, teacher, sft, grpo, grpo_zoom) on the held-out split;
+9. report      runs/quickstart/<run>/report.md with the table, reward curves and annotated examples.
 
-The tiny model has random weights: its answers are noise and rewards near zero until SFT/GRPO train it.
-It never zooms on its own, so the multi-turn part uses PlannedTurnsEngine (grammar-constrained turns,
-`--planned_zooms false` to turn that off) to show the zoom loop with real crops.
+The terminal shows one line per stage and a progress bar; each job's output goes to
+runs/quickstart/<run>/logs/<stage>.log. Rerunning the same command resumes: finished stages (their marker in
+stages/) are skipped, and an interrupted job resumes from its own run folder.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
+import os
+import subprocess
 import sys
 import time
-from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import Field
@@ -30,84 +43,337 @@ from pydantic import Field
 from jobs.common import REPO_ROOT, run_main
 from vigorl_core.config import StageConfig, parse_config
 
+MODELS = ("random", "teacher", "sft", "grpo", "grpo_zoom")
+
 
 class QuickstartConfig(StageConfig):
-    """Run the tiny-model pipeline on synthetic data."""
+    """Run the whole pipeline on the tiny model and synthetic data."""
 
-    run_name: str = Field("default", description="runs/quickstart/<run_name>")
+    run_name: str = Field("default", description="runs/quickstart/<run_name>; stage runs are named after it")
     runs_dir: str = Field(str(REPO_ROOT / "runs"), description="root of models, data and run folders")
-    n: int = Field(8, ge=1, description="samples per synthetic task")
-    seed: int = Field(0, description="data seed")
-    group_size: int = Field(4, ge=1, description="samples per prompt in the single-turn rollouts (GRPO group)")
-    planned_zooms: bool = Field(True, description="constrain multi-turn turns to a zoom plan (tiny model)")
+    fast: bool = Field(False, description="a few samples and steps per stage: the plumbing, not the learning")
+    verbose: bool = Field(False, description="also print the jobs' own output (it always goes to logs/)")
+    seed: int = Field(0, description="data and training seed")
+    num_cpus: int = Field(8, ge=1, description="logical CPUs of the local Ray (stages schedule fractions)")
 
 
-async def _rollouts(cfg: QuickstartConfig, model_dir: Path, datasets: dict[str, Path]) -> list:
-    from vigorl_core.chat_tokens import ChatTokens
-    from vigorl_core.data import load_samples
-    from vigorl_core.engine import EngineConfig, VLLMEngine
-    from vigorl_core.planned import PlannedTurnsEngine
-    from vigorl_core.rollout import RolloutConfig, RolloutDriver
+# What each stage does at each size. The full sizes are chosen for learning on 2 cores; --fast keeps every
+# kind of stage with a few samples, steps and tokens, and evaluates two models (one per evaluation mode).
+SIZES: dict[str, dict[str, Any]] = {
+    "full": {"train_n": 256, "heldout_n": 64, "teacher_steps": 300, "mcts_n": 48, "sft_steps": 400,
+             "grpo_steps": 30, "grpo_zoom_steps": 20, "rollout_batch": 8, "group": 8, "mcts_simulations": 4,
+             "turn_tokens": 96, "response_tokens": 512, "eval_models": MODELS,
+             "mcts": {"children": 3, "rollouts_per_child": 2, "max_depth": 4, "time_limit_s": 120}},
+    "fast": {"train_n": 8, "heldout_n": 4, "teacher_steps": 4, "mcts_n": 2, "sft_steps": 4,
+             "grpo_steps": 2, "grpo_zoom_steps": 2, "rollout_batch": 2, "group": 2, "mcts_simulations": 1,
+             "turn_tokens": 48, "response_tokens": 144, "eval_models": ("sft", "grpo_zoom"),
+             "mcts": {"children": 2, "rollouts_per_child": 1, "max_depth": 2, "time_limit_s": 20}},
+}
 
-    engine = await VLLMEngine.create(EngineConfig(model=str(model_dir)))
+
+@dataclass
+class Stage:
+    """One step of the pipeline: a job module and its config, or a function run in this process."""
+
+    name: str
+    title: str
+    done_when: Path  # the job's own output that says it finished
+    module: str | None = None
+    config: dict[str, Any] | None = None
+    call: Callable[[], None] | None = None
+    progress: Callable[[], tuple[int, int]] | None = None  # (done, total) from the job's files
+
+
+class Paths:
+    """Where every stage reads and writes (all under runs_dir, named after the quickstart run)."""
+
+    def __init__(self, cfg: QuickstartConfig):
+        self.runs = Path(cfg.runs_dir).resolve()
+        self.name = f"quickstart-{cfg.run_name}" + ("-fast" if cfg.fast else "")
+        self.out = self.runs / "quickstart" / cfg.run_name
+        self.data = self.runs / "data" / self.name
+        self.random_model = self.runs / "models" / "tiny"
+
+    def split(self, task: str, split: str) -> Path:
+        return self.data / f"{task}-{split}" / "samples.jsonl"
+
+    def run(self, job: str, suffix: str = "") -> Path:
+        return self.runs / job / (self.name + suffix)
+
+    def model(self, name: str) -> Path:
+        return {"random": self.random_model, "teacher": self.run("sft", "-teacher") / "latest",
+                "sft": self.run("sft") / "latest", "grpo": self.run("grpo") / "latest",
+                "grpo_zoom": self.run("grpo", "-zoom") / "latest"}[name]
+
+
+def _lines(path: Path, key: str | None = None) -> int:
+    """Lines of a JSONL file (with `key` in them, when given); 0 when it does not exist yet."""
+    if not path.is_file():
+        return 0
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return sum(f'"{key}"' in line for line in lines) if key else len(lines)
+
+
+def _steps_progress(log: Path, total: int) -> Callable[[], tuple[int, int]]:
+    """Steps logged so far in a training job's step log (SFT: log.jsonl, GRPO: metrics.jsonl)."""
+    def progress() -> tuple[int, int]:
+        return min(total, _lines(log, "loss")), total
+    return progress
+
+
+def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
+    s = SIZES["fast" if cfg.fast else "full"]
+    common = {"runs_dir": str(p.runs), "seed": cfg.seed}
+    engine = {"max_model_len": 4096, "dtype": "float32", "enforce_eager": True}
+    stages = [Stage("data", "synthetic data: train and held-out splits", p.split("visual_search", "heldout"),
+                    call=lambda: _write_data(p, s, cfg.seed))]
+    stages.append(Stage(
+        "teacher", "teacher: tiny model, short SFT on written grounded chains", p.model("teacher"), module="jobs.sft",
+        # Its own seed: the written chains are of other images than the train and held-out splits.
+        config={**common, "seed": cfg.seed + 2000, "run_name": p.name + "-teacher", "model": str(p.random_model),
+                "data": "synthetic",
+                "synthetic_n": s["train_n"], "max_steps": s["teacher_steps"], "global_batch_size": 8,
+                "micro_batch_size": 4, "num_workers": 1, "lr": 2e-3, "warmup_ratio": 0.05, "precision": "fp32",
+                "freeze_vision_tower": False, "save_every": s["teacher_steps"], "eval_every": s["teacher_steps"],
+                "log_every": 10, "keep_checkpoints": 1, "max_length": 2048},
+        progress=_steps_progress(p.run("sft", "-teacher") / "log.jsonl", s["teacher_steps"])))
+    mcts_data = [{"path": str(p.split(task, "train")), "limit": s["mcts_n"]} for task in ("grounding", "visual_search")]
+    stages.append(Stage(
+        "mcts", "MCTS with the teacher on the train split", p.run("mcts") / "stats.json", module="jobs.mcts",
+        config={"runs_dir": str(p.runs), "run_name": p.name, "data": mcts_data,
+                "teacher": {"model": str(p.model("teacher")), "replicas": 1, "engine": engine},
+                "mcts": {"simulations": s["mcts_simulations"], **s["mcts"], "rollout_max_steps": 3,
+                         "max_tokens": s["turn_tokens"], "temperature": 1.0, "min_thoughts": [1, 3]},
+                "actors": 1, "trees_per_actor": 8},
+        progress=lambda: (_lines(p.run("mcts") / "trees.jsonl"), 2 * s["mcts_n"])))
+    stages.append(Stage(
+        "chains", "chains: trees linearized into SFT data", p.run("chains") / "train.json", module="jobs.chains",
+        config={"runs_dir": str(p.runs), "run_name": p.name, "trees": [str(p.run("mcts"))], "student": "tiny",
+                "formats": ["single_turn", "multi_turn"], "statuses": ["ok", "timeout"],
+                "linearize": {"val_fraction": 0.1, "seed": cfg.seed, "max_images": 5}}))
+    sft_data = p.out / "sft_data.jsonl"
+    stages.append(Stage("sft_data", "SFT data: the single-turn and zoom chains in one file", sft_data,
+                        call=lambda: _merge_chains(p, sft_data, s["train_n"], cfg.seed, cfg.fast)))
+    stages.append(Stage(
+        "sft", "SFT: the random model on the MCTS chains", p.model("sft"), module="jobs.sft",
+        config={**common, "run_name": p.name, "model": str(p.random_model), "data": str(sft_data),
+                "val_fraction": 0.1,
+                "max_steps": s["sft_steps"], "global_batch_size": 8, "micro_batch_size": 4, "num_workers": 1,
+                "lr": 2e-3, "warmup_ratio": 0.05, "precision": "fp32", "freeze_vision_tower": False,
+                "save_every": s["sft_steps"], "eval_every": s["sft_steps"], "log_every": 10,
+                "keep_checkpoints": 1, "max_length": 2048},
+        progress=_steps_progress(p.run("sft") / "log.jsonl", s["sft_steps"])))
+    train_batch = s["rollout_batch"] * s["group"] // 2  # two optimizer steps per RL step, as the original
+    grpo = {**common, "rollout_batch_size": s["rollout_batch"], "group_size": s["group"],
+            "train_batch_size": train_batch, "micro_batch_size": min(8, train_batch), "lr": 3e-4,
+            "warmup_ratio": 0.0, "kl_coef": 0.01, "freeze_vision_tower": True, "freeze_projector": False,
+            "num_workers": 1, "precision": "fp32", "keep_checkpoints": 1, "log_every": 1,
+            "policy": {"engine": engine}}
+    stages.append(Stage(
+        "grpo", "GRPO single-turn (grounded pointing) from the SFT checkpoint", p.model("grpo"), module="jobs.grpo",
+        config={**grpo, "run_name": p.name, "model": str(p.model("sft")), "data": str(p.split("grounding", "train")),
+                "task": "grounding", "mode": "grounded", "max_steps": s["grpo_steps"], "save_every": s["grpo_steps"],
+                "max_tokens_per_turn": s["turn_tokens"], "max_response_tokens": s["turn_tokens"]},
+        progress=_steps_progress(p.run("grpo") / "metrics.jsonl", s["grpo_steps"])))
+    stages.append(Stage(
+        "grpo_zoom", "GRPO multi-turn with zoom (visual search) from the GRPO checkpoint", p.model("grpo_zoom"),
+        module="jobs.grpo",
+        config={**grpo, "run_name": p.name + "-zoom", "model": str(p.model("grpo")),
+                "data": str(p.split("visual_search", "train")), "task": "visual_search", "mode": "multiturn",
+                "max_steps": s["grpo_zoom_steps"], "save_every": s["grpo_zoom_steps"],
+                "max_tokens_per_turn": s["turn_tokens"], "max_response_tokens": s["response_tokens"]},
+        progress=_steps_progress(p.run("grpo", "-zoom") / "metrics.jsonl", s["grpo_zoom_steps"])))
+    for model in s["eval_models"]:
+        zoom = "multiturn" if model == "grpo_zoom" else "grounded"
+        benchmarks = [{"name": "synthetic_grounding", "path": str(p.split("grounding", "heldout")), "mode": "grounded"},
+                      {"name": "synthetic_visual_search", "path": str(p.split("visual_search", "heldout")),
+                       "mode": zoom}]
+        run_dir = p.run("eval", f"-{model}")
+        stages.append(Stage(
+            f"eval_{model}", f"evaluation of {model} on the held-out split", run_dir / "metrics.json",
+            module="jobs.evaluate",
+            config={"runs_dir": str(p.runs), "run_name": f"{p.name}-{model}", "model": str(p.model(model)),
+                    "benchmarks": benchmarks, "policy": {"replicas": 1, "engine": engine},
+                    "sampling": {"temperature": 0.0, "max_tokens_per_turn": s["turn_tokens"],
+                                 "max_response_tokens": s["response_tokens"]},
+                    "actors": 1, "batch_size": 8, "concurrency": 8, "examples": 0},
+            progress=lambda run_dir=run_dir: (_lines(run_dir / "predictions.jsonl"), 2 * s["heldout_n"])))
+    stages.append(Stage("report", "report", p.out / "report.md", call=lambda: _report(cfg, p)))
+    return stages
+
+
+def _write_data(p: Paths, sizes: dict[str, int], seed: int) -> None:
+    from vigorl_core.synthetic import write_dataset
+    from vigorl_core.tiny import build_tiny_model
+
+    if not (p.random_model / "vigorl_model.json").is_file():
+        build_tiny_model(p.random_model)
+    for task in ("grounding", "visual_search"):
+        write_dataset(task, sizes["train_n"], seed, p.split(task, "train").parent)
+        # Held-out samples come from another seed: no image of the train split repeats.
+        write_dataset(task, sizes["heldout_n"], seed + 1000, p.split(task, "heldout").parent)
+
+
+def _merge_chains(p: Paths, out: Path, n: int, seed: int, fast: bool) -> None:
+    """The chains stage's single-turn and multi-turn (zoom) training chains in one JSONL file (absolute image
+    paths). --fast adds the teacher's written chains: a teacher trained for a few steps rarely answers
+    right, and the SFT stage needs some data to run."""
+    from vigorl_core.frames import get_profile
+    from vigorl_core.sft_data import read_conversations
+    from vigorl_core.sft_synthetic import write_synthetic_chains
+
+    files = [p.run("chains") / name for name in ("train.json", "train_multiturn.json")]
+    if fast:
+        files.append(write_synthetic_chains(p.data / "fast-filler", n, seed + 2000, get_profile("tiny")))
+    records = []
+    for path in files:
+        if path.is_file() and path.read_text().strip() not in ("", "[]"):
+            records += [{"id": c.id, "task": c.task, "images": c.images,
+                         "messages": [{"role": role, "content": content} for role, content in c.messages]}
+                        for c in read_conversations(path)]
+    if not records:
+        raise RuntimeError(f"MCTS found no correct chain ({p.run('mcts') / 'stats.json'}): the teacher is too weak; "
+                           "train it longer (teacher_steps)")
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    print(f"{len(records)} chains from {', '.join(str(f) for f in files)}")
+
+
+def _report(cfg: QuickstartConfig, p: Paths) -> None:
+    from vigorl_core.quickstart_report import write_quickstart_report
+
+    write_quickstart_report(p.out, {m: p.run("eval", f"-{m}") for m in MODELS},
+                            {"grpo": p.run("grpo"), "grpo_zoom": p.run("grpo", "-zoom")},
+                            fast=cfg.fast)
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+def _bar(done: int, total: int, elapsed: float, width: int = 24) -> str:
+    frac = min(1.0, done / total) if total else 0.0
+    eta = f"ETA {elapsed / frac - elapsed:4.0f}s" if 0 < frac < 1 else "        "
+    return f"[{'#' * round(frac * width):<{width}}] {done}/{total} {elapsed:4.0f}s {eta}"
+
+
+def _run_job(stage: Stage, p: Paths, env: dict[str, str], verbose: bool) -> int:
+    """The stage's job as a process, its output in logs/<stage>.log; a progress bar while it runs."""
+    config_path = p.out / "configs" / f"{stage.name}.yaml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(stage.config, sort_keys=False))
+    command = [sys.executable, "-m", stage.module, "--config", str(config_path)]
+    log_path = p.out / "logs" / f"{stage.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        out = None if verbose else log
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)  # noqa: PLW1509 - one system call, no locks
+        try:
+            while proc.poll() is None:
+                time.sleep(1.0)
+                if stage.progress and not verbose and sys.stdout.isatty():
+                    print(f"\r  {_bar(*stage.progress(), time.perf_counter() - started)}", end="", flush=True)
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+            raise
+    if stage.progress and not verbose and sys.stdout.isatty():
+        print("\r" + " " * 72 + "\r", end="")
+    return proc.returncode
+
+
+def _die_with_parent() -> None:
+    """In the job's process, before exec: SIGTERM it when the quickstart process dies, even by SIGKILL (Linux).
+    libc is loaded in the parent, so the forked child only makes one system call (no allocation, no locks)."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
+
+
+def _libc():
+    import ctypes
+
     try:
-        chat = ChatTokens.from_pretrained(model_dir)
-        runs = [
-            ("grounding", engine, RolloutConfig(mode="grounded", group_size=cfg.group_size, max_tokens_per_turn=64)),
-            ("visual_search", PlannedTurnsEngine(engine, chat.tokenizer) if cfg.planned_zooms else engine,
-             RolloutConfig(mode="multiturn", max_tokens_per_turn=96)),
-        ]
-        rollouts = []
-        for task, policy, config in runs:
-            driver = RolloutDriver(policy, chat, config)
-            async for group in driver.run(load_samples(datasets[task])):
-                rollouts += group
-        return rollouts
-    finally:
-        engine.shutdown()
+        return ctypes.CDLL("libc.so.6", use_errno=True) if sys.platform.startswith("linux") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def _start_ray(cfg: QuickstartConfig, p: Paths) -> str:
+    """One local Ray for every stage; its address goes to the jobs as RAY_ADDRESS (as `ray job submit` does)."""
+    import ray
+
+    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False,
+             _node_ip_address="127.0.0.1", logging_level="ERROR")
+    return ray.get_runtime_context().gcs_address
 
 
 def _run(argv: list[str]) -> int:
     cfg = parse_config(QuickstartConfig, argv, prog="vigorl quickstart")
-    from vigorl_core.data import write_jsonl
-    from vigorl_core.synthetic import write_dataset
-    from vigorl_core.tiny import build_tiny_model
-
-    runs = Path(cfg.runs_dir)
-    out = runs / "quickstart" / cfg.run_name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
+    p = Paths(cfg)
+    (p.out / "stages").mkdir(parents=True, exist_ok=True)
+    (p.out / "logs").mkdir(parents=True, exist_ok=True)
+    (p.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    stages = _stages(cfg, p)
+    env = None
     started = time.perf_counter()
-    model_dir = runs / "models" / "tiny"
-    if not (model_dir / "vigorl_model.json").is_file():
-        build_tiny_model(model_dir)
-    print(f"[1/4] tiny model: {model_dir}")
-    datasets = {task: write_dataset(task, cfg.n, cfg.seed, runs / "data" / f"{task}-n{cfg.n}-s{cfg.seed}")
-                for task in ("grounding", "visual_search")}
-    print(f"[2/4] synthetic data: {', '.join(str(p) for p in datasets.values())}")
-    print("[3/4] starting vLLM and rolling out (single-turn grounding, multi-turn visual search)")
-    rollouts = asyncio.run(_rollouts(cfg, model_dir, datasets))
-    write_jsonl([r.record for r in rollouts], out / "rollouts.jsonl")
-    metrics = {}
-    for mode in ("grounded", "multiturn"):
-        records = [r.record for r in rollouts if r.record.mode == mode]
-        metrics[mode] = {
-            "conversations": len(records),
-            "mean_reward": sum(r.reward or 0.0 for r in records) / max(1, len(records)),
-            "mean_turns": sum(r.num_turns for r in records) / max(1, len(records)),
-            "crops": sum(len(r.images) - 1 for r in records),
-            "generated_tokens": sum(sum(r.loss_mask) for r in records),
-            "finish": dict(Counter(r.finish for r in records)),
-        }
-    metrics["seconds"] = round(time.perf_counter() - started, 1)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"[4/4] wrote {len(rollouts)} rollouts to {out / 'rollouts.jsonl'}")
-    for mode in ("grounded", "multiturn"):
-        m = metrics[mode]
-        print(f"  {mode:<10} {m['conversations']:>3} conversations, mean reward {m['mean_reward']:.3f}, "
-              f"{m['mean_turns']:.1f} turns, {m['crops']} crops, finish {m['finish']}")
-    print(f"done in {metrics['seconds']} s (random weights: rewards stay near zero until training stages land)")
+    print(f"vigorl quickstart{' --fast' if cfg.fast else ''}: {len(stages)} stages; logs in {p.out / 'logs'}")
+    try:
+        for number, stage in enumerate(stages, 1):
+            marker = p.out / "stages" / f"{stage.name}.json"
+            head = f"[{number}/{len(stages)}] {stage.title}"
+            if marker.is_file() and stage.done_when.exists():
+                print(f"{head}: done before, skipped")
+                continue
+            stage_started = time.perf_counter()
+            if stage.call is not None:
+                try:
+                    with open(p.out / "logs" / f"{stage.name}.log", "a") as log, \
+                            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                        stage.call()
+                except (RuntimeError, ValueError, OSError) as err:
+                    print(f"{head}: FAILED: {err}")
+                    return 1
+            else:
+                if env is None:
+                    env = {**os.environ, "RAY_ADDRESS": _start_ray(cfg, p), "PYTHONUNBUFFERED": "1"}
+                print(f"{head} ...", flush=True)
+                code = _run_job(stage, p, env, cfg.verbose)
+                if code != 0 or not stage.done_when.exists():
+                    print(f"{head}: FAILED (exit {code}); see {p.out / 'logs' / (stage.name + '.log')}")
+                    return 1
+            seconds = time.perf_counter() - stage_started
+            marker.write_text(json.dumps({"stage": stage.name, "seconds": round(seconds, 1),
+                                          "output": str(stage.done_when)}) + "\n")
+            print(f"{head}: done in {seconds:.0f} s ({_summary(stage)})")
+    finally:
+        if env is not None:
+            import ray
+
+            ray.shutdown()
+    print(f"quickstart finished in {time.perf_counter() - started:.0f} s: {p.out / 'report.md'}")
     return 0
+
+
+def _summary(stage: Stage) -> str:
+    """One line of what the stage produced, read from its output."""
+    out = stage.done_when
+    if stage.name.startswith("eval_"):
+        metrics = json.loads(out.read_text())["benchmarks"]
+        return ", ".join(f"{name.removeprefix('synthetic_')} {m['score']['mean']:.0%}" for name, m in metrics.items())
+    if stage.module == "jobs.sft":
+        summary = json.loads((out.parent / "metrics.json").read_text())
+        return f"{summary['steps']} steps, loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}"
+    if stage.module == "jobs.grpo":
+        records = [json.loads(line) for line in (out.parent / "metrics.jsonl").read_text().splitlines()
+                   if '"reward_mean"' in line]
+        first, last = records[0], records[-1]
+        return (f"{len(records)} steps, reward {first['reward_mean']:.2f} -> {last['reward_mean']:.2f}, "
+                f"accuracy {first['accuracy']:.0%} -> {last['accuracy']:.0%}")
+    return str(out.parent if out.name in ("samples.jsonl", "stats.json", "train.json") else out)
 
 
 def main(argv: list[str] | None = None) -> int:

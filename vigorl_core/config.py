@@ -91,7 +91,8 @@ def help_text(model: type[BaseModel], prefix: str = "") -> str:
 
 
 def parse_config(model: type[M], argv: list[str], *, prog: str = "vigorl") -> M:
-    """Build `model` from `--config FILE` plus `--key value` overrides; raises ConfigError on bad input."""
+    """Build `model` from `--config FILE` plus `--key value` overrides (a boolean field also takes a bare
+    `--key`: true); raises ConfigError on bad input."""
     if any(a in ("-h", "--help") for a in argv):
         print(f"usage: {prog} [--config FILE.yaml] [--key value ...]\n\n{model.__doc__ or ''}\n")
         print(help_text(model))
@@ -105,10 +106,14 @@ def parse_config(model: type[M], argv: list[str], *, prog: str = "vigorl") -> M:
             raise ConfigError(f"unexpected argument {arg!r}: options look like --key value or --key=value")
         key, eq, value = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(argv):
+            bare = i + 1 >= len(argv) or argv[i + 1].startswith("--")
+            if bare and _field_annotation(model, key.replace("-", "_")) is bool:
+                value = "true"  # a bare boolean flag: --fast
+            elif bare:
                 raise ConfigError(f"--{key} needs a value")
-            value = argv[i + 1]
-            i += 1
+            else:
+                value = argv[i + 1]
+                i += 1
         i += 1
         if key == "config":
             path = Path(value)

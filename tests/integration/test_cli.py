@@ -1,6 +1,7 @@
 """Subprocess smoke runs of the `vigorl` command."""
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -41,16 +42,26 @@ def test_bad_arguments_give_one_clear_line(tmp_path, subprocess_env):
     assert _vigorl(["frobnicate"], subprocess_env).returncode == 2
 
 
-def test_quickstart_smoke_run(tmp_path, subprocess_env):
-    result = _vigorl(["quickstart", "--runs_dir", str(tmp_path), "--n", "2", "--group_size", "2"], subprocess_env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    import json
-
-    metrics = json.loads((tmp_path / "quickstart" / "default" / "metrics.json").read_text())
-    assert metrics["grounded"]["conversations"] == 4 and metrics["multiturn"]["conversations"] == 2
-    assert metrics["multiturn"]["crops"] >= 1
-    lines = (tmp_path / "quickstart" / "default" / "rollouts.jsonl").read_text().splitlines()
-    assert len(lines) == 6
+def test_quickstart_fast_runs_every_stage_and_a_rerun_skips_them(tmp_path, subprocess_env):
+    """`vigorl quickstart --fast`: every stage as its real job on one local Ray, a report with a row per model;
+    the terminal shows stage lines only (the jobs' output is in logs/); a rerun skips every finished stage."""
+    result = _vigorl(["quickstart", "--fast", "--runs_dir", str(tmp_path)], subprocess_env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path / "quickstart" / "default"
+    stages = sorted(f.stem for f in (out / "stages").glob("*.json"))
+    assert stages == sorted(["data", "teacher", "mcts", "chains", "sft_data", "sft", "grpo", "grpo_zoom",
+                             "eval_sft", "eval_grpo_zoom", "report"])  # --fast evaluates one model per mode
+    lines = result.stdout.strip().splitlines()
+    assert all(line.startswith(("vigorl quickstart", "[", "quickstart finished")) for line in lines), lines
+    assert "INFO" not in result.stdout + result.stderr  # engine and Ray logs stay in the log files
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["models"]) == {"sft", "grpo_zoom"}
+    assert results["models"]["sft"]["synthetic_grounding"]["n"] == 4
+    assert results["models"]["grpo_zoom"]["synthetic_visual_search"]["mode"] == "multiturn"
+    assert [r["step"] for r in results["grpo"]["grpo"]] == [1, 2]
+    assert "| grpo_zoom |" in (out / "report.md").read_text()
+    rerun = _vigorl(["quickstart", "--fast", "--runs_dir", str(tmp_path)], subprocess_env)
+    assert rerun.returncode == 0 and rerun.stdout.count("done before, skipped") == 11
 
 
 def test_every_command_has_help(subprocess_env):

@@ -40,6 +40,14 @@ def test_bad_input_names_the_field(argv, message):
     assert message in str(err.value)
 
 
+def test_a_bare_boolean_flag_means_true():
+    assert parse_config(Cfg, ["--inner.flag"]).inner.flag is True
+    assert parse_config(Cfg, ["--inner.flag", "--n", "2"]).inner == Inner(flag=True)
+    assert parse_config(Cfg, ["--inner.flag", "false"]).inner.flag is False
+    with pytest.raises(ConfigError, match="--name needs a value"):
+        parse_config(Cfg, ["--name", "--n", "2"])  # only booleans stand alone
+
+
 def test_help_lists_fields(capsys):
     with pytest.raises(SystemExit):
         parse_config(Cfg, ["--help"])

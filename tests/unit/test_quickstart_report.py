@@ -1,0 +1,70 @@
+"""The quickstart report (vigorl_core.quickstart_report) on predictions scored by the real judges."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from vigorl_core.data import load_samples
+from vigorl_core.evaluation import make_prediction
+from vigorl_core.frames import get_profile, resize_to_model
+from vigorl_core.quickstart_report import model_results, write_quickstart_report
+from vigorl_core.synthetic import write_dataset
+
+
+@pytest.fixture(scope="module")
+def pointing(tmp_path_factory):
+    """Four synthetic pointing samples with their model frames."""
+    folder = tmp_path_factory.mktemp("pointing")
+    samples = load_samples(write_dataset("grounding", 4, seed=3, out_dir=folder))
+    frames = []
+    for sample in samples:
+        with Image.open(sample.images[0]) as im:
+            frames.append(resize_to_model(im, get_profile("tiny"))[1])
+    return samples, frames
+
+
+def _answer(sample, frame, inside: bool) -> str:
+    """A grounded response whose one step and answer point at the target's centre, or at a far corner."""
+    x1, y1, x2, y2 = sample.bbox
+    x, y = ((x1 + x2) / 2, (y1 + y2) / 2) if inside else (x2 + 30 if x2 + 30 < frame.original_size[0] else 1, 1)
+    mx, my = (round(v) for v in frame.to_model(x, y))
+    return f"<think> The target is at ({mx}, {my}). </think> <answer> ({mx}, {my}) </answer>"
+
+
+def _predictions(pointing, correct: int):
+    samples, frames = pointing
+    return [make_prediction(s, _answer(s, f, i < correct), mode="grounded", frame=f)
+            for i, (s, f) in enumerate(zip(samples, frames))]
+
+
+def test_results_count_accuracy_format_and_points_inside_the_target(pointing):
+    result = model_results(_predictions(pointing, correct=3))["synthetic_grounding"]
+    assert result["n"] == 4 and result["accuracy"] == 0.75 and result["format"] == 1.0
+    assert result["grounding"] == 0.75  # one reasoning point per answer, three inside the box
+    assert result["ci95"] == pytest.approx(1.96 * (0.75 * 0.25 / 4) ** 0.5)
+
+
+def test_report_has_a_row_per_model_the_curves_and_before_after_examples(pointing, tmp_path):
+    evals = {}
+    for model, correct in (("sft", 1), ("grpo", 4)):
+        run = tmp_path / "eval" / model
+        run.mkdir(parents=True)
+        (run / "predictions.jsonl").write_text(
+            "".join(p.model_dump_json() + "\n" for p in _predictions(pointing, correct)))
+        evals[model] = run
+    grpo = tmp_path / "grpo"
+    grpo.mkdir()
+    (grpo / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "reward_mean": 0.1 * s, "accuracy": 0.05 * s, "format": 0.9}) + "\n" for s in (1, 2, 3)))
+    report = write_quickstart_report(tmp_path / "out", evals, {"grpo": grpo, "grpo_zoom": tmp_path / "none"})
+    text = report.read_text()
+    assert "| sft | 25% ± 42% | 100% | 25% |" in text and "| grpo | 100% ± 0% | 100% | 100% |" in text
+    assert "grpo: 3 steps; reward 0.10 -> 0.30, accuracy 5% -> 15%" in text
+    assert (tmp_path / "out" / "curves.png").is_file()
+    examples = sorted((tmp_path / "out" / "examples").glob("*.png"))
+    assert len(examples) == 3 and text.count("![grounding-") == 3  # RL's fixes first: three of the four
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["models"]["grpo"]["synthetic_grounding"]["accuracy"] == 1.0

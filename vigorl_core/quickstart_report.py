@@ -1,0 +1,175 @@
+"""The quickstart's report: held-out results of every model, GRPO curves and annotated examples (pure: it reads
+the run folders the jobs wrote; jobs/quickstart.py calls it).
+
+    write_quickstart_report(out_dir, {"sft": runs/eval/<run>-sft, ...}, {"grpo": runs/grpo/<run>, ...})
+    -> out_dir/report.md, out_dir/curves.png, out_dir/examples/*.png, out_dir/results.json
+
+Per model and benchmark: accuracy (the strict judge) with its Wald 95% interval, the format rate (answers the
+reward parser accepts) and, on pointing, the grounding rate: the share of reasoning points inside the target.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from vigorl_core.evaluation import Prediction, read_predictions
+from vigorl_core.images import annotate_points
+from vigorl_core.rewards import wald_ci95
+
+CURVE_KEYS = (("reward_mean", "reward", (200, 40, 40)), ("accuracy", "accuracy", (40, 90, 200)),
+              ("format", "format", (40, 150, 60)))
+
+
+def model_results(predictions: Sequence[Prediction]) -> dict[str, dict[str, Any]]:
+    """Per benchmark: n, accuracy and its 95% half-width, format rate, grounding rate (None without boxes)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted({p.benchmark for p in predictions}):
+        preds = [p for p in predictions if p.benchmark == name]
+        accuracy, half = wald_ci95([p.score for p in preds])
+        formatted = [p.reward.get("format", float(p.pred_answer is not None)) if p.reward else
+                     float(p.pred_answer is not None) for p in preds]
+        inside = [_inside(point.x, point.y, p.truth_box) for p in preds if p.truth_box for point in p.points]
+        out[name] = {"n": len(preds), "accuracy": accuracy, "ci95": half, "mode": preds[0].mode,
+                     "format": sum(formatted) / len(preds),
+                     "grounding": sum(inside) / len(inside) if inside else None,
+                     "turns": sum(p.num_turns for p in preds) / len(preds)}
+    return out
+
+
+def _inside(x: float, y: float, box: Sequence[float]) -> bool:
+    return box[0] <= x <= box[2] and box[1] <= y <= box[3]
+
+
+def grpo_curves(metrics_path: Path) -> list[dict[str, Any]]:
+    """The step records of a GRPO run (the last record of each step: a rerun step supersedes)."""
+    if not metrics_path.is_file():
+        return []
+    steps: dict[int, dict[str, Any]] = {}
+    for line in metrics_path.read_text().splitlines():
+        if '"reward_mean"' in line:
+            record = json.loads(line)
+            steps[record["step"]] = record
+    return [steps[s] for s in sorted(steps)]
+
+
+def line_chart_png(path: Path, title: str, series: Mapping[str, list[dict[str, Any]]], size=(760, 300)) -> None:
+    """One panel per run in `series` (name -> step records): reward, accuracy and format over steps, 0..1."""
+    names = [name for name, records in series.items() if records]
+    width, height = size[0], size[1] * max(1, len(names))
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 4), title, fill="black")
+    for row, name in enumerate(names):
+        records = series[name]
+        top = row * size[1] + 24
+        left, right, bottom = 50, width - 130, top + size[1] - 54
+        draw.rectangle([left, top, right, bottom], outline=(160, 160, 160))
+        draw.text((left, bottom + 6), f"{name}: GRPO step 1..{records[-1]['step']}", fill="black")
+        for tick in (0.0, 0.5, 1.0):
+            y = bottom - tick * (bottom - top)
+            draw.line([left - 4, y, left, y], fill="black")
+            draw.text((8, y - 6), f"{tick:.1f}", fill="black")
+        span = max(1, len(records) - 1)
+        for index, (key, label, colour) in enumerate(CURVE_KEYS):
+            points = [(left + i * (right - left) / span, bottom - float(r.get(key) or 0.0) * (bottom - top))
+                      for i, r in enumerate(records)]
+            if len(points) > 1:
+                draw.line(points, fill=colour, width=2)
+            else:
+                draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=colour)
+            draw.text((right + 10, top + 14 * index), label, fill=colour)
+    img.save(path)
+
+
+def example_png(path: Path, before: Prediction, after: Prediction, labels: tuple[str, str]) -> bool:
+    """The same held-out image twice, each with the model's reasoning points (numbered) and the target box."""
+    panels = []
+    for pred, label in zip((before, after), labels):
+        if not pred.images or not Path(pred.images[0]).is_file():
+            return False
+        with Image.open(pred.images[0]) as im:
+            image = im.convert("RGB")
+        points = [(pt.x, pt.y) for pt in pred.points_original]
+        if pred.answer_point_original is not None:
+            points.append((pred.answer_point_original.x, pred.answer_point_original.y))
+        panel = annotate_points(image, points)
+        draw = ImageDraw.Draw(panel)
+        if pred.bbox:
+            draw.rectangle(list(pred.bbox), outline=(40, 150, 60), width=2)
+        draw.text((4, 4), f"{label}: {'correct' if pred.score else 'wrong'}", fill="black",
+                  stroke_width=2, stroke_fill="white")
+        panels.append(panel)
+    out = Image.new("RGB", (sum(p.width for p in panels) + 8, max(p.height for p in panels)), "white")
+    out.paste(panels[0], (0, 0))
+    out.paste(panels[1], (panels[0].width + 8, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out.save(path)
+    return True
+
+
+def _cell(result: dict[str, Any] | None, key: str) -> str:
+    if result is None or result.get(key) is None:
+        return "-"
+    if key == "accuracy":
+        return f"{result['accuracy']:.0%} ± {result['ci95']:.0%}"
+    return f"{result[key]:.0%}"
+
+
+def write_quickstart_report(out_dir: str | Path, eval_runs: Mapping[str, Path], grpo_runs: Mapping[str, Path], *,
+                            fast: bool = False, examples: int = 3, header: str = "") -> Path:
+    """report.md, curves.png, examples/ and results.json in `out_dir`; returns the report's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = {model: read_predictions(run / "predictions.jsonl").predictions for model, run in eval_runs.items()
+                   if (run / "predictions.jsonl").is_file()}
+    results = {model: model_results(preds) for model, preds in predictions.items()}
+    curves = {name: grpo_curves(run / "metrics.jsonl") for name, run in grpo_runs.items()}
+    (out / "results.json").write_text(json.dumps({"models": results, "grpo": curves}, indent=1) + "\n")
+    lines = ["# vigorl quickstart report", ""]
+    if header:
+        lines += [header, ""]
+    if fast:
+        lines += ["**--fast run**: a few samples and steps per stage; it checks the plumbing, not the learning.", ""]
+    lines += [("Held-out synthetic samples, greedy decoding. Accuracy is the strict judge with its Wald 95% "
+               "interval; format is the share of answers the reward parser accepts; grounding is the share of "
+               "reasoning points inside the target's box (pointing task)."), "",
+              "| model | pointing accuracy | format | grounding | visual search accuracy | visual search mode (turns) |",
+              "|---|---|---|---|---|---|"]
+    for model, result in results.items():
+        point, search = result.get("synthetic_grounding"), result.get("synthetic_visual_search")
+        mode = f"{search['mode']} ({search['turns']:.1f})" if search else "-"
+        lines.append(f"| {model} | {_cell(point, 'accuracy')} | {_cell(point, 'format')} | {_cell(point, 'grounding')} "
+                     f"| {_cell(search, 'accuracy')} | {mode} |")
+    if any(curves.values()):
+        line_chart_png(out / "curves.png", "GRPO: mean reward, accuracy and format of each step's rollouts", curves)
+        lines += ["", "## GRPO curves", "", "![GRPO curves](curves.png)", ""]
+        for name, records in curves.items():
+            if records:
+                first, last = records[0], records[-1]
+                lines.append(f"- {name}: {len(records)} steps; reward {first['reward_mean']:.2f} -> "
+                             f"{last['reward_mean']:.2f}, accuracy {first['accuracy']:.0%} -> {last['accuracy']:.0%}")
+    lines += _examples(out, predictions, examples)
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _examples(out: Path, predictions: Mapping[str, list[Prediction]], k: int) -> list[str]:
+    """Before and after RL on the same held-out pointing images: the SFT model against the GRPO model."""
+    if "sft" not in predictions or "grpo" not in predictions:
+        return []
+    after = {p.id: p for p in predictions["grpo"] if p.benchmark == "synthetic_grounding"}
+    pairs = [(p, after[p.id]) for p in predictions["sft"] if p.benchmark == "synthetic_grounding" and p.id in after]
+    pairs.sort(key=lambda pair: (pair[1].score - pair[0].score), reverse=True)  # RL's fixes first
+    lines = ["", "## Examples: before (SFT) and after (GRPO) RL", ""]
+    for before, later in pairs[:k]:
+        name = f"examples/{before.id}.png"
+        if example_png(out / name, before, later, ("SFT", "GRPO")):
+            lines += [f"**{before.question}** (target box in green; points numbered in order)", "",
+                      f"![{before.id}]({name})", ""]
+    return lines
