@@ -43,7 +43,7 @@ from pydantic import Field, field_validator, model_validator
 
 from jobs.common import REPO_ROOT, init_ray, local_model, run_main
 from services.app import EngineSettings
-from vigorl_core.config import ConfigError, StageConfig, parse_config
+from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 
 RESUME_FIXED = ("model", "sampling", "planned_zooms")  # settings a resumed run must keep
 
@@ -95,6 +95,8 @@ class PolicySettings(StageConfig):
 
     replicas: int = Field(1, ge=1, description="PolicyServer replicas (one vLLM engine each) of the app the job starts")
     gpus: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines)")
+    resources: RoleResources = Field(default_factory=dict, description="custom resources per replica, e.g. "
+                                     "{policy_node: 0.01}: lands replicas on cluster.yaml's policy nodes")
     engine: EngineSettings = Field(default_factory=EngineSettings)
     app: str | None = Field(None, description="name of a running Serve app whose PolicyServer serves `model` "
                                               "(e.g. 'vigorl' of vigorl serve); None: start policy-<run_name>")
@@ -114,6 +116,8 @@ class EvalConfig(StageConfig):
     policy: PolicySettings = Field(default_factory=PolicySettings)
     actors: int = Field(2, ge=1, description="EvalActors (CPU workers running rollouts against the policy)")
     actor_cpus: float = Field(1.0, gt=0, description="CPUs reserved per EvalActor (image decoding, tokenizing)")
+    actor_resources: RoleResources = Field(default_factory=dict, description="custom resources per EvalActor, e.g. "
+                                           "{env_node: 0.01} (cluster.yaml's CPU nodes)")
     batch_size: int = Field(16, ge=1, description="samples per Ray Data batch (one EvalActor call)")
     concurrency: int = Field(16, ge=1, description="conversations each EvalActor runs at once")
     planned_zooms: int = Field(0, ge=0, description="demo/tests only: multi-turn conversations zoom exactly this "
@@ -317,7 +321,7 @@ def start_policy(cfg: EvalConfig, model: str) -> tuple[str, bool]:
 
     p = cfg.policy
     app, _, started = start_policy_app(f"policy-{cfg.run_name}", model, engine=p.engine, replicas=p.replicas,
-                                       gpus=p.gpus, reuse=p.app)
+                                       gpus=p.gpus, reuse=p.app, resources=p.resources)
     return app, started
 
 
@@ -369,6 +373,7 @@ def run_dataset(cfg: EvalConfig, model: str, app: str, todo: list[tuple[str, obj
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // cfg.batch_size))).map_batches(
         EvalActor, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(rows))), num_cpus=cfg.actor_cpus,
+        resources=cfg.actor_resources or None,
         fn_constructor_kwargs={"model": model, "app": app, "configs": configs, "concurrency": cfg.concurrency,
                                "planned_zooms": cfg.planned_zooms, "fault_after": cfg.fault_after,
                                "fault_marker": str(run_dir / "fault_injected")})

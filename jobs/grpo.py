@@ -49,7 +49,7 @@ from pydantic import Field, model_validator
 
 from jobs.common import REPO_ROOT, init_ray, run_main
 from services.app import EngineSettings
-from vigorl_core.config import ConfigError, StageConfig, parse_config
+from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 from vigorl_core.grpo import AGGREGATIONS
 
 
@@ -58,6 +58,8 @@ class PolicySettings(StageConfig):
 
     replicas: int = Field(1, ge=1, description="PolicyServer replicas (one vLLM engine each)")
     gpus: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines)")
+    resources: RoleResources = Field(default_factory=dict, description="custom resources per replica, e.g. "
+                                     "{policy_node: 0.01}: lands replicas on cluster.yaml's policy nodes")
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
 
@@ -115,6 +117,8 @@ class GRPOConfig(StageConfig):
     gpus_per_worker: float = Field(1.0, gt=0, le=1, description="with use_gpu: GPU share per trainer worker; below "
                                    "1 the trainer shares its GPU with a policy replica (policy.gpus, and "
                                    "policy.engine.gpu_memory_utilization low enough for both)")
+    resources_per_worker: RoleResources = Field(default_factory=dict, description="custom resources per trainer "
+                                                "worker, e.g. {trainer_node: 0.01} (cluster.yaml's trainer nodes)")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (3 for 7B)")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer state in CPU memory")
     offload_reference: bool = Field(False, description="keep the reference model in CPU memory between uses")
@@ -124,6 +128,8 @@ class GRPOConfig(StageConfig):
     policy: PolicySettings = Field(default_factory=PolicySettings)
     rollout_workers: int = Field(1, ge=1, description="RolloutWorker actors")
     rollout_concurrency: int = Field(64, ge=1, description="groups each rollout worker rolls out at once")
+    rollout_resources: RoleResources = Field(default_factory=dict, description="custom resources of each rollout "
+                                             "worker and of the replay buffer, e.g. {env_node: 0.01}")
     replay_capacity: int | None = Field(None, ge=1, description="groups the replay buffer holds (null: "
                                         "(max_staleness + 2) x rollout_batch_size); rollout workers wait when it is "
                                         "full")
@@ -522,16 +528,17 @@ def _run(argv: list[str]) -> int:
     # A buffer that dies comes back empty (its calls in flight are retried on it); the trainer requests the
     # lost steps again.
     buffer = ReplayBuffer.options(name=replay_name(cfg.run_name), namespace=NAMESPACE, max_restarts=-1,
-                                  max_task_retries=-1).remote(cfg.replay_capacity or
+                                  max_task_retries=-1, resources=cfg.rollout_resources).remote(cfg.replay_capacity or
                                                               (cfg.max_staleness + 2) * cfg.rollout_batch_size)
     workers, started_app = [], False
     try:
         # The replicas load the weights the trainer starts from: the checkpoint a rerun continues, else the model.
         _, _, started_app = start_policy_app(app, str(checkpoint or model_dir), engine=cfg.policy.engine,
-                                             replicas=cfg.policy.replicas, gpus=cfg.policy.gpus, weights=cfg.run_name)
+                                             replicas=cfg.policy.replicas, gpus=cfg.policy.gpus, weights=cfg.run_name,
+                                             resources=cfg.policy.resources)
         samples_ref = ray.put(samples)
         # A worker that dies restarts, and its `run` call with it; it hands its unfinished claims back first.
-        workers = [RolloutWorker.options(max_restarts=-1, max_task_retries=-1).remote(
+        workers = [RolloutWorker.options(max_restarts=-1, max_task_retries=-1, resources=cfg.rollout_resources).remote(
                        f"rollout-{i}", cfg.run_name, app, str(model_dir), samples_ref, _rollout_settings(cfg),
                        cfg.planned_zooms)
                    for i in range(cfg.rollout_workers)]

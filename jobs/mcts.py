@@ -41,7 +41,7 @@ from pydantic import Field
 
 from jobs.common import REPO_ROOT, init_ray, local_model, run_main
 from services.app import EngineSettings
-from vigorl_core.config import ConfigError, StageConfig, parse_config
+from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 from vigorl_core.mcts import ASSISTANT_TAIL, FORCED_FINAL_USER, MCTSConfig
 
 
@@ -67,6 +67,8 @@ class TeacherConfig(StageConfig):
     name: str | None = Field(None, description="teacher name stored in each tree (default: the model folder name)")
     replicas: int = Field(1, ge=1, description="PolicyServer replicas when the job starts the app")
     gpus: float = Field(0.0, ge=0, description="GPUs per replica (= engine.tensor_parallel_size on GPU machines)")
+    resources: RoleResources = Field(default_factory=dict, description="custom resources per replica, e.g. "
+                                     "{policy_node: 0.01}: lands replicas on cluster.yaml's policy nodes")
     engine: EngineSettings = Field(default_factory=EngineSettings)
     constrained: bool = Field(False, description="constrain every response by a grammar to one think step naming "
                               "a point or an answer among the options (random-weight demo models never answer "
@@ -90,6 +92,8 @@ class MCTSJobConfig(StageConfig):
     trees_per_actor: int = Field(16, ge=1, description="searches each actor runs concurrently")
     batch_size: int = Field(1, ge=1, description="samples per Ray Data task: results reach trees.jsonl per task")
     actor_cpus: float = Field(0.5, gt=0, description="CPUs per actor (it decodes images and waits on the engine)")
+    actor_resources: RoleResources = Field(default_factory=dict, description="custom resources per actor, e.g. "
+                                           "{env_node: 0.01} (cluster.yaml's CPU nodes)")
     retry_errors: bool = Field(True, description="on resume, redo samples whose record has status 'error' "
                                                  "(timeouts are kept)")
     num_cpus: int = Field(8, ge=1, description="logical CPUs of a local Ray (ignored on a cluster)")
@@ -216,7 +220,8 @@ def _start_teacher(cfg: MCTSJobConfig, started: list[str]) -> tuple[str, str, st
         started.append(name)  # before it deploys, so a failed start is cleaned up too
     try:
         app, model, _ = start_policy_app(name, local_model(t.model) if t.model and not t.app else t.model,
-                                         engine=t.engine, replicas=t.replicas, gpus=t.gpus, reuse=t.app)
+                                         engine=t.engine, replicas=t.replicas, gpus=t.gpus, reuse=t.app,
+                                         resources=t.resources)
     except ValueError as err:
         raise ConfigError(f"teacher.app: {err}") from None
     critic_app = None
@@ -332,6 +337,7 @@ def _search(cfg: MCTSJobConfig, todo: list, out: Path, done: set[str], app: str,
     ds = ray.data.from_items([{"sample": s.model_dump_json()} for s in todo], override_num_blocks=tasks)
     ds = ds.map_batches(
         TreeSearcher, batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.actor_cpus,
+        resources=cfg.actor_resources or None,
         compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, tasks), max_tasks_in_flight_per_actor=calls,
                                            max_concurrent_calls_per_actor=calls),
         fn_constructor_kwargs={"app": app, "model": model, "teacher_name": cfg.teacher.name or Path(model).name,

@@ -45,7 +45,7 @@ import yaml
 from pydantic import Field
 
 from jobs.common import REPO_ROOT, init_ray, run_main
-from vigorl_core.config import ConfigError, StageConfig, parse_config
+from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 
 
 class SFTConfig(StageConfig):
@@ -90,6 +90,8 @@ class SFTConfig(StageConfig):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on GPU clusters)")
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL, bf16")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker")
+    resources_per_worker: RoleResources = Field(default_factory=dict, description="custom resources per worker, "
+                                                "e.g. {trainer_node: 0.01} (cluster.yaml's trainer nodes)")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (3 for 7B)")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer state in CPU memory")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")

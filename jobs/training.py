@@ -192,7 +192,8 @@ class RunLog:
 
 
 def fit(worker: Callable, loop_config: dict, cfg: Any, run_dir: Path):
-    """Run `worker` on `cfg.num_workers` Ray Train workers (a GPU each with `cfg.use_gpu`), checkpoints
+    """Run `worker` on `cfg.num_workers` Ray Train workers (a GPU each with `cfg.use_gpu`, plus the custom
+    resources of `cfg.resources_per_worker`: the trainer node role on a cluster), checkpoints
     under run_dir/checkpoints, restarts from the last checkpoint up to `cfg.max_failures` times. Ray must
     be initialised by the caller."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -204,7 +205,7 @@ def fit(worker: Callable, loop_config: dict, cfg: Any, run_dir: Path):
                                       "HF_HUB_OFFLINE") if k in os.environ}
     env["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
     gpus = getattr(cfg, "gpus_per_worker", 1.0)  # < 1: the trainer shares its GPU (with a policy replica)
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": gpus} if cfg.use_gpu else {})}
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": gpus} if cfg.use_gpu else {}), **cfg.resources_per_worker}
     trainer = TorchTrainer(
         worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),

@@ -22,7 +22,7 @@ from services.gateway import Gateway
 from services.policy import PolicyServer
 from services.schemas import GatewaySettings
 from services.zoom import ZoomServer
-from vigorl_core.config import StageConfig
+from vigorl_core.config import RoleResources, StageConfig
 
 
 class EngineSettings(StageConfig):
@@ -52,18 +52,23 @@ class ServeConfig(StageConfig):
 
 
 def policy_app(model: str, engine: EngineSettings | None = None, replicas: int = 1, gpus: float = 0.0,
-               weights: str | None = None):
+               weights: str | None = None, resources: dict[str, float] | None = None):
+    policy_resources: RoleResources = Field(default_factory=dict, description="custom resources per PolicyServer "
+                                            "replica, e.g. {policy_node: 0.01} on cluster.yaml's policy nodes")
     """A Serve app of PolicyServer replicas only, for batch stages (MCTS, evaluation, GRPO rollouts):
     `handle = serve.run(policy_app(model), name="policy-<run>", route_prefix=None)`, then
     `PolicyClient(handle)` in each worker (or `serve.get_deployment_handle("PolicyServer", name)`).
-    `weights` names a weight store every replica follows (services.weight_sync: GRPO's weight sync)."""
+    `weights` names a weight store every replica follows (services.weight_sync: GRPO's weight sync);
+    `resources` are custom resources each replica requests (a node role: {"policy_node": 0.01})."""
     engine = engine or EngineSettings()
-    return PolicyServer.options(num_replicas=replicas, ray_actor_options={"num_cpus": 1, "num_gpus": gpus}).bind(
+    options = {"num_cpus": 1, "num_gpus": gpus, "resources": resources or {}}
+    return PolicyServer.options(num_replicas=replicas, ray_actor_options=options).bind(
         {"model": model, **engine.model_dump()}, weights)
 
 
 def start_policy_app(name: str, model: str | None, *, engine: EngineSettings | None = None, replicas: int = 1,
-                     gpus: float = 0.0, reuse: str | None = None, weights: str | None = None) -> tuple[str, str, bool]:
+                     gpus: float = 0.0, reuse: str | None = None, weights: str | None = None,
+                     resources: dict[str, float] | None = None) -> tuple[str, str, bool]:
     """Start the Serve app `name` of PolicyServer replicas of `model` for a batch stage (MCTS, evaluation,
     GRPO), or reuse the running app `reuse` (then `model` may be None: asked from the server; if given, it
     must be what the app serves). Returns (app name, model it serves, whether this call started it: the
@@ -84,7 +89,7 @@ def start_policy_app(name: str, model: str | None, *, engine: EngineSettings | N
         raise ValueError("a model is required unless a running Serve app is reused")
     serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
     print(f"starting {replicas} PolicyServer replica(s) of {model} (Serve app {name})", flush=True)
-    serve.run(policy_app(model, engine, replicas, gpus, weights), name=name, route_prefix=None,
+    serve.run(policy_app(model, engine, replicas, gpus, weights, resources), name=name, route_prefix=None,
               logging_config={"enable_access_log": False})
     return name, model, True
 
@@ -100,7 +105,8 @@ def build_app(args: dict[str, Any]):
     engine = {"model": cfg.model, **cfg.engine.model_dump()}
     if cfg.policy_gpus == 0 and cfg.engine.tensor_parallel_size > 1:
         raise ValueError("engine.tensor_parallel_size > 1 needs policy_gpus")
-    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": 1, "num_gpus": cfg.policy_gpus}}
+    options: dict[str, Any] = {"ray_actor_options": {"num_cpus": 1, "num_gpus": cfg.policy_gpus,
+                                                     "resources": cfg.policy_resources}}
     if cfg.policy_replicas > 1:  # left unset otherwise, so a Serve config's autoscaling_config applies
         options["num_replicas"] = cfg.policy_replicas
     policy = PolicyServer.options(**options).bind(engine)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import types
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -30,6 +30,19 @@ class StageConfig(BaseModel):
 
 class ConfigError(ValueError):
     pass
+
+
+def _custom_only(resources: dict[str, float]) -> dict[str, float]:
+    builtin = sorted(set(resources) & {"CPU", "GPU", "memory", "object_store_memory"})
+    if builtin:
+        raise ValueError(f"{builtin} have their own fields; list custom resources here (e.g. policy_node)")
+    return resources
+
+
+# Custom Ray resources a piece of a stage requests besides CPUs and GPUs, e.g. {policy_node: 0.01}: on a
+# cluster (cluster.yaml, deploy/kuberay/) each node type offers one role resource, so the request lands
+# the piece on that node type and makes the autoscaler start one. Empty (the default) runs anywhere.
+RoleResources = Annotated[dict[str, Annotated[float, Field(gt=0)]], AfterValidator(_custom_only)]
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
