@@ -73,19 +73,50 @@ class PolicyEngine(Protocol):
 
 @dataclass
 class EngineConfig:
-    """How to start a vLLM engine. Defaults suit the tiny model on CPU (eager, fp32, small cache)."""
+    """How to start a vLLM engine. None = chosen for the device vLLM runs on (`engine_args`): fast on a GPU
+    (compiled, bf16, rollout-sized batches), small and eager on CPU (tests, the tiny model)."""
 
     model: str
     max_model_len: int = 4096
-    dtype: str = "float32"
-    enforce_eager: bool = True
+    dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
+    # None: CUDA graphs + torch.compile on GPU (decode step 40 ms -> 9-11 ms at batch 64 on an H200, start
+    # 23 s -> 67 s), eager on CPU (start 16.5 s instead of 62 s; tests).
+    enforce_eager: bool | None = None
     seed: int = 0
     max_images_per_prompt: int = 8
     gpu_memory_utilization: float = 0.85
     tensor_parallel_size: int = 1
+    # Each turn re-sends the whole conversation: prefix caching reuses the KV of the earlier turns (their
+    # images included: block hashes cover the image content), so only the new observation is prefilled.
     enable_prefix_caching: bool = True
-    max_num_seqs: int = 256
-    extra: dict[str, Any] = field(default_factory=dict)
+    # None: 1024 on GPU (vllm.LLM's offline default on H100/H200: a GRPO step of 128 prompts x 8 fits),
+    # 256 on CPU.
+    max_num_seqs: int | None = None
+    # None: 16384 on GPU (vllm.LLM's offline default; AsyncLLM's own default of 2048 throttles the prefill
+    # of 576-token crops), vLLM's default on CPU. Chunked prefill stays on (vLLM's default for Qwen2.5-VL).
+    max_num_batched_tokens: int | None = None
+    # Front-end cache of processed images, by content hash: a conversation's earlier images are not
+    # re-processed on each turn (vLLM's default size 4 GiB; 0 turns it off).
+    mm_processor_cache_gb: float = 4.0
+    extra: dict[str, Any] = field(default_factory=dict)  # any other vllm AsyncEngineArgs field
+
+    def engine_args(self, gpu: bool) -> dict[str, Any]:
+        """The AsyncEngineArgs keywords for a GPU (`gpu=True`) or CPU vLLM, with every None resolved."""
+        eager = (not gpu) if self.enforce_eager is None else self.enforce_eager
+        args = dict(
+            model=self.model, tokenizer=self.model, dtype=self.dtype or ("bfloat16" if gpu else "float32"),
+            max_model_len=self.max_model_len, enforce_eager=eager, seed=self.seed,
+            limit_mm_per_prompt={"image": self.max_images_per_prompt, "video": 0},
+            gpu_memory_utilization=self.gpu_memory_utilization, tensor_parallel_size=self.tensor_parallel_size,
+            enable_prefix_caching=self.enable_prefix_caching,
+            max_num_seqs=self.max_num_seqs or (1024 if gpu else 256),
+            mm_processor_cache_gb=self.mm_processor_cache_gb,
+            logprobs_mode="raw_logprobs", worker_extension_cls="vigorl_core.engine_worker.WeightLoader",
+        )
+        batched = self.max_num_batched_tokens or (16384 if gpu else None)
+        if batched:
+            args["max_num_batched_tokens"] = batched
+        return {**args, **self.extra}
 
 
 class VLLMEngine:
@@ -112,15 +143,9 @@ class VLLMEngine:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(
-            model=config.model, tokenizer=config.model, dtype=config.dtype, max_model_len=config.max_model_len,
-            enforce_eager=config.enforce_eager, seed=config.seed,
-            limit_mm_per_prompt={"image": config.max_images_per_prompt, "video": 0},
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            tensor_parallel_size=config.tensor_parallel_size, enable_prefix_caching=config.enable_prefix_caching,
-            max_num_seqs=config.max_num_seqs, logprobs_mode="raw_logprobs",
-            worker_extension_cls="vigorl_core.engine_worker.WeightLoader", **config.extra,
-        )
+        from vllm.platforms import current_platform
+
+        args = AsyncEngineArgs(**config.engine_args(gpu=current_platform.is_cuda_alike()))
         llm = AsyncLLM.from_engine_args(args)
         tokenizer = AutoTokenizer.from_pretrained(config.model)
         suppressed = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS if t in tokenizer.get_vocab()]

@@ -70,7 +70,7 @@ def rollout_item(record: RolloutRecord, images: Sequence[Any], advantage: float,
                          f"{len(record.images)} in the record")
     item = {"input_ids": ids, "labels": torch.where(mask, ids, IGNORE_INDEX),
             "engine_logprobs": torch.tensor(record.logprobs, dtype=torch.float32),
-            "advantage": float(advantage), "constrained": bool(getattr(record, "constrained_logprobs", False))}
+            "advantage": float(advantage), "untrusted": record.constrained_logprobs or not record.has_logprobs}
     if images:
         vision = image_processor(images=list(images), return_tensors="pt")
         item["pixel_values"], item["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"]
@@ -79,7 +79,8 @@ def rollout_item(record: RolloutRecord, images: Sequence[Any], advantage: float,
 
 def collate_rollouts(items: list[dict], pad_id: int, image_pad_id: int) -> dict:
     """A padded micro-batch (sft_data.collate's keys) plus advantages [B], engine_logprobs [B, L] and
-    constrained [B] (rollouts whose engine log-probs came from a grammar-constrained engine)."""
+    untrusted [B] (rollouts whose engine log-probs are not the policy's sampling log-probs: a grammar-constrained
+    engine's, or zeros because the rollout did not ask for them)."""
     import torch
 
     batch = collate(items, pad_id, image_pad_id)
@@ -89,7 +90,7 @@ def collate_rollouts(items: list[dict], pad_id: int, image_pad_id: int) -> dict:
         engine[row, :len(it["engine_logprobs"])] = it["engine_logprobs"]
     batch["engine_logprobs"] = engine
     batch["advantages"] = torch.tensor([it["advantage"] for it in items], dtype=torch.float32)
-    batch["constrained"] = torch.tensor([it["constrained"] for it in items], dtype=torch.bool)
+    batch["untrusted"] = torch.tensor([it["untrusted"] for it in items], dtype=torch.bool)
     return batch
 
 

@@ -116,3 +116,5 @@ class RolloutRecord(Record):
     constrained_logprobs: bool = Field(False, description="the log-probs came from a grammar-constrained engine "
                                        "(PlannedTurnsEngine): they are the constrained distribution's, not the "
                                        "policy's; train with recomputed log-probs only")
+    has_logprobs: bool = Field(True, description="`logprobs` holds the engine's log-probs; False: the rollout did "
+                               "not ask for them (RolloutConfig.logprobs) and they are zeros")

@@ -18,6 +18,8 @@ Multi-turn rules (VIGORL_REFERENCE.md 2.1, with the differences documented in RE
 - `max_response_tokens` counts every token after the prompt, image tokens included, and the response
   never exceeds it; a turn that would not fit ends the conversation (`finish = "response_budget"`);
 - the diversity bonus of multi-turn rewards counts the crops that ran (clamped points), not raw points;
+- log-probs are asked from the engine only with `RolloutConfig.logprobs` (records say so in `has_logprobs`;
+  without them `logprobs` holds zeros);
 - records from a grammar-constrained engine (`engine.constrained`, e.g. PlannedTurnsEngine) carry
   `constrained_logprobs=True`: their log-probs are the constrained distribution's, not the policy's.
 
@@ -65,6 +67,10 @@ class RolloutConfig:
     zoom: ZoomSettings | None = None  # None: the task x profile table (vigorl_core.zoom)
     profile: str | None = None  # zoom-table profile; None: "tiny" if the model's max_pixels is small
     score: bool = True
+    # Ask the engine for each sampled token's log-prob (raw, before temperature). GRPO needs them only for
+    # the importance weights of off-policy rollouts (max_staleness >= 1) and the train/infer mismatch metric;
+    # on an H200 at 256 requests they halved engine throughput (bench/results/engine_sampling_gpu_256.json).
+    logprobs: bool = False
 
 
 @dataclass
@@ -144,6 +150,7 @@ class Conversation:
             seed = zlib.crc32(f"{cfg.seed}/{self.prepared.sample.id}/{self.group_index}/{self.turn}".encode())
         sampling = Sampling(
             temperature=cfg.temperature, top_p=cfg.top_p, stop=("</answer>",), stop_token_ids=stop_ids, seed=seed,
+            logprobs=cfg.logprobs,
             max_tokens=min(cfg.max_tokens_per_turn, cfg.max_response_tokens - self.response_len),
         )
         ids = [t for s in self.segments for t in s.ids]
@@ -240,7 +247,7 @@ class Conversation:
             prompt_len=self.prompt_len, images=hashes, image_tokens=[self.chat.image_tokens(im) for im in images_seen],
             text=text, trace=trace, finish=self.finish or "length", num_turns=self.turn, policy_versions=self.versions,
             timings={"seconds": time.perf_counter() - self.started, "engine_seconds": self.engine_seconds},
-            constrained_logprobs=constrained_logprobs,
+            constrained_logprobs=constrained_logprobs, has_logprobs=self.config.logprobs,
         )
         if self.config.score:
             scoring = time.perf_counter()

@@ -152,7 +152,7 @@ def test_rollout_item_labels_only_loss_tokens(chat, image_processor):
     assert (item["labels"][~mask] == IGNORE_INDEX).all() and item["labels"][gap] == IGNORE_INDEX
     assert item["engine_logprobs"].dtype == torch.float32
     assert item["engine_logprobs"].tolist() == pytest.approx(record.logprobs)
-    assert item["advantage"] == 0.5 and item["constrained"] is True
+    assert item["advantage"] == 0.5 and item["untrusted"] is True
     assert item["image_grid_thw"].shape == (1, 3)
     merge = image_processor.merge_size ** 2
     assert int(item["image_grid_thw"].prod()) // merge == record.image_tokens[0]
@@ -173,7 +173,7 @@ def test_rollout_item_without_images_has_no_pixels(chat, image_processor):
 
 def test_collate_rollouts_pads_and_stacks(chat, image_processor):
     """Two rollouts of different lengths (one with two images, one without): right padding, engine log-probs
-    [B, L] zero on padding, advantages and constrained [B], mm_token_type_ids 1 exactly on image pads,
+    [B, L] zero on padding, advantages and untrusted [B], mm_token_type_ids 1 exactly on image pads,
     pixel values of all images in order."""
     a_images = [Image.new("RGB", (112, 112), (255, 0, 0)), Image.new("RGB", (56, 112), (0, 255, 0))]
     a = _record("a", [5, 6], [30, 31, 32], a_images, chat)
@@ -189,7 +189,7 @@ def test_collate_rollouts_pads_and_stacks(chat, image_processor):
     assert batch["engine_logprobs"][1, :lb].tolist() == pytest.approx(b.logprobs)
     assert batch["engine_logprobs"][1, lb:].eq(0).all()
     assert batch["advantages"].tolist() == [1.5, -0.5] and batch["advantages"].dtype == torch.float32
-    assert batch["constrained"].tolist() == [False, True]
+    assert batch["untrusted"].tolist() == [False, True]
     assert batch["mm_token_type_ids"][0].sum() == sum(a.image_tokens)
     assert torch.equal(batch["mm_token_type_ids"].bool(), batch["input_ids"] == chat.image_pad_id)
     assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 4]]  # 112x112 then 56x112, 14-px patches
@@ -229,3 +229,10 @@ def test_sequence_logprobs_match_a_full_forward_and_ignore_padding(tiny_model_di
     alone_by_position = dict(zip(alone_pos[alone_mask[0]].tolist(), alone_lp[0][alone_mask[0]].tolist()))
     assert by_position.keys() == alone_by_position.keys() and len(by_position) == 3
     assert list(by_position.values()) == pytest.approx(list(alone_by_position.values()), abs=1e-5)
+
+
+def test_a_rollout_without_engine_logprobs_is_untrusted(chat, image_processor):
+    record = _record("n", [5], [6, 7], [], chat)
+    assert rollout_item(record, [], 1.0, image_processor)["untrusted"] is False
+    record.has_logprobs = False
+    assert rollout_item(record, [], 1.0, image_processor)["untrusted"] is True
