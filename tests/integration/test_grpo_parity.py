@@ -70,7 +70,7 @@ def test_trainer_forward_matches_the_engine_on_multiturn_rollouts_with_crops(vll
 
 def test_trainer_forward_matches_the_sampled_logprobs_single_turn(vllm_engine, trainer_side):
     _, _, chat = trainer_side
-    config = RolloutConfig(mode="grounded", group_size=3, max_tokens_per_turn=32)
+    config = RolloutConfig(mode="grounded", group_size=3, max_tokens_per_turn=32, logprobs=True)
     rollouts = _rollouts(vllm_engine, vllm_engine.engine, chat, config, generate("grounding", 2, seed=5))
     assert not any(r.record.constrained_logprobs for r in rollouts)
     for rollout, mine in zip(rollouts, _trainer_logprobs(trainer_side, rollouts)):

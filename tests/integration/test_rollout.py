@@ -81,6 +81,7 @@ def test_multiturn_parity_with_hf_processor_and_forward(vllm_engine, chat, proce
         rec = rollout.record
         assert rec.constrained_logprobs, "a grammar-constrained engine's log-probs are marked"
         assert len(rec.train_ids) == len(rec.loss_mask) == len(rec.logprobs)
+        assert rec.has_logprobs is False and not any(rec.logprobs)  # not asked for (RolloutConfig.logprobs)
         # Per-image pad counts equal the processor's.
         grids = processor.image_processor(images=rollout.images, return_tensors="pt")["image_grid_thw"]
         assert rec.image_tokens == (grids.prod(-1) // 4).tolist()
@@ -127,14 +128,15 @@ def test_single_turn_sampling_logprobs_match_hf_forward(vllm_engine, chat, proce
     from transformers import AutoModelForImageTextToText
 
     data = generate("grounding", 2, seed=4)
-    config = RolloutConfig(mode="grounded", group_size=3, seed=1, temperature=1.0, max_tokens_per_turn=24)
+    config = RolloutConfig(mode="grounded", group_size=3, seed=1, temperature=1.0, max_tokens_per_turn=24,
+                           logprobs=True)
     rollouts = _rollouts(vllm_engine, vllm_engine.engine, chat, config, data)
     assert len(rollouts) == 6 and {r.record.group_index for r in rollouts} == {0, 1, 2}
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
     for rollout in rollouts[:2]:
         rec = rollout.record
         assert rec.finish in ("length", "answer", "no_tool_call") and rec.num_turns == 1
-        assert rec.constrained_logprobs is False
+        assert rec.constrained_logprobs is False and rec.has_logprobs
         hf = _hf_logprobs(model, processor, rec.train_ids, rollout.images, chat.image_pad_id)
         positions = [i for i, m in enumerate(rec.loss_mask) if m]
         assert positions and positions[0] == rec.prompt_len
