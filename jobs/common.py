@@ -17,7 +17,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def set_runtime_env() -> None:
-    """Default environment for local runs: offline hub, one OMP thread, vLLM CPU cache, Ray auth off."""
+    """Default environment for local runs: offline hub, one OMP thread, vLLM CPU cache, Ray auth off (for a
+    Ray this job starts; a job on a cluster, RAY_ADDRESS set, keeps the cluster's authentication mode)."""
     defaults = {
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
@@ -26,8 +27,9 @@ def set_runtime_env() -> None:
         "VLLM_HOST_IP": "127.0.0.1",
         "VLLM_CACHE_ROOT": str(REPO_ROOT / ".vllm-cache"),
         "TORCH_EXTENSIONS_DIR": str(REPO_ROOT / ".torch_ext"),
-        "RAY_AUTH_MODE": "disabled",
     }
+    if not os.environ.get("RAY_ADDRESS"):
+        defaults["RAY_AUTH_MODE"] = "disabled"
     if not Path("/dev/nvidiactl").exists():  # DeepSpeed would otherwise look for CUDA
         defaults["DS_ACCELERATOR"] = "cpu"
     for key, value in defaults.items():

@@ -5,6 +5,7 @@ No cluster starts here (tests/integration/test_cluster_autoscaling.py starts a s
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import jsonschema
@@ -126,3 +127,39 @@ def test_role_resources_reach_the_serve_options_and_reject_cpu_and_gpu():
         parse_config(GRPOConfig, ["--model", "m", "--data", "d", "--policy.resources", "{GPU: 1}"])
     cfg = parse_config(SFTConfig, ["--model", "m", "--data", "d", "--resources_per_worker.trainer_node", "0.01"])
     assert cfg.resources_per_worker == {"trainer_node": 0.01}
+
+
+def test_trainer_workers_request_their_role(monkeypatch, tmp_path):
+    """jobs.training.fit (SFT and GRPO) hands resources_per_worker to Ray Train with the CPUs and GPUs."""
+    import ray.train.torch
+
+    from jobs.training import fit
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, worker, *, train_loop_config, scaling_config, run_config):
+            seen["scaling"] = scaling_config
+
+        def fit(self):
+            return "result"
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", Recorder)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # fit sets it for local runs: keep it scoped
+    cfg = parse_config(GRPOConfig, ["--config", str(REPO / "configs" / "grpo_qwen2.5-vl-7b.yaml")])
+    assert fit(lambda config: None, {}, cfg, tmp_path) == "result"
+    assert seen["scaling"].num_workers == 8 and seen["scaling"].use_gpu
+    assert seen["scaling"].resources_per_worker == {"CPU": 8, "GPU": 1.0, "trainer_node": 0.01}
+
+
+def test_a_job_on_a_cluster_keeps_the_clusters_auth_mode(monkeypatch):
+    """`ray job submit` sets RAY_ADDRESS: the job must not turn token authentication off for its driver."""
+    from jobs.common import set_runtime_env
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    set_runtime_env()
+    assert "RAY_AUTH_MODE" not in os.environ
+    monkeypatch.delenv("RAY_ADDRESS")
+    set_runtime_env()  # a local run starts its own Ray: auth off, as the tests and `vigorl` commands expect
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
