@@ -1,5 +1,6 @@
 """A simulated autoscaling cluster with cluster.yaml's node types: the role requests of a shipped cluster config
-make Ray's autoscaler launch the right node types from zero workers, and the work runs there.
+make Ray's autoscaler launch the right node types from zero workers, the work runs there, and the nodes go away
+once it is done.
 
     .venv/bin/python -m pytest tests/integration/test_cluster_autoscaling.py -q      (about 30 s)
 
@@ -42,7 +43,7 @@ def fake_cluster_config(gcs_address: str) -> dict:
         types[name] = {"resources": resources, "node_config": {}, "min_workers": node["min_workers"], "max_workers": 1}
     return {
         "cluster_name": "vigorl-simulated", "max_workers": len(types) - 1, "upscaling_speed": cluster["upscaling_speed"],
-        "idle_timeout_minutes": cluster["idle_timeout_minutes"],
+        "idle_timeout_minutes": 0.05,  # cluster.yaml's 10 minutes, scaled down to 3 s
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True, "gcs_address": gcs_address},
         "head_node_type": "ray.head.default", "available_node_types": types,
@@ -116,18 +117,28 @@ def simulate() -> dict:
         nodes_at_start = [n["Resources"] for n in ray.nodes() if n["Alive"]]
 
         @ray.remote
-        def where() -> str:
-            return ray.get_runtime_context().get_node_id()
+        class Piece:  # an actor holds its node, as the replicas and workers do, until it is killed
+            def node(self) -> str:
+                return ray.get_runtime_context().get_node_id()
 
-        refs = {piece: where.options(**opts).remote() for piece, opts in requests.items()}
-        ran_on = {piece: ray.get(ref, timeout=120) for piece, ref in refs.items()}
+        actors = {piece: Piece.options(**opts).remote() for piece, opts in requests.items()}
+        ran_on = {piece: ray.get(actor.node.remote(), timeout=120) for piece, actor in actors.items()}
         nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
         roles = {node: [r for r in res if r in ROLE_OF] for node, res in nodes.items()}
-        return {"requests": requests, "nodes_at_start": nodes_at_start,
-                "ran_on_type": {piece: [ROLE_OF[r] for r in roles[node]] for piece, node in ran_on.items()},
-                "worker_types": sorted(ROLE_OF[r] for rs in roles.values() for r in rs),
-                "gpus_of_type": {ROLE_OF[r]: res.get("GPU", 0) for res in nodes.values() for r in res if r in ROLE_OF},
-                "seconds_to_run": round(time.perf_counter() - started, 1)}
+        result = {"requests": requests, "nodes_at_start": nodes_at_start,
+                  "ran_on_type": {piece: [ROLE_OF[r] for r in roles[node]] for piece, node in ran_on.items()},
+                  "worker_types": sorted(ROLE_OF[r] for rs in roles.values() for r in rs),
+                  "gpus_of_type": {ROLE_OF[r]: res.get("GPU", 0) for res in nodes.values() for r in res if r in ROLE_OF},
+                  "seconds_to_run": round(time.perf_counter() - started, 1)}
+        # Once the work is gone, idle nodes go away again (idle_timeout_minutes).
+        for actor in actors.values():
+            ray.kill(actor)
+        deadline = time.monotonic() + 60
+        while len([n for n in ray.nodes() if n["Alive"]]) > 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        result["nodes_after_idle"] = len([n for n in ray.nodes() if n["Alive"]])
+        result["seconds_to_scale_down"] = round(time.perf_counter() - started - result["seconds_to_run"], 1)
+        return result
     finally:
         ray.shutdown()
         stop_tree(head)
@@ -148,6 +159,7 @@ def test_role_requests_make_the_autoscaler_launch_their_node_types(subprocess_en
                                      "RolloutWorker": ["env"]}
     assert result["worker_types"] == ["env", "policy", "trainer"]  # one node of each type, nothing else
     assert result["gpus_of_type"] == {t: cluster[t]["resources"].get("GPU", 0) for t in ("policy", "trainer", "env")}
+    assert result["nodes_after_idle"] == 1  # back to the head once the work is done
 
 
 if __name__ == "__main__":
