@@ -101,6 +101,7 @@ def simulate() -> dict:
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=0",
          "--num-gpus=0", f"--autoscaling-config={config_path}", "--include-dashboard=false",
          "--node-ip-address=127.0.0.1", f"--temp-dir={tmp}/ray", "--object-store-memory=100000000",
+         "--dashboard-agent-listen-port=0",  # any free port: another Ray on this machine may hold the default
          "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT)
     started = time.perf_counter()
     import ray
@@ -139,6 +140,10 @@ def simulate() -> dict:
         result["nodes_after_idle"] = len([n for n in ray.nodes() if n["Alive"]])
         result["seconds_to_scale_down"] = round(time.perf_counter() - started - result["seconds_to_run"], 1)
         return result
+    except Exception:
+        log.flush()
+        sys.stderr.write(f"head log (ray start, autoscaler):\n{Path(tmp, 'head.log').read_text()[-3000:]}\n")
+        raise
     finally:
         ray.shutdown()
         stop_tree(head)
