@@ -24,7 +24,7 @@ for what in "$@"; do
     step) python3 -m bench.sft_profile --model "$MODEL" --micro-steps 6 ;;
     rollout) python3 -m bench.rollout_lockstep --model "$MODEL" --conversations 64 --name async_vs_lockstep_gpu ;;
     # The rollout driver (single- and multi-turn, paper's multi-turn budgets) against plain vLLM, one run.
-    plain) python3 -m bench.rollout_vs_plain --model "$MODEL" --max-tokens "${PLAIN_MAX_TOKENS:-512}" --name gpu ;;
+    plain) python3 -m bench.rollout_vs_plain --model "$MODEL" --max-tokens 512 --name gpu ${PLAIN_ARGS:-} ;;
     model) ;;
     *) echo "unknown benchmark $what (model, serve, sft, step, rollout, plain)"; exit 2 ;;
   esac

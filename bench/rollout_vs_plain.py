@@ -76,6 +76,30 @@ def timed(seconds: list[float], tokens: list[int], caches: list[dict]) -> dict:
             "cache": caches[mid]}
 
 
+class LoopLag:
+    """Host work on the driver's critical path: how late a 5 ms ticker on the driver's event loop (which also runs
+    AsyncLLM's input processing and output handling) wakes up."""
+
+    def __enter__(self):
+        self.blocked, self.worst = 0.0, 0.0
+        self._task = asyncio.get_running_loop().create_task(self._tick())
+        return self
+
+    async def _tick(self):
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(0.005)
+            late = time.perf_counter() - t0 - 0.005
+            self.blocked += late
+            self.worst = max(self.worst, late)
+
+    def __exit__(self, *exc):
+        self._task.cancel()
+
+    def report(self) -> dict:
+        return {"loop_late_seconds": round(self.blocked, 3), "loop_late_max_seconds": round(self.worst, 4)}
+
+
 class Recorder:
     """PolicyEngine wrapper that keeps every request (ids, images, sampling) and the lengths it generated."""
 
@@ -127,10 +151,12 @@ async def driver_arms(args) -> tuple[dict, dict]:
 
     async def run_driver(driver, prepared):
         before, t0 = cache_counters(), time.perf_counter()
-        groups = [g async for g in driver.run(prepared, concurrency=len(prepared))]
+        with LoopLag() as lag:
+            groups = [g async for g in driver.run(prepared, concurrency=len(prepared))]
         seconds = time.perf_counter() - t0
         records = [r.record for g in groups for r in g]
-        return seconds, sum(sum(r.loss_mask) for r in records), counter_delta(before, cache_counters()), records
+        cache = {**counter_delta(before, cache_counters()), **lag.report()}
+        return seconds, sum(sum(r.loss_mask) for r in records), cache, records
 
     # Warm-up: compiled shapes, the grammar compiler, the encoder at these image sizes.
     for logprobs in (False, True):
@@ -156,6 +182,7 @@ async def driver_arms(args) -> tuple[dict, dict]:
         "engine_calls": len(mt_calls), "prompt_tokens_sent": sum(len(c[0]) for c in mt_calls),
         "response_tokens_mean": statistics.fmean(len(r.train_ids) - r.prompt_len for r in records),
         "turn_tokens_mean": tokens / max(1, sum(r.num_turns for r in records)),
+        "longest_conversation": _longest(records),
     }
     print(f"driver_multi_turn: {results['driver_multi_turn']['tokens_per_second']:.0f} tokens/s, turns "
           f"{results['driver_multi_turn']['turn_histogram']}", flush=True)
@@ -195,6 +222,13 @@ async def driver_arms(args) -> tuple[dict, dict]:
               "eager": results["driver_engine"]["enforce_eager"], "max_model_len": args.max_model_len,
               "gpu_memory_utilization": args.gpu_memory_utilization}
     return results, replay
+
+
+def _longest(records) -> dict:
+    """The conversation that took longest: the critical path of an arm whose turns wait on each other."""
+    r = max(records, key=lambda rec: rec.timings["seconds"])
+    return {"seconds": round(r.timings["seconds"], 2), "engine_seconds": round(r.timings["engine_seconds"], 2),
+            "turns": r.num_turns, "generated_tokens": sum(r.loss_mask)}
 
 
 async def _raw(engine, index, request, top_p) -> int:
