@@ -50,18 +50,19 @@ def test_quickstart_fast_runs_every_stage_and_a_rerun_skips_them(tmp_path, subpr
     out = tmp_path / "quickstart" / "default"
     stages = sorted(f.stem for f in (out / "stages").glob("*.json"))
     assert stages == sorted(["data", "teacher", "mcts", "chains", "sft_data", "sft", "grpo", "grpo_zoom",
-                             "eval_sft", "eval_grpo_zoom", "report"])  # --fast evaluates one model per mode
+                             "eval_grpo_zoom", "report"])  # --fast evaluates the last model, in both modes
     lines = result.stdout.strip().splitlines()
     assert all(line.startswith(("vigorl quickstart", "[", "quickstart finished")) for line in lines), lines
     assert "INFO" not in result.stdout + result.stderr  # engine and Ray logs stay in the log files
     results = json.loads((out / "results.json").read_text())
-    assert set(results["models"]) == {"sft", "grpo_zoom"}
-    assert results["models"]["sft"]["synthetic_grounding"]["n"] == 4
+    assert set(results["models"]) == {"grpo_zoom"}
+    assert results["models"]["grpo_zoom"]["synthetic_grounding"]["n"] == 4
+    assert results["models"]["grpo_zoom"]["synthetic_grounding"]["mode"] == "grounded"
     assert results["models"]["grpo_zoom"]["synthetic_visual_search"]["mode"] == "multiturn"
     assert [r["step"] for r in results["grpo"]["grpo"]] == [1, 2]
     assert "| grpo_zoom |" in (out / "report.md").read_text()
     rerun = _vigorl(["quickstart", "--fast", "--runs_dir", str(tmp_path)], subprocess_env)
-    assert rerun.returncode == 0 and rerun.stdout.count("done before, skipped") == 11
+    assert rerun.returncode == 0 and rerun.stdout.count("done before, skipped") == 10
 
 
 def test_every_command_has_help(subprocess_env):
