@@ -42,10 +42,12 @@ def test_bad_arguments_give_one_clear_line(tmp_path, subprocess_env):
     assert _vigorl(["frobnicate"], subprocess_env).returncode == 2
 
 
-def test_quickstart_fast_runs_every_stage_and_a_rerun_skips_them(tmp_path, subprocess_env):
-    """`vigorl quickstart --fast`: every stage as its real job on one local Ray, a report with a row per model;
-    the terminal shows stage lines only (the jobs' output is in logs/); a rerun skips every finished stage."""
-    result = _vigorl(["quickstart", "--fast", "--runs_dir", str(tmp_path)], subprocess_env)
+def test_quickstart_fast_runs_every_stage_and_a_rerun_skips_them(tmp_path, subprocess_env, ray_local):
+    """`vigorl quickstart --fast`: every stage as its real job on the session's Ray (RAY_ADDRESS, as on a
+    cluster), a report with a row per model; the terminal shows stage lines only (the jobs' output is in
+    logs/); a rerun skips every finished stage."""
+    env = {**subprocess_env, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    result = _vigorl(["quickstart", "--fast", "--runs_dir", str(tmp_path)], env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "quickstart" / "default"
     stages = sorted(f.stem for f in (out / "stages").glob("*.json"))
@@ -61,7 +63,7 @@ def test_quickstart_fast_runs_every_stage_and_a_rerun_skips_them(tmp_path, subpr
     assert results["models"]["grpo_zoom"]["synthetic_visual_search"]["mode"] == "multiturn"
     assert [r["step"] for r in results["grpo"]["grpo"]] == [1, 2]
     assert "| grpo_zoom |" in (out / "report.md").read_text()
-    rerun = _vigorl(["quickstart", "--fast", "--runs_dir", str(tmp_path)], subprocess_env)
+    rerun = _vigorl(["quickstart", "--fast", "--runs_dir", str(tmp_path)], env)
     assert rerun.returncode == 0 and rerun.stdout.count("done before, skipped") == 10
 
 
