@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 PALETTE = {"red": (220, 30, 30), "green": (30, 150, 50), "blue": (30, 70, 220), "yellow": (235, 200, 20),
            "purple": (130, 40, 170), "orange": (240, 120, 20), "cyan": (20, 180, 200)}
 COLOURS = list(PALETTE)
-SIZE = 112
+SIZE = 112  # --size overrides
 SHORT_SYSTEM = "Point to the element. Answer (x, y)."
 
 
@@ -74,7 +74,7 @@ class Setup:
         self.args = args
         self.system = system_prompt("grounding", "grounded") if args.system == "full" else SHORT_SYSTEM
         self.proc = AutoProcessor.from_pretrained(args.model)
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32)
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).to(args.device)
 
     def messages(self, colour: str, answer: str | None = None) -> list[dict]:
         question = "What colour is the square?" if self.args.task == "colour" else f"Point to the {colour} square."
@@ -99,7 +99,7 @@ class Setup:
             labels[k, :len(self.proc(text=[prompt], images=[[im]]).input_ids[0])] = -100
         labels[enc.attention_mask == 0] = -100
         enc["labels"] = labels
-        return enc
+        return enc.to(self.args.device)
 
     def evaluate(self, held) -> tuple[float, str]:
         import torch
@@ -111,7 +111,8 @@ class Setup:
             part = held[j:j + 16]
             prompts = [self.proc.apply_chat_template(self.messages(c), tokenize=False, add_generation_prompt=True)
                        for _, c, _ in part]
-            enc = self.proc(text=prompts, images=[[im] for im, _, _ in part], return_tensors="pt", padding=True)
+            enc = self.proc(text=prompts, images=[[im] for im, _, _ in part], return_tensors="pt",
+                            padding=True).to(self.args.device)
             with torch.no_grad():
                 out = self.model.generate(**enc, max_new_tokens=40, do_sample=False)
             for (_, colour, box), ids in zip(part, out):
@@ -138,7 +139,8 @@ def train(args) -> None:
     for step in range(1, args.steps + 1):
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, step / 20)
-        loss = s.model(**s.batch([sample(rng, squares, args.background == "gradient") for _ in range(16)])).loss
+        loss = s.model(**s.batch([sample(rng, squares, args.background == "gradient")
+                                  for _ in range(args.batch)])).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(s.model.parameters(), 1.0)
         opt.step()
@@ -208,10 +210,27 @@ def probe(args) -> None:
     }))
 
 
+def _build(args) -> None:
+    """A tiny-preset model with the given language-model changes (vision tower unchanged)."""
+    from vigorl_core import tiny
+
+    text = tiny.PRESETS["tiny"]["text"]
+    if args.hidden:
+        text.update(hidden_size=args.hidden, intermediate_size=2 * args.hidden)
+    if args.layers:
+        text["num_hidden_layers"] = args.layers
+    if args.heads:
+        text.update(num_attention_heads=args.heads, num_key_value_heads=args.heads)
+    if args.rope_theta:
+        text["rope_parameters"] = dict(text["rope_parameters"], rope_theta=args.rope_theta)
+    tiny.build_tiny_model(args.build)
+    args.model = args.build
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=["train", "probe"])
-    parser.add_argument("--model", required=True, help="a tiny model folder (python -m jobs.tiny --out DIR)")
+    parser.add_argument("--model", help="a tiny model folder (python -m jobs.tiny --out DIR)")
     parser.add_argument("--task", choices=["colour", "point"], default="colour")
     parser.add_argument("--squares", type=int, default=1, help="squares per image (point task)")
     parser.add_argument("--background", choices=["plain", "gradient"], default="plain")
@@ -220,7 +239,20 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=16, help="fresh samples per step")
+    parser.add_argument("--size", type=int, default=112, help="image side in pixels (a multiple of 28, <= 224)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--build", metavar="OUT", help="first build a tiny model into OUT (then --model is OUT); "
+                        "--hidden/--layers/--heads/--rope_theta change the tiny preset's language model")
+    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--layers", type=int)
+    parser.add_argument("--heads", type=int)
+    parser.add_argument("--rope_theta", type=float)
     args = parser.parse_args()
+    global SIZE
+    SIZE = args.size
+    if args.build:
+        _build(args)
     (train if args.what == "train" else probe)(args)
 
 
