@@ -183,15 +183,15 @@ RESUME_FIXED = ("model", "data", "data_root", "task", "synthetic_n", "mode", "ro
 
 # ------------------------------------------------------------------------------------ per-worker training
 
-LOGGED = ("reward_mean", "reward_std", "accuracy", "format", "kl", "entropy", "clip_fraction", "grad_norm",
-          "pg_loss", "loss", "response_tokens", "turns", "zooms", "zero_variance_groups", "logprob_mismatch",
+LOGGED = ("reward_mean", "reward_std", "accuracy", "format_rate", "format_reward", "kl", "entropy", "clip_fraction",
+          "grad_norm", "pg_loss", "loss", "response_tokens", "turns", "zooms", "zero_variance_groups", "logprob_mismatch",
           "staleness_mean", "stale_dropped", "importance_weight_mean", "importance_weight_max", "policy_version",
           "lr", "time/generate", "time/score", "time/wait", "time/train", "time/sync", "time/step",
           "time/generation_idle", "time/trainer_idle")
 
 
 def _progress(r: dict) -> str:
-    return (f"reward {r['reward_mean']:.3f} acc {r['accuracy']:.2f} fmt {r['format']:.2f} kl {r['kl']:.4f} "
+    return (f"reward {r['reward_mean']:.3f} acc {r['accuracy']:.2f} fmt {r['format_rate']:.2f} kl {r['kl']:.4f} "
             f"clip {r['clip_fraction']:.3f} len {r['response_tokens']:.0f} v{r['policy_version']} | "
             f"gen {r['time/generate']:.1f}s train {r['time/train']:.1f}s sync {r['time/sync']:.1f}s")
 

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from vigorl_core.evaluation import round_floats
+
 
 def model_folder(model: str, runs_dir: str) -> Path:
     """The Hugging Face folder a trainer starts from: `model`, or for 'tiny' the tiny model built into
@@ -173,7 +175,7 @@ class RunLog:
 
     def _write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+            f.write(json.dumps({**round_floats(record), "time": round(time.time(), 3)}) + "\n")
 
     def step(self, record: dict, show: bool) -> None:
         self._write(record)

@@ -9,7 +9,8 @@ Pure: no Ray, no engine. Formats and rules are documented in docs/evaluation.md.
   format gate, so it reproduces the published-style number. Ground-truth boxes are rescaled into the model
   frame with the sample's FrameMap, as rollout.py does.
 - `BENCHMARKS`: benchmark -> task family, default mode, sampling, data file of the original release.
-- `compute_metrics`: per benchmark and per category, mean and Wald 95% half-width of both scores.
+- `compute_metrics`: per benchmark and per category, mean and 95% interval (Wilson for 0/1 scores) of both
+  scores; floats rounded to 6 significant digits (`round_floats`).
 - `PredictionWriter` / `read_predictions`: append-only JSONL, one line per key; a partial last line left by a
   killed job is dropped and reported, never an error.
 - The original project's eval files are read by vigorl_core.original_eval.
@@ -33,10 +34,10 @@ from vigorl_core.data import DataError
 from vigorl_core.frames import FrameMap
 from vigorl_core.protocol import parse_conversation, parse_int_pair, parse_response
 from vigorl_core.records import Box, Point, Record, RolloutRecord, Sample, Task, Trace
-from vigorl_core.rewards import JUDGES, REWARDS, Truth, judge_for, wald_ci95
+from vigorl_core.rewards import JUDGES, REWARDS, Truth, ci95, judge_for
 
-CI_RULE = ("95% half-width: Wald 1.96*sqrt(p(1-p)/n) for 0/1 scores, 1.96*s/sqrt(n) otherwise; "
-           "means are fractions in [0, 1]")
+CI_RULE = ("ci95 is [low, high], a 95% interval of the mean: Wilson score interval for 0/1 scores, "
+           "mean +- 1.96*s/sqrt(n) otherwise; means are fractions in [0, 1]")
 
 
 # ------------------------------------------------------------------------------------------- benchmarks
@@ -318,9 +319,20 @@ def rescore(pred: Prediction, sample: Sample | None = None) -> Prediction:
 
 # ------------------------------------------------------------------------------------------------ metrics
 
-def summarize(scores: Sequence[float]) -> dict[str, float]:
-    mean, half = wald_ci95(scores)
-    return {"mean": mean, "ci95": half, "n": len(scores)}
+def summarize(scores: Sequence[float]) -> dict[str, Any]:
+    mean, low, high = ci95(scores)
+    return {"mean": mean, "ci95": [low, high], "n": len(scores)}
+
+
+def round_floats(obj: Any, digits: int = 6) -> Any:
+    """`obj` with every float rounded to `digits` significant digits (for JSON files people read)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(round_floats(v, digits) for v in obj)
+    return obj
 
 
 def _group_summary(preds: Sequence[Prediction]) -> dict[str, Any]:
@@ -328,18 +340,22 @@ def _group_summary(preds: Sequence[Prediction]) -> dict[str, Any]:
                            "score_original": summarize([p.score_original for p in preds])}
     rewarded = [p.reward for p in preds if p.reward]
     if rewarded:
+        # The reward's format term is a score, not a rate: the multi-turn one is 1 + 0.2*(U-1) for U distinct
+        # zooms. format_rate is the share of responses whose format term is not 0 (the format gate passed).
         out["reward"] = sum(r["overall"] for r in rewarded) / len(rewarded)
-        out["format"] = sum(r["format"] for r in rewarded) / len(rewarded)
+        out["format_reward"] = sum(r["format"] for r in rewarded) / len(rewarded)
+        out["format_rate"] = sum(r["format"] > 0 for r in rewarded) / len(rewarded)
     return out
 
 
 def compute_metrics(predictions: Iterable[Prediction]) -> dict[str, Any]:
-    """metrics.json: per benchmark the overall and per-category mean, 95% half-width and n of `score` and
-    `score_original` (+ mean RL reward and format where computed), finish counts, seconds per sample."""
+    """metrics.json: per benchmark the overall and per-category mean, 95% interval and n of `score` and
+    `score_original` (+ mean RL reward, mean format reward and format rate where computed), finish counts,
+    seconds per sample; floats rounded."""
     groups: dict[str, list[Prediction]] = defaultdict(list)
     for p in predictions:
         groups[p.benchmark].append(p)
-    out: dict[str, Any] = {"schema_version": 1, "ci95": CI_RULE, "n": sum(map(len, groups.values())), "benchmarks": {}}
+    out: dict[str, Any] = {"schema_version": 2, "ci95": CI_RULE, "n": sum(map(len, groups.values())), "benchmarks": {}}
     for name in sorted(groups):
         preds = groups[name]
         entry = {"task": preds[0].task, "modes": dict(Counter(p.mode for p in preds)),
@@ -355,7 +371,7 @@ def compute_metrics(predictions: Iterable[Prediction]) -> dict[str, Any]:
                                if any(p.category for p in preds) else {})
         entry["published"] = BENCHMARKS[name].paper if name in BENCHMARKS else {}
         out["benchmarks"][name] = entry
-    return out
+    return round_floats(out)
 
 
 # --------------------------------------------------------------------------------- exactly-once bookkeeping

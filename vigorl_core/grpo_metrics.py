@@ -57,7 +57,10 @@ def rollout_metrics(groups, records, trained_version: int) -> dict:
         "groups": len(groups), "rollouts": len(records),
         "reward_mean": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards),
         "accuracy": statistics.fmean(r.reward_details.get("accuracy", 0.0) for r in records),
-        "format": statistics.fmean(r.reward_details.get("format", 0.0) for r in records),
+        # format_reward is the reward's format term (multi-turn: 1 + 0.2 per extra distinct zoom, so above 1);
+        # format_rate is the share of rollouts that pass the format gate (term not 0).
+        "format_reward": statistics.fmean(r.reward_details.get("format", 0.0) for r in records),
+        "format_rate": statistics.fmean(r.reward_details.get("format", 0.0) > 0 for r in records),
         "response_tokens": statistics.fmean(len(r.train_ids) - r.prompt_len for r in records),
         "generated_tokens": statistics.fmean(sum(r.loss_mask) for r in records),
         "turns": statistics.fmean(r.num_turns for r in records),

@@ -4,8 +4,9 @@ the run folders the jobs wrote; jobs/quickstart.py calls it).
     write_quickstart_report(out_dir, {"sft": runs/eval/<run>-sft, ...}, {"grpo": runs/grpo/<run>, ...})
     -> out_dir/report.md, out_dir/curves.png, out_dir/examples/*.png, out_dir/results.json
 
-Per model and benchmark: accuracy (the strict judge) with its Wald 95% interval, the format rate (answers the
-reward parser accepts) and, on pointing, the grounding rate: the share of reasoning points inside the target.
+Per model and benchmark: accuracy (the strict judge) with its 95% Wilson score interval, the format rate (the
+share of answers whose reward format term is not 0, i.e. that pass the format gate) and, on pointing, the
+grounding rate: the share of reasoning points inside the target.
 """
 
 from __future__ import annotations
@@ -17,25 +18,27 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from vigorl_core.evaluation import Prediction, read_predictions
+from vigorl_core.evaluation import Prediction, read_predictions, round_floats
 from vigorl_core.images import annotate_points
-from vigorl_core.rewards import wald_ci95
+from vigorl_core.rewards import ci95
 
 CURVE_KEYS = (("reward_mean", "reward", (200, 40, 40)), ("accuracy", "accuracy", (40, 90, 200)),
-              ("format", "format", (40, 150, 60)))
+              ("format_rate", "format rate", (40, 150, 60)))
 
 
 def model_results(predictions: Sequence[Prediction]) -> dict[str, dict[str, Any]]:
-    """Per benchmark: n, accuracy and its 95% half-width, format rate, grounding rate (None without boxes)."""
+    """Per benchmark: n, accuracy and its 95% interval [low, high], format rate, grounding rate (None without
+    boxes), mean turns."""
     out: dict[str, dict[str, Any]] = {}
     for name in sorted({p.benchmark for p in predictions}):
         preds = [p for p in predictions if p.benchmark == name]
-        accuracy, half = wald_ci95([p.score for p in preds])
-        formatted = [p.reward.get("format", float(p.pred_answer is not None)) if p.reward else
-                     float(p.pred_answer is not None) for p in preds]
+        accuracy, low, high = ci95([p.score for p in preds])
+        # A rate: the multi-turn format term is 1 + 0.2 per extra distinct zoom, so its mean is no share.
+        formatted = [p.reward["format"] > 0 if p.reward and "format" in p.reward else p.pred_answer is not None
+                     for p in preds]
         inside = [_inside(point.x, point.y, p.truth_box) for p in preds if p.truth_box for point in p.points]
-        out[name] = {"n": len(preds), "accuracy": accuracy, "ci95": half, "mode": preds[0].mode,
-                     "format": sum(formatted) / len(preds),
+        out[name] = {"n": len(preds), "accuracy": accuracy, "ci95": [low, high], "mode": preds[0].mode,
+                     "format_rate": sum(formatted) / len(preds),
                      "grounding": sum(inside) / len(inside) if inside else None,
                      "turns": sum(p.num_turns for p in preds) / len(preds)}
     return out
@@ -58,7 +61,7 @@ def grpo_curves(metrics_path: Path) -> list[dict[str, Any]]:
 
 
 def line_chart_png(path: Path, title: str, series: Mapping[str, list[dict[str, Any]]], size=(760, 300)) -> None:
-    """One panel per run in `series` (name -> step records): reward, accuracy and format over steps, 0..1."""
+    """One panel per run in `series` (name -> step records): reward, accuracy and format rate over steps, 0..1."""
     names = [name for name, records in series.items() if records]
     width, height = size[0], size[1] * max(1, len(names))
     img = Image.new("RGB", (width, height), "white")
@@ -116,7 +119,8 @@ def _cell(result: dict[str, Any] | None, key: str) -> str:
     if result is None or result.get(key) is None:
         return "-"
     if key == "accuracy":
-        return f"{result['accuracy']:.0%} ± {result['ci95']:.0%}"
+        low, high = result["ci95"]
+        return f"{result['accuracy']:.0%} [{low:.0%}, {high:.0%}]"
     return f"{result[key]:.0%}"
 
 
@@ -129,24 +133,25 @@ def write_quickstart_report(out_dir: str | Path, eval_runs: Mapping[str, Path], 
                    if (run / "predictions.jsonl").is_file()}
     results = {model: model_results(preds) for model, preds in predictions.items()}
     curves = {name: grpo_curves(run / "metrics.jsonl") for name, run in grpo_runs.items()}
-    (out / "results.json").write_text(json.dumps({"models": results, "grpo": curves}, indent=1) + "\n")
+    (out / "results.json").write_text(json.dumps(round_floats({"models": results, "grpo": curves}), indent=1) + "\n")
     lines = ["# vigorl quickstart report", ""]
     if header:
         lines += [header, ""]
     if fast:
         lines += ["**--fast run**: a few samples and steps per stage; it checks the plumbing, not the learning.", ""]
-    lines += [("Held-out synthetic samples, greedy decoding. Accuracy is the strict judge with its Wald 95% "
-               "interval; format is the share of answers the reward parser accepts; grounding is the share of "
+    lines += [("Held-out synthetic samples, greedy decoding. Accuracy is the strict judge with its 95% Wilson score "
+               "interval in brackets; format is the share of answers that pass the reward's format gate; "
+               "grounding is the share of "
                "reasoning points inside the target's box (pointing task)."), "",
               "| model | pointing accuracy | format | grounding | visual search accuracy | visual search mode (turns) |",
               "|---|---|---|---|---|---|"]
     for model, result in results.items():
         point, search = result.get("synthetic_grounding"), result.get("synthetic_visual_search")
         mode = f"{search['mode']} ({search['turns']:.1f})" if search else "-"
-        lines.append(f"| {model} | {_cell(point, 'accuracy')} | {_cell(point, 'format')} | {_cell(point, 'grounding')} "
+        lines.append(f"| {model} | {_cell(point, 'accuracy')} | {_cell(point, 'format_rate')} | {_cell(point, 'grounding')} "
                      f"| {_cell(search, 'accuracy')} | {mode} |")
     if any(curves.values()):
-        line_chart_png(out / "curves.png", "GRPO: mean reward, accuracy and format of each step's rollouts", curves)
+        line_chart_png(out / "curves.png", "GRPO: mean reward, accuracy and format rate of each step's rollouts", curves)
         lines += ["", "## GRPO curves", "", "![GRPO curves](curves.png)", ""]
         for name, records in curves.items():
             if records:

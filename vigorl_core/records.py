@@ -106,8 +106,9 @@ class RolloutRecord(Record):
     image_tokens: list[int] = Field(description="expanded <|image_pad|> count of each image")
     text: str = Field(description="the response as one string (turns and observations, tags present)")
     trace: Trace
-    finish: str = Field(description="answer | no_tool_call | max_turns | max_images (a tool call with the image "
-                        "budget full) | response_budget | length")
+    finish: str = Field(description="answer | no_answer (single-turn: stopped without </answer>) | no_tool_call "
+                        "(multi-turn: a turn stopped with neither a tool call nor an answer) | max_turns | max_images "
+                        "(a tool call with the image budget full) | response_budget | length")
     num_turns: int
     reward: float | None = None
     reward_details: dict[str, Any] = Field(default_factory=dict)

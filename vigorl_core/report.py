@@ -27,9 +27,10 @@ EXAMPLE_MAX_SIDE = 768
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def pct(stat: dict[str, float]) -> str:
-    """'67.5 ± 1.5' (percent) from {"mean", "ci95"}."""
-    return f"{100 * stat['mean']:.1f} ± {100 * stat['ci95']:.1f}"
+def pct(stat: dict[str, Any]) -> str:
+    """'67.5 [66.0, 69.0]' (percent: the mean and its 95% interval) from {"mean", "ci95": [low, high]}."""
+    low, high = stat["ci95"]
+    return f"{100 * stat['mean']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def _rows(metrics: dict[str, Any]) -> list[tuple[str, str, dict]]:
@@ -42,11 +43,11 @@ def _rows(metrics: dict[str, Any]) -> list[tuple[str, str, dict]]:
 
 
 def format_summary(metrics: dict[str, Any]) -> str:
-    """Plain-text table: benchmark / category, n, score and score_original as percent ± 95% half-width."""
-    lines = [f"{'benchmark':<26}{'n':>7}  {'score':>13}  {'score_original':>14}", "-" * 64]
+    """Plain-text table: benchmark / category, n, score and score_original as percent [95% Wilson interval]."""
+    lines = [f"{'benchmark':<26}{'n':>7}  {'score':>19}  {'score_original':>19}", "-" * 73]
     for name, cat, stats in _rows(metrics):
         label = f"  {cat}" if cat else name
-        lines.append(f"{label[:26]:<26}{stats['n']:>7}  {pct(stats['score']):>13}  {pct(stats['score_original']):>14}")
+        lines.append(f"{label[:26]:<26}{stats['n']:>7}  {pct(stats['score']):>19}  {pct(stats['score_original']):>19}")
     return "\n".join(lines)
 
 
@@ -56,7 +57,7 @@ def bar_chart_svg(title: str, groups: Sequence[tuple[str, Sequence[tuple[float, 
                   series: Sequence[tuple[str, str]], y_max: float = 100.0) -> str:
     """Grouped bar chart with error bars as a self-contained SVG document.
 
-    groups: (label, [(mean, half_width) per series]) in the units of the y axis (percent here);
+    groups: (label, [(mean, low, high) per series]) in the units of the y axis (percent here);
     series: (legend label, colour) per bar of a group."""
     bar, gap, left, top, plot_h = 26, 26, 52, 44, 220
     group_w = bar * len(series) + gap
@@ -80,12 +81,12 @@ def bar_chart_svg(title: str, groups: Sequence[tuple[str, Sequence[tuple[float, 
                    f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
     for g, (label, values) in enumerate(groups):
         x0 = left + gap / 2 + g * group_w
-        for s, ((mean, half), (name, colour)) in enumerate(zip(values, series)):
+        for s, ((mean, low, high), (name, colour)) in enumerate(zip(values, series)):
             x = x0 + s * bar
-            tip = f"{escape(label)} {escape(name)}: {mean:.1f} ± {half:.1f}"
+            tip = f"{escape(label)} {escape(name)}: {mean:.1f} [{low:.1f}, {high:.1f}]"
             out.append(f'<rect x="{x:.1f}" y="{y(mean):.1f}" width="{bar - 4}" height="{y(0) - y(mean):.1f}" '
                        f'fill="{colour}"><title>{tip}</title></rect>')
-            cx, lo, hi = x + (bar - 4) / 2, y(mean - half), y(mean + half)
+            cx, lo, hi = x + (bar - 4) / 2, y(low), y(high)
             out.append(f'<path d="M{cx:.1f} {lo:.1f}V{hi:.1f}M{cx - 4:.1f} {lo:.1f}h8M{cx - 4:.1f} {hi:.1f}h8" '
                        f'stroke="black" stroke-width="1.2" fill="none"/>')
         lx, ly = x0 + (group_w - gap) / 2, y(0) + 12
@@ -99,7 +100,8 @@ def bar_chart_svg(title: str, groups: Sequence[tuple[str, Sequence[tuple[float, 
 def benchmark_chart(name: str, entry: dict[str, Any]) -> str:
     """The chart of one metrics.json benchmark entry: 'all' then each category, both scores, percent."""
     groups = [("all", entry)] + list(entry["categories"].items())
-    bars = [(label, [(100 * s[key]["mean"], 100 * s[key]["ci95"]) for key, _, _ in SERIES]) for label, s in groups]
+    bars = [(label, [(100 * s[key]["mean"], 100 * s[key]["ci95"][0], 100 * s[key]["ci95"][1]) for key, _, _ in SERIES])
+            for label, s in groups]
     return bar_chart_svg(f"{name}: mean with 95% interval (percent)", bars, [(lab, col) for _, lab, col in SERIES])
 
 
@@ -176,7 +178,7 @@ def write_report(out_dir: str | os.PathLike, predictions: Sequence[Prediction], 
     policies = sorted({p.policy for p in predictions if p.policy})
     md = [f"# {title}", "",
           f"{metrics['n']} predictions" + (f" of {', '.join(policies)}" if policies else "") + ". Scores in percent, "
-          "± the 95% half-width (Wald; see docs/evaluation.md). `score` is the strict judge, `score_original` the "
+          "with the 95% Wilson score interval in brackets (see docs/evaluation.md). `score` is the strict judge, `score_original` the "
           "original project's eval judge (comparable with published numbers).", ""]
     for name, entry in metrics["benchmarks"].items():
         md += [f"## {name}", "",
@@ -188,7 +190,7 @@ def write_report(out_dir: str | os.PathLike, predictions: Sequence[Prediction], 
                for c, s in entry["categories"].items()]
         md.append("")
         if entry["published"]:
-            md.append("Published (paper): " + "; ".join(f"{who} {m:.1f}" + (f" ± {ci:.1f}" if ci is not None else "")
+            md.append("Published (paper, ± its Wald 95% half-width): " + "; ".join(f"{who} {m:.1f}" + (f" ± {ci:.1f}" if ci is not None else "")
                                                          for who, (m, ci) in entry["published"].items()))
         md += ["Finish: " + ", ".join(f"{k} {v}" for k, v in sorted(entry["finish"].items())), ""]
         chart = out / "plots" / f"{_SAFE.sub('_', name)}.svg"

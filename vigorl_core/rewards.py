@@ -39,6 +39,7 @@ _MT_ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL | re.IGNOR
 _DROP = set(string.punctuation)
 DIVERSITY_MIN_DISTANCE = 10.0  # px: a tool-call point closer than this to a counted one earns no bonus
 DIVERSITY_BONUS = 0.2
+Z95 = 1.959964  # two-sided 95% normal quantile
 POINT_MATCH_THRESHOLD = 50.0  # px, the original --point_matching_threshold
 
 
@@ -377,16 +378,18 @@ def judge_for(task: str) -> tuple[str, str]:
         raise ValueError(f"no judge for task {task!r}; expected one of {sorted(_TASK_JUDGES)}") from None
 
 
-def wald_ci95(scores: Sequence[float]) -> tuple[float, float]:
-    """(mean, 95% half-width). 0/1 scores: Wald 1.96*sqrt(p(1-p)/n), as the paper reports; other
-    scores: normal interval 1.96*s/sqrt(n) with the sample standard deviation."""
+def ci95(scores: Sequence[float]) -> tuple[float, float, float]:
+    """(mean, low, high): a 95% interval of the mean. 0/1 scores: the Wilson score interval, which stays
+    inside [0, 1] and keeps a width at p = 0 or 1 and at small n (the paper's Wald interval
+    1.96*sqrt(p(1-p)/n) is zero-width there). Other scores: mean +- 1.96*s/sqrt(n) (sample std)."""
     n = len(scores)
     if n == 0:
-        raise ValueError("wald_ci95 needs at least one score")
+        raise ValueError("ci95 needs at least one score")
     mean = sum(scores) / n
     if all(s in (0, 1) for s in scores):
-        return mean, 1.96 * math.sqrt(mean * (1 - mean) / n)
-    if n == 1:
-        return mean, 0.0
-    var = sum((s - mean) ** 2 for s in scores) / (n - 1)
-    return mean, 1.96 * math.sqrt(var / n)
+        z2 = Z95 * Z95
+        centre = (mean + z2 / (2 * n)) / (1 + z2 / n)
+        half = Z95 * math.sqrt(mean * (1 - mean) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+        return mean, 0.0 if mean == 0 else centre - half, 1.0 if mean == 1 else centre + half  # exact at the edges
+    half = Z95 * math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1) / n) if n > 1 else 0.0
+    return mean, mean - half, mean + half

@@ -181,7 +181,9 @@ class Conversation:
         if gen.finish_reason == "length":
             over = self.response_len >= self.config.max_response_tokens
             return self._end("response_budget" if over else "length", needs_eos=False)
-        if self.config.mode != "multiturn" or turn_trace.answer is not None or "</answer>" in gen.text:
+        if self.config.mode != "multiturn":  # one turn: it answered or it just stopped
+            return self._end("answer" if "</answer>" in gen.text else "no_answer", needs_eos=not ended_with_eos)
+        if turn_trace.answer is not None or "</answer>" in gen.text:
             return self._end("answer" if "</answer>" in gen.text else "no_tool_call", needs_eos=not ended_with_eos)
         if not calls or "</tool_call>" not in gen.text:
             return self._end("no_tool_call", needs_eos=not ended_with_eos)

@@ -66,7 +66,7 @@ def test_grpo_raises_the_reward_of_a_partly_trained_model(single_turn_run):
     first = sum(r["reward_mean"] for r in steps[:4]) / 4
     last = sum(r["reward_mean"] for r in steps[-8:]) / 8
     assert last > first + 0.05, [round(r["reward_mean"], 3) for r in steps]
-    assert sum(r["format"] for r in steps[-8:]) / 8 > sum(r["format"] for r in steps[:4]) / 4
+    assert sum(r["format_reward"] for r in steps[-8:]) / 8 > sum(r["format_reward"] for r in steps[:4]) / 4
     assert all(r["kl"] >= 0 and r["trained_tokens"] > 0 and r["grad_norm"] is not None for r in steps)
     assert steps[-1]["kl"] > 0 and steps[-1]["ratio_mean"] != 1.0  # 2 optimizer steps per RL step: the 2nd moves
     # The engine's log-probs and the trainer's agree (fp32 on both sides); the gap is reported, not hidden.

@@ -135,7 +135,7 @@ def test_single_turn_sampling_logprobs_match_hf_forward(vllm_engine, chat, proce
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
     for rollout in rollouts[:2]:
         rec = rollout.record
-        assert rec.finish in ("length", "answer", "no_tool_call") and rec.num_turns == 1
+        assert rec.finish in ("length", "answer", "no_answer") and rec.num_turns == 1
         assert rec.constrained_logprobs is False and rec.has_logprobs
         hf = _hf_logprobs(model, processor, rec.train_ids, rollout.images, chat.image_pad_id)
         positions = [i for i, m in enumerate(rec.loss_mask) if m]

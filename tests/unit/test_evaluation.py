@@ -13,7 +13,7 @@ from vigorl_core import original_eval
 from vigorl_core.data import DataError
 from vigorl_core.frames import FrameMap
 from vigorl_core.records import SOURCES, RolloutRecord, Sample
-from vigorl_core.rewards import JUDGES, REWARDS, Truth, wald_ci95
+from vigorl_core.rewards import JUDGES, REWARDS, Truth, ci95
 
 FRAME = FrameMap((800, 600), (252, 168))  # the tiny profile's frame of an 800x600 image: sx 0.315, sy 0.28
 BOX = (400.0, 300.0, 480.0, 360.0)  # original frame; model frame (126, 84, 151.2, 100.8)
@@ -106,6 +106,19 @@ def test_string_score_is_strict_and_score_original_lenient(answer, score, origin
                                                                        "string_match_original")
 
 
+def test_metrics_report_the_multiturn_format_as_a_reward_and_a_rate_and_round_floats():
+    """Two zooms earn a format term of 1.2: metrics name its mean format_reward; format_rate is a share."""
+    good = zoom_turn(10, 20) + OBS + zoom_turn(100, 120) + OBS + "<think> red (100, 120) </think>\n<answer>red</answer>"
+    sample = spatial(answer="red", task="visual_search", source="vstar")
+    preds = [E.make_prediction(sample.model_copy(update={"id": f"v{i}"}), text, mode="multiturn", frame=FRAME,
+                               timing={"seconds": 1 / 3})
+             for i, text in enumerate([good, good, "no tags at all"])]
+    vstar = E.compute_metrics(preds)["benchmarks"]["vstar"]
+    assert vstar["format_reward"] == pytest.approx(2.4 / 3) and vstar["format_rate"] == 0.666667
+    assert "format" not in vstar and vstar["seconds_mean"] == 0.333333 and vstar["score"]["mean"] == 0.666667
+    assert E.round_floats({"a": [1e-7 / 3, 2.0, 5], "b": (0.1 + 0.2,)}) == {"a": [3.33333e-08, 2.0, 5], "b": (0.3,)}
+
+
 def test_multiturn_original_format_gate_and_reward():
     good = zoom_turn(10, 20) + OBS + zoom_turn(100, 120) + OBS + "<think> red (100, 120) </think>\n<answer>red</answer>"
     p = E.make_prediction(spatial(answer="red", task="visual_search", source="vstar"), good, mode="multiturn",
@@ -160,7 +173,7 @@ def test_prediction_from_rollout_keeps_trace_finish_timing_and_version():
 # ------------------------------------------------------------------------------------------------ metrics
 
 
-def test_metrics_per_benchmark_and_category_with_wald_intervals():
+def test_metrics_per_benchmark_and_category_with_wilson_intervals():
     answers = [("a", "left", "left"), ("a", "left", "right"), ("b", "left", "the left one"), ("b", "right", "right")]
     preds = [E.make_prediction(spatial(f"s{i}", gt, category=cat), single(ans), mode="grounded", frame=None,
                                timing={"seconds": 1.0 + i})
@@ -169,12 +182,14 @@ def test_metrics_per_benchmark_and_category_with_wald_intervals():
     m = E.compute_metrics(preds)
     assert m["n"] == 5 and list(m["benchmarks"]) == ["sat2", "screenspot_v2"]
     sat = m["benchmarks"]["sat2"]
-    mean, half = wald_ci95([1, 0, 0, 1])
-    assert sat["score"] == {"mean": mean, "ci95": half, "n": 4} and half == pytest.approx(1.96 * math.sqrt(1 / 16))
+    mean, low, high = ci95([1, 0, 0, 1])
+    assert sat["score"] == {"mean": 0.5, "ci95": E.round_floats([low, high]), "n": 4}
+    assert (low, high) == pytest.approx((0.1500, 0.8500), abs=1e-4)  # Wilson 2/4
+    assert "Wilson" in m["ci95"] and m["schema_version"] == 2
     assert sat["score_original"]["mean"] == 0.75
     assert sat["categories"]["a"]["score"]["mean"] == 0.5 and sat["categories"]["b"]["score_original"]["mean"] == 1.0
     assert sat["finish"] == {"answer": 4} and sat["seconds_mean"] == 2.5 and sat["modes"] == {"grounded": 4}
-    assert sat["format"] == 1.0 and sat["published"]["ViGoRL-7B"] == (67.5, 1.5)
+    assert sat["format_rate"] == 1.0 and sat["format_reward"] == 1.0 and sat["published"]["ViGoRL-7B"] == (67.5, 1.5)
     assert m["benchmarks"]["screenspot_v2"]["categories"]["icon"]["n"] == 1
     json.dumps(m)  # JSON-ready
 

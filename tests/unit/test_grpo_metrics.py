@@ -19,13 +19,14 @@ from vigorl_core.grpo_metrics import (
 from vigorl_core.records import RolloutRecord, Trace
 
 
-def _record(reward: float, versions: list[int], generated: int = 3, crops: int = 0) -> RolloutRecord:
+def _record(reward: float, versions: list[int], generated: int = 3, crops: int = 0,
+            fmt: float = 1.0) -> RolloutRecord:
     n = 2 + generated
     return RolloutRecord(sample_id="s", task="grounding", mode="grounded", engine_ids=[1] * n, train_ids=[1] * n,
                          loss_mask=[0, 0] + [1] * generated, logprobs=[0.0] * n, prompt_len=2,
                          images=["h"] * (1 + crops), image_tokens=[4] * (1 + crops), text="", trace=Trace(),
                          finish="answer", num_turns=len(versions), reward=reward,
-                         reward_details={"accuracy": reward, "format": 1.0}, policy_versions=versions)
+                         reward_details={"accuracy": reward, "format": fmt}, policy_versions=versions)
 
 
 def test_rollout_metrics_count_staleness_against_the_trained_version():
@@ -38,6 +39,14 @@ def test_rollout_metrics_count_staleness_against_the_trained_version():
     assert m["staleness_histogram"] == {"0": 3, "1": 1} and m["staleness_max"] == 1
     assert m["versions_per_rollout"] == 1.25 and m["zooms"] == 0.25
     assert m["time/generate"] == pytest.approx(11.0 - 7.0)
+
+
+def test_format_is_logged_as_a_reward_and_as_a_rate():
+    """The multi-turn format term exceeds 1 (diversity bonus): its mean is `format_reward`, never a rate."""
+    records = [_record(1.0, [1], fmt=1.4), _record(0.0, [1], fmt=0.0), _record(1.0, [1], fmt=1.2),
+               _record(0.0, [1], fmt=0.0)]
+    m = rollout_metrics([SimpleNamespace(records=records, received=1.0, seconds=1.0)], records, trained_version=1)
+    assert m["format_reward"] == pytest.approx(0.65) and m["format_rate"] == 0.5 and "format" not in m
 
 
 def test_train_metrics_weight_by_tokens_and_report_importance_weights():

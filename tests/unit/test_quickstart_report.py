@@ -42,9 +42,9 @@ def _predictions(pointing, correct: int):
 
 def test_results_count_accuracy_format_and_points_inside_the_target(pointing):
     result = model_results(_predictions(pointing, correct=3))["synthetic_grounding"]
-    assert result["n"] == 4 and result["accuracy"] == 0.75 and result["format"] == 1.0
+    assert result["n"] == 4 and result["accuracy"] == 0.75 and result["format_rate"] == 1.0
     assert result["grounding"] == 0.75  # one reasoning point per answer, three inside the box
-    assert result["ci95"] == pytest.approx(1.96 * (0.75 * 0.25 / 4) ** 0.5)
+    assert result["ci95"] == pytest.approx([0.3006, 0.9544], abs=1e-4)  # Wilson 3/4
 
 
 def test_report_has_a_row_per_model_the_curves_and_before_after_examples(pointing, tmp_path):
@@ -58,13 +58,19 @@ def test_report_has_a_row_per_model_the_curves_and_before_after_examples(pointin
     grpo = tmp_path / "grpo"
     grpo.mkdir()
     (grpo / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": s, "reward_mean": 0.1 * s, "accuracy": 0.05 * s, "format": 0.9}) + "\n" for s in (1, 2, 3)))
+        json.dumps({"step": s, "reward_mean": 0.1 * s, "accuracy": 0.05 * s, "format_rate": 0.9}) + "\n" for s in (1, 2, 3)))
     report = write_quickstart_report(tmp_path / "out", evals, {"grpo": grpo, "grpo_zoom": tmp_path / "none"})
     text = report.read_text()
-    assert "| sft | 25% ± 42% | 100% | 25% |" in text and "| grpo | 100% ± 0% | 100% | 100% |" in text
+    assert "| sft | 25% [5%, 70%] | 100% | 25% |" in text and "| grpo | 100% [51%, 100%] | 100% | 100% |" in text
     assert "grpo: 3 steps; reward 0.10 -> 0.30, accuracy 5% -> 15%" in text
     assert (tmp_path / "out" / "curves.png").is_file()
     examples = sorted((tmp_path / "out" / "examples").glob("*.png"))
     assert len(examples) == 3 and text.count("![grounding-") == 3  # RL's fixes first: three of the four
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["models"]["grpo"]["synthetic_grounding"]["accuracy"] == 1.0
+
+
+def test_format_is_a_rate_even_when_the_multiturn_format_reward_exceeds_1(pointing):
+    rewards = [{"overall": 1.0, "format": f, "accuracy": 1.0} for f in (1.4, 1.2, 0.0, 1.0)]
+    preds = [p.model_copy(update={"reward": r}) for p, r in zip(_predictions(pointing, correct=4), rewards)]
+    assert model_results(preds)["synthetic_grounding"]["format_rate"] == 0.75

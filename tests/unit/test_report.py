@@ -44,7 +44,8 @@ def predict(image: str, id_: str, answer: str, category: str = "icon") -> E.Pred
 
 
 def test_bar_chart_is_valid_svg_with_bars_and_error_bars():
-    svg = bar_chart_svg("a <title> & more", [("all", [(67.5, 1.5), (70.0, 1.4)]), ("x<y", [(100.0, 10.0), (0.0, 0.0)])],
+    svg = bar_chart_svg("a <title> & more", [("all", [(67.5, 66.0, 69.0), (70.0, 68.6, 71.4)]),
+                                                  ("x<y", [(100.0, 72.2, 100.0), (0.0, 0.0, 27.8)])],
                         [("score", "#111111"), ("score_original", "#222222")])
     root = ET.fromstring(svg)
     assert root.tag == f"{SVG}svg"
@@ -64,8 +65,8 @@ def test_format_summary_lists_benchmarks_and_categories(image):
     text = format_summary(E.compute_metrics(preds))
     lines = text.splitlines()
     assert lines[0].split() == ["benchmark", "n", "score", "score_original"]
-    assert re.match(r"screenspot_v2\s+2\s+50\.0 ± 69\.3\s+50\.0 ± 69\.3$", lines[2])
-    assert re.match(r"  icon\s+1\s+100\.0 ± 0\.0", lines[3]) and lines[4].startswith("  text")
+    assert re.match(r"screenspot_v2\s+2\s+50\.0 \[9\.5, 90\.5\]\s+50\.0 \[9\.5, 90\.5\]$", lines[2])  # Wilson 1/2
+    assert re.match(r"  icon\s+1\s+100\.0 \[20\.7, 100\.0\]", lines[3]) and lines[4].startswith("  text")
 
 
 def test_annotated_example_draws_in_the_original_frame(image, tmp_path: Path):
@@ -102,7 +103,7 @@ def test_write_report_links_resolve(image, tmp_path: Path):
     path = write_report(tmp_path / "run", preds, metrics, examples=1)
     md = path.read_text()
     assert "## screenspot_v2" in md and "## vwa" in md and "| icon | 3 |" in md and "| text | 2 |" in md
-    assert "ViGoRL-7B 91.0 ± 1.6" in md and "4 predictions" not in md and "6 predictions of tiny" in md
+    assert "ViGoRL-7B 91.0 ± 1.6" in md and "Wilson score interval" in md and "4 predictions" not in md and "6 predictions of tiny" in md
     assert "Click &lt;OK&gt; \\| now." in md  # model and data text cannot break the markdown
     links = re.findall(r"\]\(([^)]+)\)", md)
     assert {"plots/screenspot_v2.svg", "plots/vwa.svg", "examples/screenspot_v2-s1.png",
@@ -118,4 +119,4 @@ def test_report_without_images_says_so(tmp_path: Path):
                  '"final_answer": "left", "judge_score": 1.0}\n')
     preds, _ = original_eval.read_original_rollouts(f, "sat2")
     md = write_report(tmp_path / "out", preds, E.compute_metrics(preds)).read_text()
-    assert "No annotated examples" in md and "| **all** | 1 | **100.0 ± 0.0** |" in md
+    assert "No annotated examples" in md and "| **all** | 1 | **100.0 [20.7, 100.0]** |" in md

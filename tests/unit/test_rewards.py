@@ -309,19 +309,22 @@ def test_rewards_never_raise_on_any_text(text, key):
     assert 0.0 <= r.overall <= 2.0 and math.isfinite(r.overall)
 
 
-@pytest.mark.parametrize("scores, mean, half", [
-    ([1, 0, 1, 1], 0.75, 1.96 * math.sqrt(0.75 * 0.25 / 4)),
-    ([1, 1], 1.0, 0.0),
-    ([0.5], 0.5, 0.0),
-    ([0.5, 1.5], 1.0, 1.96 * math.sqrt(0.5 / 2)),
+@pytest.mark.parametrize("scores, mean, low, high", [
+    ([1, 0, 1, 1], 0.75, 0.3006, 0.9544),  # Wilson 3/4: the textbook [30.1%, 95.4%]
+    ([0] * 10, 0.0, 0.0, 0.2775),  # p = 0 keeps a width (Wald: 0 +- 0)
+    ([1] * 10, 1.0, 0.7225, 1.0),
+    ([1], 1.0, 0.2065, 1.0),  # n = 1: 1 / (1 + z^2)
+    ([0.5], 0.5, 0.5, 0.5),
+    ([0.5, 1.5], 1.0, 1.0 - 1.96 * math.sqrt(0.5 / 2), 1.0 + 1.96 * math.sqrt(0.5 / 2)),  # not 0/1: normal
 ])
-def test_wald_ci95(scores, mean, half):
-    m, h = R.wald_ci95(scores)
-    assert m == pytest.approx(mean) and h == pytest.approx(half)
+def test_ci95_is_wilson_for_rates(scores, mean, low, high):
+    m, lo, hi = R.ci95(scores)
+    assert (m, lo, hi) == pytest.approx((mean, low, high), abs=1e-3)
 
 
-def test_wald_ci95_paper_example():
-    # 0.5 accuracy on 4,000 SAT-2 questions -> +/- 1.55 points
-    assert R.wald_ci95([1, 0] * 2000)[1] * 100 == pytest.approx(1.5495, abs=1e-3)
+def test_ci95_wilson_at_large_n_matches_the_papers_wald():
+    # 0.5 accuracy on 4,000 SAT-2 questions -> +/- 1.55 points either way, as the paper's Wald interval
+    m, lo, hi = R.ci95([1, 0] * 2000)
+    assert (m - lo) * 100 == pytest.approx(1.5495, abs=1e-3) and (hi - m) * 100 == pytest.approx(1.5495, abs=1e-3)
     with pytest.raises(ValueError):
-        R.wald_ci95([])
+        R.ci95([])

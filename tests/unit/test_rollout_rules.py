@@ -1,5 +1,5 @@
 """Rollout driver rules without an engine: a Conversation advanced by hand-made Generations on the tiny
-model's tokenizer (finish reasons, the response budget, executed zoom points, point-only truths)."""
+model's tokenizer (finish reasons in every mode, the response budget, executed zoom points, point-only truths)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ def chat(tiny_model_dir):
     return ChatTokens.from_pretrained(tiny_model_dir)
 
 
-def _conversation(chat, task: str = "visual_search", sample_changes: dict | None = None, **config) -> Conversation:
+def _conversation(chat, task: str = "visual_search", sample_changes: dict | None = None, mode: str = "multiturn",
+                  **config) -> Conversation:
     sample, image = generate(task, 1, seed=3)[0]
     sample = sample.model_copy(update=sample_changes or {})
-    driver = RolloutDriver(None, chat, RolloutConfig(mode="multiturn", **config))
+    driver = RolloutDriver(None, chat, RolloutConfig(mode=mode, **config))
     [conv] = driver.conversations(driver.prepare(sample, [image]))
     return conv
 
@@ -86,6 +87,16 @@ def test_a_turn_that_fills_the_budget_gets_no_eos_past_it(chat, case):
     conv = _exact(chat, gens[case], max_turns=1 if case == "max_turns" else 5)
     assert conv.finish == {"tool_call_fills_budget": "response_budget"}.get(case, case)
     assert _response_tokens(conv) == conv.config.max_response_tokens
+
+
+@pytest.mark.parametrize("mode, finish", [("grounded", "no_answer"), ("vanilla", "no_answer"),
+                                          ("multiturn", "no_tool_call")])
+def test_a_response_that_just_stops(chat, mode, finish):
+    """Single-turn has no tool to call: stopping without `</answer>` is `no_answer`; in multi-turn a turn with
+    neither a tool call nor an answer is `no_tool_call`. An answer is `answer` in every mode."""
+    conv = _run(_conversation(chat, mode=mode, max_response_tokens=4096), [_gen(chat, "<think> hmm </think>", eos=True)])
+    assert conv.finish == finish and conv.to_rollout().record.finish == finish
+    assert _run(_conversation(chat, mode=mode, max_response_tokens=4096), [_answer(chat)]).finish == "answer"
 
 
 def test_response_budget_keeps_the_eos_when_it_fits(chat):
