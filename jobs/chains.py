@@ -21,6 +21,9 @@ Outputs in runs/chains/<run_name>/ (or `out`):
   train_multiturn.json, val_multiturn.json   multi-turn, same format; crop images in crops/
   dataset_info.json                      LLaMA-Factory's registry of those files (dataset_dir = this folder)
   stats.json                             tree_stats, chain_stats, records per file; printed too
+Image paths in these files are relative to the folder (the readers resolve them against it), so the folder
+moves between machines with its crops and, by the same relative path, the samples' images; files are
+created with the usual mode (0644 under umask 022), readable on a shared runs folder.
 vigorl_core.sft_data.read_conversations and vigorl_core.data.load_samples read the JSON files back.
 """
 
@@ -136,7 +139,7 @@ def _dataset_info(out: Path, counts: dict[str, int], run_name: str) -> None:
 def _run(argv: list[str]) -> int:
     cfg = parse_config(ChainsConfig, argv, prog="vigorl chains")
     from vigorl_core.data import write_jsonl
-    from vigorl_core.linearize import chain_stats, to_multiturn, to_sharegpt, tree_stats, write_json
+    from vigorl_core.linearize import chain_stats, relative_images, to_multiturn, to_sharegpt, tree_stats, write_json
 
     files = [file for path in cfg.trees for file in _tree_files(path)]
     profile = _student_profile(cfg.student)
@@ -145,7 +148,8 @@ def _run(argv: list[str]) -> int:
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     chains, records, duplicates = _linearize_all(cfg, files, profile)
     used = [r for r in records if r.status in cfg.statuses]
-    counts = {"chains.jsonl": write_jsonl(chains, out / "chains.jsonl")}
+    counts = {"chains.jsonl": write_jsonl((c.model_copy(update={"images": relative_images(c.images, out)})
+                                           for c in chains), out / "chains.jsonl")}
     notes = [f"{duplicates} duplicate tree id(s) ignored (the first record of an id is used)"] if duplicates else []
 
     if "single_turn" in cfg.formats:

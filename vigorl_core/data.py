@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -373,24 +374,34 @@ def absolute_path(p: str, root: Path) -> str:
 
 # ----------------------------------------------------------------------------------------------- writing
 
-def write_jsonl(records: Iterable[dict | BaseModel], path: str | os.PathLike) -> int:
-    """Write one JSON object per line atomically (temp file in the same folder, then rename); returns the count."""
+@contextmanager
+def atomic_write(path: str | os.PathLike, binary: bool = False, durable: bool = False) -> Iterator[IO]:
+    """Open a temp file beside `path`; on success it is renamed over `path`, on error removed. It is created
+    like open() does (mode 0666 less the umask): mkstemp's 0600 would hide a run's files from the other
+    users of a shared runs folder. `durable`: fsync before the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    n = 0
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                text = rec.model_dump_json() if isinstance(rec, BaseModel) else json.dumps(rec, ensure_ascii=False)
-                f.write(text + "\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp, "xb") if binary else open(tmp, "x", encoding="utf-8") as f:
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_jsonl(records: Iterable[dict | BaseModel], path: str | os.PathLike) -> int:
+    """Write one JSON object per line atomically (temp file in the same folder, fsync, rename); returns the count."""
+    n = 0
+    with atomic_write(path, durable=True) as f:
+        for rec in records:
+            text = rec.model_dump_json() if isinstance(rec, BaseModel) else json.dumps(rec, ensure_ascii=False)
+            f.write(text + "\n")
+            n += 1
     return n
 
 

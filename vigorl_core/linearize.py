@@ -17,6 +17,7 @@ the frame the student sees, so SFT, RL and evaluation agree (the original single
 
 Outputs: `Chain` JSONL (ours); `to_sharegpt` single-turn and `to_multiturn` conversations as LLaMA-Factory
 sharegpt records {id, messages, images, gt_answer, task, metadata} (vigorl_core.data reads them back, schema C).
+`write_json` writes image paths relative to the file's folder, so a chains folder and its crops travel.
 Multi-turn: each step that names a new point ends an assistant turn with a zoom tool call on it, and the
 user answers with the crop, cut by vigorl_core.zoom with the task x profile settings that RL and serving
 use; the last turn holds the remaining steps and the answer, or the RL forced-final text once the image
@@ -35,7 +36,6 @@ import os
 import random
 import re
 import statistics
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -46,7 +46,7 @@ from PIL import Image
 from pydantic import Field
 
 from vigorl_core.config import StageConfig
-from vigorl_core.data import IMAGE_TOKEN
+from vigorl_core.data import IMAGE_TOKEN, atomic_write
 from vigorl_core.frames import FrameMap, ModelProfile, resize_to_model
 from vigorl_core.images import open_images
 from vigorl_core.mcts import TreeNode, TreeRecord
@@ -212,11 +212,8 @@ def _save_png(image: Image.Image, folder: Path) -> str:
     digest = hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()[:24]
     path = (folder / f"{digest}.png").resolve()
     if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path, binary=True) as f:
             image.save(f, format="PNG")
-        os.replace(tmp, path)
     return str(path)
 
 
@@ -265,15 +262,21 @@ def to_multiturn(chains: Sequence[Chain], profile: ModelProfile, crop_dir: str |
     return out
 
 
+def relative_images(images: Sequence[str], folder: str | os.PathLike) -> list[str]:
+    """Absolute image paths made relative to `folder` (a relative one is kept): a chain file's images then
+    resolve against the file's folder, as the loaders (and LLaMA-Factory's dataset_dir) read them, so the
+    folder can move to another machine together with its images."""
+    base = Path(folder).resolve()
+    return [os.path.relpath(Path(p).resolve(), base) if os.path.isabs(p) else p for p in images]
+
+
 def write_json(records: Iterable[dict], path: str | os.PathLike) -> int:
-    """Write a JSON array (what LLaMA-Factory's sharegpt loader takes) atomically; returns the count."""
-    records = list(records)
+    """Write a JSON array (what LLaMA-Factory's sharegpt loader takes) atomically, each record's `images`
+    relative to the file's folder; returns the count."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    records = [{**r, "images": relative_images(r["images"], path.parent)} if "images" in r else r for r in records]
+    with atomic_write(path) as f:
         json.dump(records, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
     return len(records)
 
 

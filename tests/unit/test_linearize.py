@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vigorl_core.data import load_samples
+from vigorl_core.data import load_samples, write_jsonl
 from vigorl_core.frames import PROFILES, resize_to_model
 from vigorl_core.linearize import (
     CORRECTION, Chain, LinearizeConfig, chain_stats, linearize, split_of, to_multiturn, to_sharegpt, tree_stats,
@@ -225,3 +229,44 @@ def test_sft_reader_takes_both_formats(tmp_path, image_path):
     assert len(single) == len(multi) == len(chains)
     assert {conversation_mode(c) for c in single} == {"grounded"} and {c.task for c in single} == {"visual_search"}
     assert "multiturn" in {conversation_mode(c) for c in multi}
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_chain_files_travel_relative_paths_and_readable_modes(tmp_path, image_path, umask_022):
+    """Written with the umask's mode (0644, not mkstemp's 0600: a shared runs folder must read them) and with
+    image paths relative to the file's folder, so the run folder and its data move together."""
+    from vigorl_core.sft_data import read_conversations
+
+    run = tmp_path / "runs" / "chains" / "r"
+    chains = linearize(tree_record(image_path))
+    write_json([to_sharegpt(c) for c in chains], run / "train.json")
+    write_json(to_multiturn(chains, PROFILES["tiny"], run / "crops"), run / "train_multiturn.json")
+    write_jsonl([{"images": [image_path]}], run / "chains.jsonl")
+    files = [run / "train.json", run / "train_multiturn.json", run / "chains.jsonl", *(run / "crops").iterdir()]
+    assert len(files) > 3 and {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o644}
+    assert not [f for f in run.iterdir() if f.name.endswith(".tmp")]
+    records = json.loads((run / "train_multiturn.json").read_text())
+    images = {p for r in records for p in r["images"]}
+    assert "../../../mug.png" in images and all(not os.path.isabs(p) for p in images)
+    assert any(p.startswith("crops/") for p in images)
+    moved = tmp_path / "elsewhere"  # another machine: the data and the runs folder, side by side as before
+    moved.mkdir()
+    shutil.move(tmp_path / "runs", moved / "runs")
+    shutil.move(image_path, moved / "mug.png")
+    convs = read_conversations(moved / "runs" / "chains" / "r" / "train_multiturn.json")  # checks every image
+    assert convs[0].images[0] == str(moved / "mug.png") and len(convs) == len(chains)
+    assert len(read_conversations(moved / "runs" / "chains" / "r" / "train.json")) == len(chains)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "train.json"
+    write_json([{"id": 1, "images": []}], path)
+    with pytest.raises(TypeError):
+        write_json([{"id": 2, "images": [], "bad": object()}], path)
+    assert json.loads(path.read_text()) == [{"id": 1, "images": []}] and os.listdir(tmp_path) == ["train.json"]
