@@ -1,4 +1,7 @@
-"""Shared plumbing of bench scripts: provenance for result files and the JSON writer."""
+"""Shared plumbing of bench scripts: provenance for result files, the JSON writer and its `--out` option.
+
+A bench writes its result to `--out` (default runs/bench/, git-ignored), so a trial run never touches the
+committed results; `--out bench/results` updates them, for a run meant to be committed."""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ import platform
 import subprocess
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # committed results: written only when --out names it
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "runs" / "bench"
 
 
 def provenance() -> dict:
@@ -33,9 +37,18 @@ def provenance() -> dict:
     }
 
 
-def write_result(area: str, name: str, result: dict, path: Path | None = None) -> Path:
-    """bench/results/<area>_<name>.json (or `path`) with exactly one `ratio` (new / baseline, > 1 = better)."""
-    path = path or RESULTS / f"{area}_{name}.json"
+def add_out_argument(parser) -> None:
+    """The `--out` option every bench takes (argparse)."""
+    parser.add_argument("--out", default=str(DEFAULT_OUT),
+                        help="folder of the result file <area>_<name>.json, or a path ending in .json (default "
+                             "runs/bench/, git-ignored; --out bench/results updates the committed results)")
+
+
+def write_result(area: str, name: str, result: dict, out: str | os.PathLike | None = None) -> Path:
+    """<out>/<area>_<name>.json (`out`: a folder, default runs/bench/, or a .json file) with the result and its
+    provenance; a result holds exactly one `ratio` (new / baseline, > 1 = better)."""
+    out = Path(out or DEFAULT_OUT)
+    path = out if out.suffix == ".json" else out / f"{area}_{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({**result, **provenance()}, indent=2) + "\n")
     return path

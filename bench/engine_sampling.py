@@ -14,7 +14,8 @@ rollout driver sends with every request:
 - +stop: the `</answer>` stop string (detokenizing every step to find it);
 - rollout: all of them together, as the driver sends them.
 Each arm runs `--repeats` times after one warm-up pass; tokens/s is the median. ratio = rollout / plain
-(> 1 = better; below 1 says what the driver's settings cost). Writes bench/results/engine_sampling_<name>.json.
+(> 1 = better; below 1 says what the driver's settings cost). Writes runs/bench/engine_sampling_<name>.json
+(--out).
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--name", default="cpu")
+    from bench.common import add_out_argument
+
+    add_out_argument(parser)
     args = parser.parse_args()
     arms = asyncio.run(_main(args))
     result = {
@@ -97,7 +101,8 @@ def main() -> None:
         "config": {k: getattr(args, k) for k in ("model", "dtype", "compile", "gpu_memory_utilization", "requests",
                                                  "max_tokens", "repeats")},
     }
-    print(f"ratio rollout/plain {result['ratio']:.3f} -> {write_result('engine_sampling', args.name, result)}")
+    path = write_result("engine_sampling", args.name, result, args.out)
+    print(f"ratio rollout/plain {result['ratio']:.3f} -> {path}")
 
 
 if __name__ == "__main__":

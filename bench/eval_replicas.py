@@ -7,7 +7,8 @@ app of `replicas` PolicyServers (one vLLM engine each), evaluates synthetic grou
 visual search (multi-turn, 2 planned zooms: the tiny model has random weights) through the Ray Data pool
 of EvalActors, and deletes the app. Engine start-up is not timed. The metric is samples/s from the first
 written batch to the last (EvalActor start-up and the first batch excluded; the whole-run rate, which
-includes them, is reported too). Writes bench/results/eval_replicas.json with ratio = 2-replica / 1-replica samples/s.
+includes them, is reported too). Writes runs/bench/eval_replicas.json (--out) with ratio = 2-replica / 1-replica
+samples/s.
 
 On a 2-core machine two CPU engines share the same two cores, so a second replica cannot add compute;
 on a GPU cluster each replica is its own GPU and throughput scales until the EvalActors saturate.
@@ -44,6 +45,9 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=16)
+    from bench.common import add_out_argument
+
+    add_out_argument(parser)
     args = parser.parse_args()
     set_runtime_env()
     import ray
@@ -73,7 +77,7 @@ def main() -> None:
                    "batch_size": args.batch_size, "concurrency": args.concurrency,
                    "engine": "vLLM AsyncLLM per PolicyServer replica, CPU build, eager, fp32"},
     }
-    path = write_result("eval", "replicas", result)
+    path = write_result("eval", "replicas", result, args.out)
     print(f"1 replica {arms[1]['samples_per_s']:.2f} samples/s, 2 replicas {arms[2]['samples_per_s']:.2f} "
           f"samples/s, ratio {result['ratio']:.2f} -> {path}")
 

@@ -1,6 +1,6 @@
 """Asynchronous GRPO (max_staleness k = 1) against the synchronous schedule (k = 0): trajectories trained per second.
 
-    .venv/bin/python -m bench.grpo_async                  # CPU, tiny multi-turn -> bench/results/grpo_async_cpu.json
+    .venv/bin/python -m bench.grpo_async                  # CPU, tiny multi-turn -> runs/bench/grpo_async_cpu.json
     .venv/bin/python -m bench.grpo_async --config configs/grpo_tiny.yaml --steps 8 --runs-dir /tmp/grpo-async
 
 Runs the GRPO job (`python -m jobs.grpo`) twice as a subprocess, one arm after the other, with the same
@@ -118,7 +118,9 @@ def main() -> None:
     parser.add_argument("--runs-dir", default=None, help="run folders and job logs; kept (default: a temp folder, "
                         "deleted afterwards)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds each job may run (default 600)")
-    parser.add_argument("--out", default=None, help="result file (default bench/results/grpo_async_cpu.json)")
+    from bench.common import add_out_argument
+
+    add_out_argument(parser)
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps needs at least 2: the first step is warm-up")

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Asynchronous GRPO (max_staleness 1) against synchronous (0) on ONE GPU (H100/H200) with the 3B-shaped
 # random-weight Qwen2.5-VL: the GPU counterpart of bench/grpo_async.py (same job, same metric).
-# On a device host, after the GPU wheel bundle is installed (as for bench/gpu.sh), stages in any split:
+# On a device host, after the GPU packages are installed (bench/gpu.sh says how), stages in any split:
 #
 #   VIGORL_COMMIT=<sha> bash bench/grpo_async_gpu.sh model sync   # one call: build the model, the sync arm
 #   VIGORL_COMMIT=<sha> bash bench/grpo_async_gpu.sh async        # next call (the machine still warm)
-#   bash bench/grpo_async_gpu.sh result                           # here or there: -> bench/results/grpo_async_gpu.json
+#   bash bench/grpo_async_gpu.sh result                           # here or there: -> runs/bench/grpo_async_gpu.json
+#   RESULT_OUT=bench/results bash bench/grpo_async_gpu.sh result  # the same, into the committed results
 #
 # Each arm runs `python -m jobs.grpo` on configs/grpo_tiny.yaml with the GPU overrides below; the trainer
 # (Ray Train, DeepSpeed ZeRO-2, gpus_per_worker 0.5) and the vLLM replica (policy.gpus 0.5) share the GPU.
@@ -113,10 +114,10 @@ EOF
 }
 
 result() {
-  python3 - "$WORK" "$STALENESS" <<'EOF'
+  python3 - "$WORK" "$STALENESS" "${RESULT_OUT:-runs/bench}" <<'EOF'
 import json, sys
 from pathlib import Path
-from bench.common import RESULTS, provenance
+from bench.common import provenance
 from bench.grpo_async import TIMES, summarize_arm
 
 work, staleness = Path(sys.argv[1]), int(sys.argv[2])
@@ -157,7 +158,8 @@ result = {
     },
     **prov,
 }
-path = RESULTS / "grpo_async_gpu.json"
+path = Path(sys.argv[3]) / "grpo_async_gpu.json"
+path.parent.mkdir(parents=True, exist_ok=True)
 path.write_text(json.dumps(result, indent=2) + "\n")
 for name in ("sync", "async"):
     a = arms[name]
@@ -165,7 +167,7 @@ for name in ("sync", "async"):
           + " ".join(f"{k} {a['seconds'][k]:.2f}s" for k in TIMES) + f"; staleness {a['staleness_histogram']}")
 print(f"ratio async/sync {result['ratio']:.3f} -> {path}")
 EOF
-  cp bench/results/grpo_async_gpu.json "$OUT"/ 2>/dev/null || true
+  cp "${RESULT_OUT:-runs/bench}/grpo_async_gpu.json" "$OUT"/ 2>/dev/null || true
 }
 
 [ $# -gt 0 ] || set -- model sync async result

@@ -1,6 +1,6 @@
 """GRPO step time split: how much of an RL step the weight sync takes, single-turn and multi-turn.
 
-    .venv/bin/python -m bench.grpo_step                  # CPU, tiny model -> bench/results/grpo_step_cpu.json
+    .venv/bin/python -m bench.grpo_step                  # CPU, tiny model -> runs/bench/grpo_step_cpu.json (--out)
     .venv/bin/python -m bench.grpo_step --steps 8 --multiturn-steps 5 --runs-dir /tmp/grpo-bench
 
 Runs the GRPO job (`python -m jobs.grpo`) twice as a subprocess, each on its shipped tiny config with a
@@ -125,7 +125,7 @@ def job_overrides(settings: list[str], model: str | None) -> list[str]:
 def measure_and_write(args, measure, prefix: str, area: str, name: str) -> tuple[dict, Path]:
     """Run `measure(args, runs_dir)` in --runs-dir (kept) or a temp folder (deleted), note a commit that changed
     meanwhile (`commit_at_start`; the result's commit is read when it is written), and write the result to
-    --out or bench/results/<area>_<name>.json. Returns (result, path)."""
+    --out (a folder, default runs/bench/, or a .json file). Returns (result, path)."""
     from bench.common import provenance, write_result
 
     runs_dir = Path(args.runs_dir or tempfile.mkdtemp(prefix=prefix)).resolve()
@@ -138,7 +138,7 @@ def measure_and_write(args, measure, prefix: str, area: str, name: str) -> tuple
             shutil.rmtree(runs_dir, ignore_errors=True)
     if provenance()["commit"] != commit:
         result["commit_at_start"] = commit
-    return result, write_result(area, name, result, Path(args.out) if args.out else None)
+    return result, write_result(area, name, result, args.out)
 
 
 def _measure(args, runs_dir: Path) -> dict:
@@ -184,7 +184,9 @@ def main() -> None:
     parser.add_argument("--runs-dir", default=None, help="run folders and job logs; kept (default: a temp folder, "
                         "deleted afterwards)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds each job may run (default 900)")
-    parser.add_argument("--out", default=None, help="result file (default bench/results/grpo_step_cpu.json)")
+    from bench.common import add_out_argument
+
+    add_out_argument(parser)
     args = parser.parse_args()
     if min(args.steps, args.multiturn_steps) < 2:
         parser.error("--steps and --multiturn-steps need at least 2: the first step is warm-up")

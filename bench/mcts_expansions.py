@@ -21,7 +21,7 @@ The teacher is the tiny random-weight model, unconstrained: its responses run to
 ever answer, so every simulation does the same work in both arms (one expansion of `children` nodes,
 `rollouts` rollouts of `rollout_max_steps` steps each). Expansions = tree-node expansions (engine calls
 that grow the tree). Arms alternate `repeats` times after a warm-up; the median wall time per arm is
-reported. Writes bench/results/mcts_expansions.json.
+reported. Writes runs/bench/mcts_expansions.json (--out).
 """
 
 from __future__ import annotations
@@ -163,12 +163,15 @@ def main() -> None:
     parser.add_argument("--rollout-max-steps", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    from bench.common import add_out_argument
+
+    add_out_argument(parser)
     args = parser.parse_args()
     set_runtime_env()
     from bench.common import write_result
 
     result = _main(args)
-    path = write_result("mcts", "expansions", result)
+    path = write_result("mcts", "expansions", result, args.out)
     print(f"ours {result['ours']['expansions_per_s']:.2f} expansions/s, reference "
           f"{result['reference']['expansions_per_s']:.2f} expansions/s, ratio {result['ratio']:.2f} -> {path}")
 

@@ -10,7 +10,7 @@ Turn counts vary per conversation as zooming does (0-4 zooms, PlannedTurnsEngine
 random weights, so turns are constrained by a grammar; their lengths are sampled). Arms alternate,
 `repeats` times each after a warm-up; conversations/s is the median. Budgets default to the paper's multi-turn
 settings (5 turns, 1024 tokens a turn, 4096 response tokens counting observation and crop tokens). Writes
-bench/results/rollout_async_vs_lockstep.json.
+runs/bench/rollout_async_vs_lockstep.json (--out).
 """
 
 from __future__ import annotations
@@ -93,13 +93,16 @@ def main() -> None:
     parser.add_argument("--max-think-chars", type=int, default=600, help="longest sampled thought per turn")
     parser.add_argument("--dtype", default=None, help="default: EngineConfig's (bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--eager", action="store_true", help="force eager (default: compiled on GPU)")
-    parser.add_argument("--name", default="async_vs_lockstep", help="result: bench/results/rollout_<name>.json")
+    parser.add_argument("--name", default="async_vs_lockstep", help="result file rollout_<name>.json in --out")
+    from bench.common import add_out_argument
+
+    add_out_argument(parser)
     args = parser.parse_args()
     set_runtime_env()
     from bench.common import write_result
 
     result = asyncio.run(_main(args))
-    path = write_result("rollout", args.name, result)
+    path = write_result("rollout", args.name, result, args.out)
     print(f"async {result['async']['conversations_per_s']:.2f} conv/s, lockstep "
           f"{result['lockstep']['conversations_per_s']:.2f} conv/s, ratio {result['ratio']:.2f} -> {path}")
 

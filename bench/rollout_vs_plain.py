@@ -23,7 +23,7 @@ Arms (every request of an arm submitted at once; generated tokens per second of 
 ratio = driver multi-turn / plain multi-turn tokens/s (> 1 = better); `single_turn_vs_plain` is the same
 for the single-turn arms. Cache counters (prefix cache, multimodal processor cache) are vLLM's Prometheus
 counters, per arm. The plain arms run in a subprocess after the driver's engine is shut down (one engine on
-the GPU at a time). Writes bench/results/rollout_vs_plain_<name>.json.
+the GPU at a time). Writes runs/bench/rollout_vs_plain_<name>.json (--out).
 """
 
 from __future__ import annotations
@@ -308,8 +308,11 @@ def main() -> None:
                         help="also a single-turn driver arm that asks for log-probs")
     parser.add_argument("--raw-arms", action=argparse.BooleanOptionalAction, default=True,
                         help="also the requests straight into the driver's AsyncLLM")
-    parser.add_argument("--name", default="cpu", help="result: bench/results/rollout_vs_plain_<name>.json")
+    parser.add_argument("--name", default="cpu", help="result file rollout_vs_plain_<name>.json in --out")
     parser.add_argument("--plain-worker", default=None, help=argparse.SUPPRESS)
+    from bench.common import add_out_argument
+
+    add_out_argument(parser)
     args = parser.parse_args()
     set_runtime_env()
     if args.plain_worker:
@@ -319,7 +322,8 @@ def main() -> None:
 
     args.model = args.model or str(build_tiny_model(tempfile.mkdtemp(prefix="vigorl-bench-") + "/tiny"))
     results, replay = asyncio.run(driver_arms(args))
-    partial = write_result("rollout_vs_plain", f"{args.name}.partial", {"arms": results})  # if the plain arms fail
+    # kept if the plain arms fail
+    partial = write_result("rollout_vs_plain", f"{args.name}.partial", {"arms": results}, args.out)
     with tempfile.TemporaryDirectory(prefix="vigorl-plain-") as tmp:
         path = f"{tmp}/replay.pkl"
         Path(path).write_bytes(pickle.dumps(replay))
@@ -345,7 +349,7 @@ def main() -> None:
                      "single_turn": "grounded, task grounding, one image", "temperature": 1.0,
                      "engine_logprobs": "off in the driver arms except driver_single_turn_logprobs"},
     }
-    out = write_result("rollout_vs_plain", args.name, result)
+    out = write_result("rollout_vs_plain", args.name, result, args.out)
     partial.unlink()
     print(f"ratio multi-turn driver/plain {result['ratio']:.3f}, single-turn {result['single_turn_vs_plain']:.3f} "
           f"-> {out}")

@@ -10,7 +10,7 @@ generate the same tokens) and shape the answer.
   same engine settings in its own replica.
 Concurrency 1 and 16; arms alternate per round, `repeats` rounds after a warm-up. Latency p50/p99 and
 requests/s per arm and concurrency. `ratio` = direct p50 / gateway p50 at concurrency 1 (> 1 would mean
-the gateway is faster; overhead = 1/ratio - 1). Writes bench/results/serve_gateway_overhead.json.
+the gateway is faster; overhead = 1/ratio - 1). Writes runs/bench/serve_gateway_overhead.json (--out).
 """
 
 from __future__ import annotations
@@ -143,13 +143,16 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="CUDA graphs / torch.compile (GPU)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="per engine (two share a GPU)")
     parser.add_argument("--policy-gpus", type=float, default=0.0, help="GPUs of the Serve replica (1 on a GPU host)")
-    parser.add_argument("--name", default="gateway_overhead", help="result name: bench/results/serve_<name>.json")
+    parser.add_argument("--name", default="gateway_overhead", help="result file serve_<name>.json in --out")
+    from bench.common import add_out_argument
+
+    add_out_argument(parser)
     args = parser.parse_args()
     set_runtime_env()
     from bench.common import write_result
 
     result = asyncio.run(_main(args))
-    path = write_result("serve", args.name, result)
+    path = write_result("serve", args.name, result, args.out)
     for c in (1, 16):
         d, g = result["direct"][f"concurrency_{c}"], result["gateway"][f"concurrency_{c}"]
         print(f"concurrency {c:>2}: direct p50 {d['p50_ms']:.0f} ms p99 {d['p99_ms']:.0f} ms {d['requests_per_s']:.1f} "

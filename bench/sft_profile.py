@@ -12,7 +12,7 @@ synchronised around every phase:
 - vigorl: `vigorl_core.sft_train.prepare_for_training` as the SFT job does it (tower out of autograd,
   batched window attention, cuDNN attention off);
 - deepspeed: the vigorl model in a single-rank DeepSpeed ZeRO-2 engine (the job's config): its overhead.
-ratio = vigorl / stock tokens/s (plain loops) -> bench/results/sft_step_<gpu|cpu>.json. `vision_nograd`
+ratio = vigorl / stock tokens/s (plain loops) -> runs/bench/sft_step_<gpu|cpu>.json (--out). `vision_nograd`
 times the tower's forward alone (not part of the step). `--trace` prints torch.profiler's top operators.
 """
 
@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--trace", action="store_true")
     parser.add_argument("--arms", default="stock,vigorl,deepspeed")
+    from bench.common import add_out_argument
+
+    add_out_argument(parser)
     args = parser.parse_args()
     set_runtime_env()
     import torch
@@ -183,7 +186,8 @@ def main() -> None:
                   **report, "config": {"model": args.model, "micro_batch": 1, "image_size": args.image_size,
                                        "gradient_checkpointing": checkpointing, "precision": "bf16" if bf16 else "fp32",
                                        "steady_micro_steps": max(1, args.micro_steps - 1)}}
-        print("ratio", result["ratio"], "->", write_result("sft", f"step_{'cpu' if args.cpu else 'gpu'}", result))
+        path = write_result("sft", f"step_{'cpu' if args.cpu else 'gpu'}", result, args.out)
+        print("ratio", result["ratio"], "->", path)
 
 
 

@@ -1,8 +1,8 @@
 """SFT training throughput: the Ray Train + DeepSpeed job vs a plain single-process Hugging Face loop.
 
-    .venv/bin/python -m bench.sft_throughput          # CPU, tiny model  -> bench/results/sft_throughput_cpu.json
+    .venv/bin/python -m bench.sft_throughput          # CPU, tiny model  -> runs/bench/sft_throughput_cpu.json (--out)
     python -m bench.sft_throughput --gpu              # one H100/H200, random weights of the real 3B shape
-                                                      #                  -> bench/results/sft_throughput_gpu.json
+                                                      #                  -> runs/bench/sft_throughput_gpu.json (--out)
 
 Both arms train the same examples in the same order (BatchPlan, one global batch per step), with the same
 loss (labelled tokens only, jobs.sft._forward), torch AdamW, precision and data pipeline (SFTDataset,
@@ -133,12 +133,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default 30 CPU, 12 GPU)")
     parser.add_argument("--warmup", type=int, default=None, help="steps left out of the rate (default 5 CPU, 3 GPU)")
     parser.add_argument("--baseline", default=None, help=argparse.SUPPRESS)  # internal: run the plain loop
-    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--pure-bf16", action="store_true", help=argparse.SUPPRESS)
+    from bench.common import add_out_argument
+
+    add_out_argument(parser)
     args = parser.parse_args()
     set_runtime_env()
     if args.baseline:
-        return baseline(args.baseline, args.out, args.pure_bf16)
+        return baseline(args.baseline, args.baseline_out, args.pure_bf16)
     from bench.common import write_result
 
     work = Path(tempfile.mkdtemp(prefix="vigorl-bench-sft-"))  # model (7.5 GB for 3b), data, runs
@@ -146,7 +149,7 @@ def main() -> None:
         result = _measure(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    path = write_result("sft_throughput", "gpu" if args.gpu else "cpu", result)
+    path = write_result("sft_throughput", "gpu" if args.gpu else "cpu", result, args.out)
     vigorl, plain = result["vigorl"], result["baseline"]
     print(f"vigorl {vigorl['tokens_per_s']:.0f} tok/s {vigorl['samples_per_s']:.2f} samples/s, baseline "
           f"{plain['tokens_per_s']:.0f} tok/s {plain['samples_per_s']:.2f} samples/s, ratio {result['ratio']:.2f} -> {path}")
@@ -192,12 +195,13 @@ def _measure(args, work: Path) -> dict:
     vigorl = _steady(log, warmup)
     out = work / "baseline.json"
     threads = {"OMP_NUM_THREADS": str(cores), "OMP_WAIT_POLICY": "PASSIVE"} if not gpu else {}
-    subprocess.run([sys.executable, "-m", "bench.sft_throughput", "--baseline", str(config_path), "--out", str(out)],
+    subprocess.run([sys.executable, "-m", "bench.sft_throughput", "--baseline", str(config_path), "--baseline-out",
+                    str(out)],
                    cwd=REPO_ROOT, check=True, env={**env, **threads})
     plain = _steady(json.loads(out.read_text()), warmup)
     extra = {}
     if gpu:
-        subprocess.run([sys.executable, "-m", "bench.sft_throughput", "--baseline", str(config_path), "--out",
+        subprocess.run([sys.executable, "-m", "bench.sft_throughput", "--baseline", str(config_path), "--baseline-out",
                         str(out), "--pure-bf16"], cwd=REPO_ROOT, check=True, env=env)
         extra["baseline_pure_bf16"] = _steady(json.loads(out.read_text()), warmup)
     # Same examples, order, loss, schedule and optimizer: the arms' losses agree up to float reduction order.

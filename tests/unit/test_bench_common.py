@@ -1,0 +1,43 @@
+"""bench.common: results go to --out (default runs/bench/, git-ignored), never to bench/results/ by default."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from bench import common
+
+BENCH = Path(common.__file__).parent
+
+
+def test_write_result_default_folder_a_chosen_folder_or_a_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "DEFAULT_OUT", tmp_path / "default")
+    monkeypatch.setattr(common, "_gpu_name", lambda: None)
+    assert common.write_result("mcts", "expansions", {"ratio": 2.0}) == tmp_path / "default" / "mcts_expansions.json"
+    assert common.write_result("mcts", "expansions", {"ratio": 2.0}, tmp_path / "b") == tmp_path / "b/mcts_expansions.json"
+    path = common.write_result("mcts", "expansions", {"ratio": 3.0}, str(tmp_path / "x.json"))
+    assert path == tmp_path / "x.json" and json.loads(path.read_text())["ratio"] == 3.0
+    assert "commit" in json.loads(path.read_text())
+
+
+def test_the_default_is_a_git_ignored_run_folder_not_the_committed_results():
+    parser = argparse.ArgumentParser()
+    common.add_out_argument(parser)
+    default = Path(parser.parse_args([]).out)
+    root = BENCH.parent
+    assert default == root / "runs" / "bench" and common.RESULTS not in (default, *default.parents)
+    assert "runs/" in (root / ".gitignore").read_text().split()
+    assert parser.parse_args(["--out", "bench/results"]).out == "bench/results"
+
+
+def test_every_bench_that_writes_a_result_takes_out_and_passes_it():
+    """A bench writing without --out would overwrite the committed results on every trial run."""
+    writers = [p for p in BENCH.glob("*.py") if p.name != "common.py" and "write_result(" in p.read_text()]
+    assert len(writers) >= 9
+    for path in writers:
+        text = path.read_text()
+        calls = re.findall(r"write_result\((.*)\)", text)
+        assert "add_out_argument(parser)" in text, path.name
+        assert calls and all("args.out" in call for call in calls), (path.name, calls)
