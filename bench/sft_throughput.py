@@ -19,7 +19,7 @@ step is data loading, forward, backward and the optimizer (all-reduces included)
 tokens/s. The baseline's threads wait passively (OMP_WAIT_POLICY): spinning OpenMP threads slow down by
 10x and more when anything else runs on the cores.
 GPU: MFU = 6 x text parameters x tokens/s / peak dense bf16 FLOP/s (989 T for H100/H200 SXM;
-recomputation by gradient checkpointing not counted), as PLATFORM.md measured the plain loop.
+recomputation by gradient checkpointing not counted), the formula of the MFU figures in docs/sft.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Shared test fixtures: the runtime environment, one tiny model per session.
 
-Environment variables are set before anything imports vLLM, Ray or torch (PLATFORM.md).
+Environment variables (jobs.common.set_runtime_env) are set before anything imports vLLM, Ray or torch.
 Markers: `slow` (needs vLLM or Ray; integration), `gpu` (needs CUDA; skipped in CI).
 """
 

@@ -5,7 +5,7 @@
 - A, vlmsearch (MCTS/eval) JSONL: {id, image, conversations: [{from: human, value}, {from: gpt, value}]};
 - B, RL JSONL (EasyR1): {problem (with "<image>" placeholders), answer, images};
 - C, SFT sharegpt: JSON array, JSONL or parquet of {messages: [{role, content}], images, id?, gt_answer?,
-  metadata?} (VIGORL_REFERENCE.md sections 5 and 9).
+  metadata?} (what `vigorl chains` writes; docs/method.md "Data of the original release").
 Relative image paths resolve against `data_root` (default: the file's folder); returned samples hold
 absolute paths. Bad input raises `DataError` naming file, line and field; nothing is skipped silently.
 The writers produce ours (`write_samples_jsonl`) and A/B records (`to_vlmsearch_record`, `to_rl_record`)
@@ -245,7 +245,7 @@ def parse_options(question: str) -> list[str]:
 
 
 def _category(images: list[str]) -> str | None:
-    # V*Bench keeps its two categories as folder names (VIGORL_REFERENCE.md section 8).
+    # V*Bench keeps its two categories as folder names in its image paths.
     for name in ("direct_attributes", "relative_position"):
         if any(name in p for p in images):
             return name

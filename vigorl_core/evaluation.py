@@ -45,7 +45,7 @@ CI_RULE = ("ci95 is [low, high], a 95% interval of the mean: Wilson score interv
 @dataclass(frozen=True)
 class Benchmark:
     """How one benchmark is evaluated. `data` is its file under the original release's DATA_ROOT
-    (VIGORL_REFERENCE.md section 9; None: not in the release). `paper` holds published (mean %, 95%
+    (paths as in docs/method.md "Data of the original release"; None: not in the release). `paper` holds published (mean %, 95%
     half-width or None); the V* intervals in the paper are one standard error, not 95%."""
 
     task: str
@@ -61,7 +61,7 @@ class Benchmark:
         return judge_for(self.task)
 
 
-# Sampling of the original eval scripts (section 8): T=0.5, top_p 1.0, multi-turn top_p 0.99.
+# Sampling of the original eval scripts: one sample at T=0.5, top_p 1.0; multi-turn top_p 0.99.
 BENCHMARKS: dict[str, Benchmark] = {
     "sat2": Benchmark("spatial", "grounded", "sat2", "spatial_reasoning/sat2_test/sat2_test.jsonl",
                       paper={"Qwen2.5-VL-7B": (52.6, 1.6), "ViGoRL-3B": (62.9, 1.5), "ViGoRL-7B": (67.5, 1.5)}),

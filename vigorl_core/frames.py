@@ -1,6 +1,6 @@
 """Image frames: Qwen2.5-VL smart-resize and point/box mapping between frames.
 
-Three frames exist (ARCHITECTURE.md "Frames"):
+Three frames exist (docs/method.md "Coordinate frames"):
 - `original`: pixels of the image file as given;
 - `model`: the image resized by `smart_resize` for the model profile in use (what the model sees and
   where it writes its points);
@@ -41,7 +41,7 @@ class ModelProfile:
         return (h // self.factor) * (w // self.factor)
 
 
-# The paper's RL/SFT budget (VIGORL_REFERENCE.md sections 6-7) for real models; a small one for the tiny
+# The paper's RL/SFT pixel budget (3,136 to 4,194,304 pixels per image) for real models; a small one for the tiny
 # model so CPU tests stay fast (224x224 at most = 64 merged tokens per image).
 PROFILES: dict[str, ModelProfile] = {
     "qwen2.5-vl": ModelProfile("qwen2.5-vl", min_pixels=3136, max_pixels=4_194_304),

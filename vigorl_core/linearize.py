@@ -1,7 +1,7 @@
 """Tree linearization: MCTS trees (vigorl_core.mcts.TreeRecord) -> SFT reasoning chains.
 
 An attempt is one rollout read as reasoning: the `<think>` texts of its responses from the root on (tags
-removed, whitespace collapsed), then its final answer. Chains (VIGORL_REFERENCE.md section 5, docs/mcts.md):
+removed, whitespace collapsed), then its final answer. Chains (docs/mcts.md "Linearization"):
 - direct: a correct attempt (reward >= correct_threshold) with at least `min_steps` steps;
 - backtrack: a wrong attempt W and a correct attempt C of one tree: the steps they share from the root
   (their longest common prefix, i.e. the tree path to where they branched) written ONCE, then W's other

@@ -1,7 +1,7 @@
 """Monte Carlo tree search over grounded reasoning steps with a teacher policy (ViGoRL's warm-start data).
 
 A node is one teacher response: a `<think>` step naming a point, or a final answer (terminal). One
-simulation (VIGORL_REFERENCE.md section 4; docs/mcts.md has the full account):
+simulation (docs/mcts.md has the full account and the differences from the original):
 1. selection: from the root, move to the child with the highest UCT = value + c*sqrt(ln(N_parent+1) /
    (N_child+1)) (c = 2.0, plain UCT, no prior) while the node has children and is not terminal;
 2. a selected terminal node backs up its reward (judged once, when it was created) again;

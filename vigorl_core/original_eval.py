@@ -1,7 +1,9 @@
 """The original ViGoRL project's eval output files (`rollouts_*.jsonl`), read as our Predictions.
 
 `vigorl score` uses this to rescore them, so numbers can be compared with published ones; the format and
-the judges are in VIGORL_REFERENCE.md section 8 and docs/evaluation.md.
+the judges are in docs/evaluation.md. A record is {question, image, true_answer (already in the resized
+frame), thoughts[], final_answer, system_prompt, judge_score, scale_factor, id}; the original's metric is the
+mean judge_score, which is 0 when an intermediate step fails its format check.
 """
 
 from __future__ import annotations

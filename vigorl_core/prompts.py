@@ -1,8 +1,9 @@
 """System prompts (task x mode), the user-text layout and the zoom observation text.
 
-The original prompt files are paraphrased here from their structure (VIGORL_REFERENCE.md section 1.3);
-the verbatim texts are not available. One newline convention everywhere: real newlines (the original
-mixed literal backslash-n in RL/eval with real newlines in SFT, section 1.2). Output formats are quoted
+The original prompt files are paraphrased here from their structure (what each asks for: one `<think>`
+block, steps grounded with (x, y), the answer as option text or a point; docs/method.md "Prompts"); the
+verbatim texts are not used. One newline convention everywhere: real newlines (the original
+mixed literal backslash-n in RL/eval with real newlines in SFT). Output formats are quoted
 from vigorl_core.protocol's renderers, so the prompt, the SFT chains and the reward parsers agree.
 
 Modes:

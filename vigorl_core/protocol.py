@@ -1,6 +1,6 @@
 """The ViGoRL text protocol: parse model output into a `records.Trace` and render chains back to text.
 
-Grammar (VIGORL_REFERENCE.md sections 1.1 and 2.1):
+Grammar (the original's single-turn and multi-turn formats, docs/method.md):
 - single turn: `<think>\\n step (x, y). step (x, y). \\n</think>\\n<answer> answer </answer>`;
 - multi-turn, one assistant turn: `<think> ... </think>\\n` followed by either
   `<tool_call>\\n{"name": "search_coordinate", "arguments": {"coordinate": [x, y]}}\\n</tool_call>`
@@ -22,7 +22,7 @@ import re
 from vigorl_core.records import Point, Step, ToolCall, Trace
 
 TOOL_NAME = "search_coordinate"
-# Appended after the last observation when the image budget is spent (reference section 2.1).
+# Appended after the observation of the crop that fills the image budget: the model must answer now.
 FORCED_FINAL_PREFIX = (
     "<think> Based on all the information I've gathered, I'll now provide my final answer. </think>\n<answer>"
 )

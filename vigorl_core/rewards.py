@@ -1,7 +1,6 @@
 """Rule rewards for GRPO and judges for MCTS/evaluation: the original ViGoRL rules with their bugs fixed.
 
-Reference: VIGORL_REFERENCE.md section 3 (RL rewards), section 4 (judges), section 13 (bugs); the
-differences from the original are tabulated in docs/rewards.md.
+docs/rewards.md states every rule and tabulates the differences from the original.
 
 - `REWARDS[(task, mode)](text, truth, zoom_points=None) -> Reward`: `text` is the decoded response; for
   mode `multiturn` it is the WHOLE conversation (assistant turns and `<observation>...</observation>` user
@@ -12,7 +11,7 @@ differences from the original are tabulated in docs/rewards.md.
   Evaluation reports `score` (strict judge) and `score_original` (the original lenient judge), see
   `judge_for`.
 - `Truth.box` / `Truth.point` are in the MODEL frame: the caller rescales them with frames.FrameMap
-  (the original RL code never did, reference section 13.11). Rewards never parse a ground-truth box.
+  (the original RL code never did when it downsized an image; its evaluation did). Rewards never parse a ground-truth box.
   Grounding rewards judge point-in-box when the truth has a box, else point-match (< 50 px) on its point.
 """
 

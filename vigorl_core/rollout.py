@@ -5,7 +5,7 @@ multi-turn step waits for the slowest conversation at every turn). A GRPO group'
 engine call with n samples, so the prompt is prefilled once. Images are decoded and resized once per
 sample and shared by reference across the group and its turns.
 
-Multi-turn rules (VIGORL_REFERENCE.md 2.1, with the differences documented in README "Rollouts"):
+Multi-turn rules (the original's zoom protocol, docs/method.md, with these differences spelled out):
 - a turn stops at `</tool_call>`, `</answer>` or `<|im_end|>`; only the FIRST tool call of a turn runs;
 - a tool call that does not parse (bad JSON, missing/negative coordinate) gets an observation turn
   without an image that says what was wrong, and the conversation goes on (the original appended

@@ -238,7 +238,7 @@ def collate(items: list[dict[str, Any]], pad_id: int, image_pad_id: int) -> dict
     """Right-pad a micro-batch. Returns input_ids, labels, attention_mask, mm_token_type_ids [B, L] and, when
     any image is present, pixel_values [sum patches, C*T*P*P] and image_grid_thw [num images, 3] in order.
     `mm_token_type_ids` (1 on image pads) must reach forward: without it transformers 5 falls back to 1-D
-    positions and the model loses the image layout (PLATFORM.md)."""
+    positions (silently) and the model loses the image layout."""
     import torch
 
     width = max(len(it["input_ids"]) for it in items)

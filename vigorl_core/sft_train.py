@@ -60,7 +60,7 @@ def token_nll(logits, labels, positions):
 def deepspeed_config(stage: int, micro_batch: int, accumulation: int, world_size: int, bf16: bool,
                      max_grad_norm: float, offload_optimizer: bool = False, gpu: bool = False) -> dict[str, Any]:
     """DeepSpeed config for ZeRO `stage` with a client (torch) optimizer: DeepSpeed's own Adam variants
-    JIT-compile C++/CUDA ops on first use, torch's AdamW needs nothing built (PLATFORM.md). Gradient
+    JIT-compile C++/CUDA ops on first use (20-30 s each), torch's AdamW needs nothing built. Gradient
     communication overlaps backward on GPUs (CUDA streams); gloo on CPU has no streams to overlap on."""
     zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": gpu,
                             "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
@@ -121,7 +121,7 @@ def prepare_for_training(model: Any, *, freeze_vision_tower: bool = True, freeze
 def chat_template_with_system(template: str, system: str) -> str:
     """`template` with its fallback system message replaced by `system` (kept verbatim: Jinja raw block),
     so a chat without a system message gets the task's prompt: the released models bake it in because
-    without it they write no coordinates (VIGORL_REFERENCE.md section 12, issue #25)."""
+    without it they write no coordinates (issue #25 of the original repository)."""
     if DEFAULT_SYSTEM not in template:
         raise ValueError(f"the chat template has no default system message {DEFAULT_SYSTEM!r} to replace")
     if "{% endraw %}" in system:

@@ -48,7 +48,8 @@ CHAT_TEMPLATE = (
 _VISION_3B_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
                      fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
 PRESETS: dict[str, dict[str, Any]] = {
-    # rope_theta 10: with head_dim 32 the default 1e6 leaves the width axis almost unrotated (PLATFORM.md).
+    # rope_theta 10: with head_dim 32 the default 1e6 leaves the width axis almost unrotated (measured on the
+    # pointing task: 24.5% vs 100% accuracy at the same step).
     "tiny": dict(
         text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=8192,

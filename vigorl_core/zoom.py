@@ -2,11 +2,12 @@
 
 The multi-turn model asks to zoom with a `<tool_call>` naming a point (x, y) in the MODEL frame of the
 first image; the environment cuts a window of side 2*offset around that point from the model-frame
-root image (never from a previous crop, VIGORL_REFERENCE.md 2.1), optionally draws a red dot on the
+root image (never from a previous crop, as in the original), optionally draws a red dot on the
 point, resizes the window to crop_size x crop_size and hands back an observation user turn.
 
 Pure (PIL + stdlib). Used by SFT chain building, GRPO rollouts, evaluation and the ZoomServer alike, so
-one settings table serves them all (the original used different settings per stage, reference 13.6).
+one settings table serves them all (the original used different web-grounding crops in SFT and in RL:
+200 px -> 512 vs 100 px -> 384; docs/method.md has its settings by stage).
 
     from vigorl_core.zoom import ZoomEnv, zoom_settings
     env = ZoomEnv(model_image, zoom_settings("visual_search", "tiny"))

@@ -36,7 +36,7 @@ def test_answer_format_per_task(task, expected):
 
 
 def test_visual_search_multiturn_asks_for_option_text():
-    # Reference section 13.1: the original trained V* multi-turn with the "(x, y)" grounding prompt.
+    # The original trained V* multi-turn with the "(x, y)" grounding prompt but evaluated with the V* one.
     text = prompts.system_prompt("visual_search", "multiturn")
     assert "<answer> [option text] </answer>" in text and "<answer> (x, y) </answer>" not in text
 

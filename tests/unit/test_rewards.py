@@ -1,4 +1,4 @@
-"""vigorl_core.rewards: the original rules (reference section 3/4) with the section-13 fixes."""
+"""vigorl_core.rewards: the original rules with the fixes listed in docs/rewards.md."""
 
 from __future__ import annotations
 
