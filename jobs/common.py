@@ -53,14 +53,35 @@ def run_main(body: Callable[[list[str]], int | None], argv: list[str] | None) ->
         return 2
 
 
-def init_ray(num_cpus: int = 8) -> None:
+def init_ray(num_cpus: int = 8, *, reuses: str | None = None) -> None:
     """Connect to the cluster in RAY_ADDRESS (how `ray job submit` runs jobs), else start a local Ray with
-    logical CPUs (Serve apps and trainers schedule fractional CPUs on a small machine)."""
+    logical CPUs (Serve apps and trainers schedule fractional CPUs on a small machine). `reuses` names what the
+    job takes from a running Ray (e.g. "policy.app 'vigorl'"): then, without RAY_ADDRESS, it joins the Ray
+    already running on this machine (the one `vigorl serve` started) instead of starting another."""
     import ray
 
     if ray.is_initialized():
         return
+    # Every worker of the job runs this hook (merged with a `ray job submit` runtime environment): it quiets Ray
+    # Train's placement-group cleaner, which warns every few seconds where Ray runs without a dashboard (our
+    # local Ray, to save memory and start-up time) because it cannot query the controller's state there.
+    quiet = {"worker_process_setup_hook": "jobs.common.quiet_worker_logs"}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(runtime_env=quiet)
+    elif reuses:
+        try:
+            ray.init(address="auto", runtime_env=quiet)
+        except ConnectionError:
+            raise ConfigError(f"{reuses} names a Serve app of a running Ray, but no Ray is running on this "
+                              "machine: start the app first (e.g. `vigorl serve`), or set RAY_ADDRESS to the "
+                              "cluster that runs it") from None
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 runtime_env=quiet)
+
+
+def quiet_worker_logs() -> None:
+    """Runs in every worker process of a job (see init_ray): Ray Train's cleaner logs errors only."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)

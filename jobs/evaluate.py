@@ -426,7 +426,7 @@ def evaluate(cfg: EvalConfig) -> dict:
               f"{len(todo)} to go", flush=True)
         if todo:
             started_ray = not ray.is_initialized()
-            init_ray()
+            init_ray(reuses=f"policy.app {cfg.policy.app!r}" if cfg.policy.app else None)
             app, started_app = start_policy(cfg, model)
             try:
                 stats.update(run_dataset(cfg, model, app, todo, writer, run_dir))

@@ -389,7 +389,7 @@ def _run(argv: list[str]) -> int:
     this_run: dict[str, float] = {"trees": 0}
     if todo:
         own_ray = not ray.is_initialized()
-        init_ray(cfg.num_cpus)
+        init_ray(cfg.num_cpus, reuses=f"teacher.app {cfg.teacher.app!r}" if cfg.teacher.app else None)
         started: list[str] = []
         try:
             app, model, critic_app = _start_teacher(cfg, started)

@@ -18,7 +18,7 @@ import time
 
 from jobs.common import init_ray, local_model, run_main
 from services.app import ServeConfig, build_app
-from vigorl_core.config import parse_config
+from vigorl_core.config import ConfigError, parse_config
 
 APP_NAME = "vigorl"
 
@@ -28,10 +28,28 @@ def start(cfg: ServeConfig, *, num_cpus: int = 8) -> str:
     from ray import serve
 
     init_ray(num_cpus)
+    _restart_serve_without_proxy()
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"enable_access_log": False})
     app = build_app({**cfg.model_dump(), "model": local_model(cfg.model)})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config={"enable_access_log": False})
     return f"http://{cfg.host}:{cfg.port}"
+
+
+def _restart_serve_without_proxy() -> None:
+    """Batch stages (eval, MCTS, GRPO) start Serve with no HTTP proxy, and a running Serve keeps its HTTP
+    settings: on a Ray where one ran before, `serve.start` would leave this app unreachable. With no app left
+    on such a Serve it is restarted here (shutting down a Serve that does not run does nothing); with apps
+    still running that is the user's call, said in one line."""
+    from ray import serve
+
+    status = serve.status()
+    if status.proxies:
+        return
+    if status.applications:
+        raise ConfigError(f"Ray Serve already runs on this Ray without an HTTP proxy (started by a batch job), and "
+                          f"its apps {sorted(status.applications)} are still running: wait for them or delete them "
+                          "(`serve shutdown` stops all of Serve), then start `vigorl serve` again")
+    serve.shutdown()
 
 
 def _run(argv: list[str]) -> int:

@@ -178,3 +178,19 @@ def test_clear_errors(tmp_path, tiny_model_dir):
     assert job.main(["--model", str(tiny_model_dir), "--benchmarks", "[{name: sat2, path: /no/such.jsonl}]",
                      "--runs_dir", str(tmp_path / "runs")]) == 2
     shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+
+
+def test_a_job_given_an_app_name_joins_the_running_local_ray(serve_app, subprocess_env, tmp_path, tiny_model_dir):
+    """Without RAY_ADDRESS, `vigorl eval --policy.app NAME` joins the Ray already running on this machine (the
+    session's, which runs the `vigorl` app) instead of starting its own: the error lists that Ray's apps."""
+    import subprocess
+    import sys
+
+    write_dataset("grounding", 1, seed=0, out_dir=tmp_path / "data")
+    env = {k: v for k, v in subprocess_env.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.evaluate", "--runs_dir", str(tmp_path / "runs"), "--model", str(tiny_model_dir),
+         "--benchmarks", f"[{{name: synthetic_grounding, path: {tmp_path / 'data' / 'samples.jsonl'}}}]",
+         "--policy.app", "no-such-app"], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "no Serve app named 'no-such-app' is running" in result.stderr and "'vigorl'" in result.stderr
