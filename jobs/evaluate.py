@@ -31,6 +31,7 @@ rerun to resume. `planned_zooms` (demo and tests only) constrains multi-turn tur
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -42,7 +43,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from jobs.common import REPO_ROOT, init_ray, local_model, run_main
-from services.app import EngineSettings
+from services.app import EngineSettings, kill_one_replica
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 
 RESUME_FIXED = ("model", "sampling", "planned_zooms")  # settings a resumed run must keep
@@ -123,8 +124,13 @@ class EvalConfig(StageConfig):
     planned_zooms: int = Field(0, ge=0, description="demo/tests only: multi-turn conversations zoom exactly this "
                                                     "many times (grammar-constrained turns; 0 = off)")
     examples: int = Field(3, ge=0, description="annotated examples per benchmark in report.md, correct and wrong")
+    replica_retry_s: float = Field(120.0, ge=0, description="a conversation whose PolicyServer replica died (or "
+                                   "was unreachable) is rolled out again from its start, backing off 1 s to 10 s, "
+                                   "for up to this long; then the job stops (a rerun resumes)")
     fault_after: int | None = Field(None, ge=1, description="tests only: the first EvalActor to finish this many "
                                                             "samples exits abruptly (once per run folder)")
+    fail_policy_after: int | None = Field(None, ge=1, description="tests only: once this many samples are done, "
+                                          "one PolicyServer replica is killed (once per run folder)")
 
     @field_validator("benchmarks")
     @classmethod
@@ -222,6 +228,15 @@ def _is_infrastructure(err: BaseException) -> bool:
     return isinstance(err, RayServeException) or (isinstance(err, RayError) and not isinstance(err, RayTaskError))
 
 
+def _is_replica_loss(err: BaseException) -> bool:
+    """The policy replica serving the conversation died or could not be reached (a Ray or Serve system error,
+    not an exception raised by the replica's own code): the conversation can run again elsewhere."""
+    from ray.exceptions import RayError, RayTaskError
+    from ray.serve.exceptions import RayServeException
+
+    return isinstance(err, (RayError, RayServeException)) and not isinstance(err, RayTaskError)
+
+
 def _open_images(sample, profile):
     """Decode and resize a sample's images to the model frame (run in a thread: large screenshots take time)."""
     from vigorl_core.frames import resize_to_model
@@ -257,7 +272,8 @@ class EvalActor:
     [Prediction JSON, ...]}, one per sample (failed rollouts included)."""
 
     def __init__(self, model: str, app: str, configs: dict, concurrency: int, planned_zooms: int,
-                 fault_after: int | None, fault_marker: str):
+                 fault_after: int | None, fault_marker: str, retry_s: float = 120.0,
+                 fail_policy_after: int | None = None):
         from ray import serve
 
         from services.policy import PolicyClient
@@ -274,6 +290,7 @@ class EvalActor:
                         for name, c in configs.items()}
         self.loop = asyncio.new_event_loop()  # one loop for the actor's life: the client's refs outlive a batch
         self.fault_after, self.fault_marker, self.finished = fault_after, fault_marker, 0
+        self.app, self.retry_s, self.fail_policy_after = app, retry_s, fail_policy_after
 
     def __call__(self, batch: dict) -> dict:
         from vigorl_core.records import Sample
@@ -287,30 +304,42 @@ class EvalActor:
                     return await self._evaluate(name, sample)
             return await asyncio.gather(*(one(n, s) for n, s in work))
 
-        return {"prediction": self.loop.run_until_complete(run_all())}
+        results = self.loop.run_until_complete(run_all())
+        return {"prediction": [p for p, _ in results], "retries": [r for _, r in results]}
 
-    async def _evaluate(self, name: str, sample) -> str:
+    async def _evaluate(self, name: str, sample) -> tuple[str, int]:
+        """(the sample's prediction as JSON, how often its conversation was started again on a lost replica)."""
         from vigorl_core import evaluation as ev
 
-        driver, started, frame = self.drivers[name], time.perf_counter(), None
-        try:
-            images, frame = await asyncio.to_thread(_open_images, sample, self.chat.profile)
-            prepared = driver.prepare(sample, images, frame)
-            [rollout] = await driver.rollout_group(prepared)
-            pred = ev.prediction_from_rollout(sample, rollout.record, frame, policy=self.model)
-        except Exception as err:  # a failed sample is a prediction, not a lost sample
-            if _is_infrastructure(err):
-                raise
-            pred = failed_prediction(sample, driver.config.mode, frame, f"{type(err).__name__}: {err}"[:2000],
-                                     time.perf_counter() - started, self.model)
+        driver, started, frame, retries = self.drivers[name], time.perf_counter(), None, 0
+        while True:
+            try:
+                images, frame = await asyncio.to_thread(_open_images, sample, self.chat.profile)
+                [rollout] = await driver.rollout_group(driver.prepare(sample, images, frame))
+                pred = ev.prediction_from_rollout(sample, rollout.record, frame, policy=self.model)
+                break
+            except Exception as err:  # a failed sample is a prediction, not a lost sample
+                if _is_replica_loss(err) and time.perf_counter() - started < self.retry_s:
+                    retries += 1  # Serve routes around the dead replica, or replaces it meanwhile
+                    await asyncio.sleep(min(10.0, 2.0 ** (retries - 1)))
+                    continue
+                if _is_infrastructure(err):
+                    raise
+                pred = failed_prediction(sample, driver.config.mode, frame, f"{type(err).__name__}: {err}"[:2000],
+                                         time.perf_counter() - started, self.model)
+                break
         self.finished += 1
+        if self.fail_policy_after and self.finished >= self.fail_policy_after:
+            with contextlib.suppress(FileExistsError):  # O_EXCL: one replica of the run dies, once
+                os.close(os.open(self.fault_marker + "_policy", os.O_CREAT | os.O_EXCL))
+                await asyncio.to_thread(kill_one_replica, self.app)
         if self.fault_after and self.finished >= self.fault_after:
             try:  # O_EXCL: exactly one actor of the run dies, once
                 os.close(os.open(self.fault_marker, os.O_CREAT | os.O_EXCL))
                 os._exit(1)
             except FileExistsError:
                 pass
-        return pred.model_dump_json()
+        return pred.model_dump_json(), retries
 
 
 # --------------------------------------------------------------------------------------- policy and progress
@@ -376,12 +405,13 @@ def run_dataset(cfg: EvalConfig, model: str, app: str, todo: list[tuple[str, obj
         resources=cfg.actor_resources or None,
         fn_constructor_kwargs={"model": model, "app": app, "configs": configs, "concurrency": cfg.concurrency,
                                "planned_zooms": cfg.planned_zooms, "fault_after": cfg.fault_after,
-                               "fault_marker": str(run_dir / "fault_injected")})
+                               "fault_marker": str(run_dir / "fault_injected"), "retry_s": cfg.replica_retry_s,
+                               "fail_policy_after": cfg.fail_policy_after})
     # No retry options passed: Ray Data's actor pool already restarts a dead actor and re-runs its batch
     # (max_restarts=-1, max_task_retries=-1 in ActorPoolMapOperator._apply_default_remote_args), and
     # passing them as **ray_remote_args is deprecated in Ray 2.60.
     progress = Progress(len(rows))
-    stats = {"evaluated": 0, "errors": 0, "duplicates": 0}
+    stats = {"evaluated": 0, "errors": 0, "duplicates": 0, "replica_retries": 0}
     started = time.perf_counter()
     first = None  # (time, count) when the first batch was written: the steady rate starts there
     try:
@@ -389,6 +419,7 @@ def run_dataset(cfg: EvalConfig, model: str, app: str, todo: list[tuple[str, obj
             preds = [Prediction.model_validate_json(str(p)) for p in batch["prediction"]]
             new = [p for p in preds if p.key not in writer.keys]
             stats["duplicates"] += len(preds) - len(new)  # a re-run batch: those keys are already written
+            stats["replica_retries"] += sum(int(r) for p, r in zip(preds, batch["retries"]) if p.key not in writer.keys)
             writer.write(new)
             stats["evaluated"] += len(new)
             stats["errors"] += sum(p.finish == "error" for p in new)

@@ -322,9 +322,9 @@ def _inject_faults(cfg: GRPOConfig, run_dir: Path, step: int, buffer, app: str, 
     """Testing (fault tests): kill the replay buffer, or one PolicyServer replica, while the step rolls out,
     once per run."""
     import ray
-    from ray import serve
 
     from jobs.training import first_fault
+    from services.app import kill_one_replica
 
     if step + 1 in (cfg.fail_replay_at_step, cfg.fail_policy_at_step):
         request()
@@ -332,8 +332,7 @@ def _inject_faults(cfg: GRPOConfig, run_dir: Path, step: int, buffer, app: str, 
     if cfg.fail_replay_at_step == step + 1 and first_fault(run_dir, "replay"):
         ray.kill(buffer, no_restart=False)
     if cfg.fail_policy_at_step == step + 1 and first_fault(run_dir, "policy"):
-        replica = serve.get_deployment_handle("PolicyServer", app).info.remote().result()["replica"]
-        ray.kill(ray.get_actor(f"SERVE_REPLICA::{app}#PolicyServer#{replica}", namespace="serve"), no_restart=True)
+        kill_one_replica(app)
 
 
 def _train_step(cfg: GRPOConfig, engine, reference, records, advantages, plan, rank, image_refs, chat, processor,

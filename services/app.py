@@ -123,3 +123,12 @@ def build_app(args: dict[str, Any]):
     judge = {"model": cfg.judge_model, **cfg.engine.model_dump()} if cfg.judge_model else None
     critic = Critic.bind(judge)
     return Gateway.bind(cfg.model, gateway.model_dump(), policy, zoom, critic)
+
+
+def kill_one_replica(app: str) -> None:
+    """Fault tests: kill one PolicyServer replica of `app` abruptly (Serve replaces it)."""
+    import ray
+    from ray import serve
+
+    replica = serve.get_deployment_handle("PolicyServer", app).info.remote().result()["replica"]
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::{app}#PolicyServer#{replica}", namespace="serve"), no_restart=True)

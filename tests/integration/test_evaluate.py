@@ -167,6 +167,27 @@ def test_killed_job_and_killed_actor_lose_nothing_and_count_nothing_twice(first_
     assert len(keys) == len(set(keys)) == len(expected) and set(keys) == expected
 
 
+def test_a_killed_policy_replica_is_replaced_and_its_conversations_rerun(first_run, tmp_path, tiny_model_dir):
+    """The job's own one-replica PolicyServer app; when the first prediction is done, that replica is killed while
+    the other conversations are mid-generation (200-token turns, all 8 at once). They are rolled out again once
+    Serve has replaced it: every sample is predicted once, none as an error, the retries are in metrics.json."""
+    cfg, _, _, _ = first_run
+    data = write_dataset("grounding", 8, 1, tmp_path / "data")
+    cfg = job.EvalConfig.model_validate({
+        "run_name": "replica-fault", "runs_dir": cfg.runs_dir, "model": str(tiny_model_dir),
+        "benchmarks": [{"name": "synthetic_grounding", "path": str(data)}],
+        "sampling": {"max_tokens_per_turn": 200, "max_response_tokens": 1024}, "actors": 1, "actor_cpus": 0.25,
+        "batch_size": 8, "concurrency": 8, "examples": 0, "fail_policy_after": 1})
+    stats = job.evaluate(cfg)
+    run_dir = Path(cfg.runs_dir) / "eval" / "replica-fault"
+    assert (run_dir / "fault_injected_policy").is_file()  # the replica did die
+    keys = [E.Prediction.model_validate_json(line).key for line in (run_dir / "predictions.jsonl").open()]
+    assert len(keys) == len(set(keys)) == 8
+    assert stats["evaluated"] == 8 and stats["errors"] == 0 and stats["replica_retries"] >= 1
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["run"]["replica_retries"] == stats["replica_retries"]
+
+
 def test_clear_errors(tmp_path, tiny_model_dir):
     missing = tmp_path / "sat2.jsonl"
     write_jsonl([{"id": 1, "image": "nowhere.png", "conversations": [{"from": "human", "value": "<image>Q?"},
