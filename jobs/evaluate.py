@@ -228,15 +228,6 @@ def _is_infrastructure(err: BaseException) -> bool:
     return isinstance(err, RayServeException) or (isinstance(err, RayError) and not isinstance(err, RayTaskError))
 
 
-def _is_replica_loss(err: BaseException) -> bool:
-    """The policy replica serving the conversation died or could not be reached (a Ray or Serve system error,
-    not an exception raised by the replica's own code): the conversation can run again elsewhere."""
-    from ray.exceptions import RayError, RayTaskError
-    from ray.serve.exceptions import RayServeException
-
-    return isinstance(err, (RayError, RayServeException)) and not isinstance(err, RayTaskError)
-
-
 def _open_images(sample, profile):
     """Decode and resize a sample's images to the model frame (run in a thread: large screenshots take time)."""
     from vigorl_core.frames import resize_to_model
@@ -309,6 +300,7 @@ class EvalActor:
 
     async def _evaluate(self, name: str, sample) -> tuple[str, int]:
         """(the sample's prediction as JSON, how often its conversation was started again on a lost replica)."""
+        from services.policy import is_replica_loss
         from vigorl_core import evaluation as ev
 
         driver, started, frame, retries = self.drivers[name], time.perf_counter(), None, 0
@@ -319,7 +311,7 @@ class EvalActor:
                 pred = ev.prediction_from_rollout(sample, rollout.record, frame, policy=self.model)
                 break
             except Exception as err:  # a failed sample is a prediction, not a lost sample
-                if _is_replica_loss(err) and time.perf_counter() - started < self.retry_s:
+                if is_replica_loss(err) and time.perf_counter() - started < self.retry_s:
                     retries += 1  # Serve routes around the dead replica, or replaces it meanwhile
                     await asyncio.sleep(min(10.0, 2.0 ** (retries - 1)))
                     continue

@@ -27,8 +27,10 @@ On a cluster, runs_dir, the images and the model folder must be readable from ev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -40,7 +42,7 @@ import yaml
 from pydantic import Field
 
 from jobs.common import REPO_ROOT, init_ray, local_model, run_main
-from services.app import EngineSettings
+from services.app import EngineSettings, kill_one_replica
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 from vigorl_core.mcts import ASSISTANT_TAIL, FORCED_FINAL_USER, MCTSConfig
 
@@ -97,6 +99,11 @@ class MCTSJobConfig(StageConfig):
     retry_errors: bool = Field(True, description="on resume, redo samples whose record has status 'error' "
                                                  "(timeouts are kept)")
     num_cpus: int = Field(8, ge=1, description="logical CPUs of a local Ray (ignored on a cluster)")
+    replica_retry_s: float = Field(120.0, ge=0, description="a teacher request lost with its PolicyServer replica "
+                                   "is sent again, backing off 1 s to 10 s, for up to this long (then the tree "
+                                   "records the error)")
+    fail_policy_after: int | None = Field(None, ge=1, description="tests only: once this many trees are done, one "
+                                          "teacher replica is killed (once per run folder)")
 
 
 def _fixed(cfg: dict) -> dict:
@@ -167,7 +174,8 @@ class TreeSearcher:
     """Ray Data actor: searches the samples of each batch, at most `trees` at once over all batches."""
 
     def __init__(self, app: str, model: str, teacher_name: str, mcts: dict, trees: int, reward: str, judge: str,
-                 critic_app: str | None, constrained: bool):
+                 critic_app: str | None, constrained: bool, retry_s: float = 120.0,
+                 fail_policy_after: int | None = None, fault_marker: str = ""):
         from ray import serve
 
         from services.policy import PolicyClient
@@ -182,27 +190,41 @@ class TreeSearcher:
         else:
             self.reward = _original_judge if judge == "original" else judge_reward
         self.slots = asyncio.Semaphore(trees)  # binds to the Ray Data UDF loop on first use
+        self.app, self.retry_s, self.finished = app, retry_s, 0
+        self.fail_policy_after, self.fault_marker = fail_policy_after, fault_marker
 
     async def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        records = await asyncio.gather(*(self._search(line) for line in batch["sample"]))
-        return {"id": np.array([r.id for r in records], dtype=object),
-                "record": np.array([r.model_dump_json() for r in records], dtype=object)}
+        results = await asyncio.gather(*(self._search(line) for line in batch["sample"]))
+        return {"id": np.array([r.id for r, _ in results], dtype=object),
+                "record": np.array([r.model_dump_json() for r, _ in results], dtype=object),
+                "retries": np.array([n for _, n in results], dtype=np.int64)}
 
     async def _search(self, line: str):
         from vigorl_core.mcts import MCTS
         from vigorl_core.records import Sample
 
+        from services.policy import ReplicaRetry
+
         sample = Sample.model_validate_json(line)
         async with self.slots:
-            teacher = ConstrainedTeacher(self.client, self.chat, sample.options) if self.constrained else self.client
+            # A request lost with its teacher replica is sent again (Serve replaces the replica), so a dying
+            # replica costs the trees in flight some time, not their search.
+            policy = ReplicaRetry(self.client, self.retry_s)
+            teacher = ConstrainedTeacher(policy, self.chat, sample.options) if self.constrained else policy
             mcts = MCTS(teacher, self.chat, self.reward, self.config, self.teacher_name)
             try:  # decoding and resizing off the event loop, so other trees keep going
                 item = await asyncio.to_thread(mcts.prepare, sample)
             except Exception:  # noqa: BLE001 - search() records it as the sample's error
                 item = sample
-            return await mcts.search(item)
+            record = await mcts.search(item)
+            self.finished += 1
+            if self.fail_policy_after and self.finished >= self.fail_policy_after:
+                with contextlib.suppress(FileExistsError):  # O_EXCL: one replica of the run dies, once
+                    os.close(os.open(self.fault_marker, os.O_CREAT | os.O_EXCL))
+                    await asyncio.to_thread(kill_one_replica, self.app)
+            return record, policy.retries
 
 
 def _start_teacher(cfg: MCTSJobConfig, started: list[str]) -> tuple[str, str, str | None]:
@@ -343,9 +365,11 @@ def _search(cfg: MCTSJobConfig, todo: list, out: Path, done: set[str], app: str,
         fn_constructor_kwargs={"app": app, "model": model, "teacher_name": cfg.teacher.name or Path(model).name,
                                "mcts": cfg.mcts.model_dump(mode="json"), "trees": cfg.trees_per_actor,
                                "reward": cfg.reward, "judge": cfg.judge, "critic_app": critic_app,
-                               "constrained": cfg.teacher.constrained})
+                               "constrained": cfg.teacher.constrained, "retry_s": cfg.replica_retry_s,
+                               "fail_policy_after": cfg.fail_policy_after,
+                               "fault_marker": str(out.parent / "fault_injected_policy")})
     started, n = time.perf_counter(), 0
-    totals = dict.fromkeys(("trees", "expansions", "generated_tokens", "search_seconds"), 0.0)
+    totals = dict.fromkeys(("trees", "expansions", "generated_tokens", "search_seconds", "replica_retries"), 0.0)
     with out.open("a", encoding="utf-8") as f:
         for row in ds.iter_rows():
             if row["id"] in done:  # a retried Ray Data task can deliver a tree twice
@@ -354,6 +378,7 @@ def _search(cfg: MCTSJobConfig, todo: list, out: Path, done: set[str], app: str,
             f.flush()
             done.add(row["id"])
             n += 1
+            totals["replica_retries"] += int(row["retries"])
             rec = json.loads(row["record"])
             stats = rec.get("stats", {})
             for key, stat in (("expansions", "expansions"), ("generated_tokens", "generated_tokens"),

@@ -17,7 +17,9 @@ design; they hung when passed through Serve handles on the GPU host, so images t
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -184,3 +186,45 @@ class PolicyClient:
 
     async def info(self) -> dict[str, Any]:
         return await self.handle.info.remote()
+
+
+def is_replica_loss(err: BaseException) -> bool:
+    """The replica serving a request died or could not be reached: a Ray or Serve system error, not an exception
+    raised by the replica's own code (RayTaskError). The request can run again on another replica."""
+    import ray.exceptions
+    from ray.serve.exceptions import RayServeException
+
+    return isinstance(err, (ray.exceptions.RayError, RayServeException)) and not isinstance(
+        err, ray.exceptions.RayTaskError)
+
+
+class ReplicaRetry:
+    """PolicyEngine over another one whose requests are sent again when their replica is lost (`is_replica_loss`),
+    backing off 1 s, 2 s, 4 s ... up to 10 s while Serve routes around the dead replica or replaces it, for up to
+    `retry_s` per request. A request carries the whole conversation (token ids and images), so resending it
+    loses nothing. `retries` counts the resends."""
+
+    def __init__(self, engine: Any, retry_s: float = 120.0):
+        self.engine, self.retry_s, self.retries = engine, retry_s, 0
+
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
+    async def generate(self, prompt_ids, images, sampling, request_id=None):
+        started, attempt = time.perf_counter(), 0
+        while True:
+            try:
+                return await self.engine.generate(prompt_ids, images, sampling, request_id)
+            except Exception as err:
+                if not is_replica_loss(err) or time.perf_counter() - started >= self.retry_s:
+                    raise
+                attempt += 1
+                self.retries += 1
+                await asyncio.sleep(min(10.0, 2.0 ** (attempt - 1)))
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    async def update_weights(self, state_dict, version: int) -> int:
+        return await self.engine.update_weights(state_dict, version)
