@@ -199,8 +199,16 @@ def test_images_outlive_the_actor_that_put_them(ray_local, buffer):
         assert ray.get(roller.roll.remote(buffer, item, _group(item, ["img"]), 42), timeout=10) == "stored"
     finally:
         ray.kill(roller)
-    with pytest.raises(ray.exceptions.RayActorError):  # the roller (owner of its call's arguments) is gone
-        ray.get(roller.__ray_ready__.remote(), timeout=10)
+    # ray.kill is asynchronous: a call sent right after it can still be served. Wait until the roller (owner of
+    # its call's arguments) is really gone before reading the images back.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            ray.get(roller.__ray_ready__.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            break
+        assert time.monotonic() < deadline, "the killed roller still answers after 30 s"
+        time.sleep(0.2)
     groups, images = ray.get(buffer.get.remote(0, 5.0), timeout=10)
     assert groups[0].worker == "roller"
     assert np.array_equal(ray.get(images["img"][0], timeout=10), _pixels(42))
