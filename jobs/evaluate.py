@@ -31,7 +31,6 @@ rerun to resume. `planned_zooms` (demo and tests only) constrains multi-turn tur
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import sys
@@ -263,7 +262,7 @@ class EvalActor:
     [Prediction JSON, ...]}, one per sample (failed rollouts included)."""
 
     def __init__(self, model: str, app: str, configs: dict, concurrency: int, planned_zooms: int,
-                 fault_after: int | None, fault_marker: str, retry_s: float = 120.0,
+                 fault_after: int | None, run_dir: str, retry_s: float = 120.0,
                  fail_policy_after: int | None = None):
         from ray import serve
 
@@ -280,7 +279,7 @@ class EvalActor:
         self.drivers = {name: RolloutDriver(planned if c.mode == "multiturn" else client, self.chat, c)
                         for name, c in configs.items()}
         self.loop = asyncio.new_event_loop()  # one loop for the actor's life: the client's refs outlive a batch
-        self.fault_after, self.fault_marker, self.finished = fault_after, fault_marker, 0
+        self.fault_after, self.run_dir, self.finished = fault_after, Path(run_dir), 0
         self.app, self.retry_s, self.fail_policy_after = app, retry_s, fail_policy_after
 
     def __call__(self, batch: dict) -> dict:
@@ -300,38 +299,33 @@ class EvalActor:
 
     async def _evaluate(self, name: str, sample) -> tuple[str, int]:
         """(the sample's prediction as JSON, how often its conversation was started again on a lost replica)."""
-        from services.policy import is_replica_loss
+        from jobs.training import first_fault
+        from services.policy import ReplicaRetry
         from vigorl_core import evaluation as ev
 
-        driver, started, frame, retries = self.drivers[name], time.perf_counter(), None, 0
-        while True:
-            try:
-                images, frame = await asyncio.to_thread(_open_images, sample, self.chat.profile)
-                [rollout] = await driver.rollout_group(driver.prepare(sample, images, frame))
-                pred = ev.prediction_from_rollout(sample, rollout.record, frame, policy=self.model)
-                break
-            except Exception as err:  # a failed sample is a prediction, not a lost sample
-                if is_replica_loss(err) and time.perf_counter() - started < self.retry_s:
-                    retries += 1  # Serve routes around the dead replica, or replaces it meanwhile
-                    await asyncio.sleep(min(10.0, 2.0 ** (retries - 1)))
-                    continue
-                if _is_infrastructure(err):
-                    raise
-                pred = failed_prediction(sample, driver.config.mode, frame, f"{type(err).__name__}: {err}"[:2000],
-                                         time.perf_counter() - started, self.model)
-                break
+        driver, started, frame = self.drivers[name], time.perf_counter(), None
+        retry = ReplicaRetry(retry_s=self.retry_s)  # Serve routes around a dead replica, or replaces it meanwhile
+
+        async def conversation():
+            nonlocal frame
+            images, frame = await asyncio.to_thread(_open_images, sample, self.chat.profile)
+            [rollout] = await driver.rollout_group(driver.prepare(sample, images, frame))
+            return rollout
+
+        try:
+            rollout = await retry.run(conversation)
+            pred = ev.prediction_from_rollout(sample, rollout.record, frame, policy=self.model)
+        except Exception as err:  # a failed sample is a prediction, not a lost sample
+            if _is_infrastructure(err):
+                raise
+            pred = failed_prediction(sample, driver.config.mode, frame, f"{type(err).__name__}: {err}"[:2000],
+                                     time.perf_counter() - started, self.model)
         self.finished += 1
-        if self.fail_policy_after and self.finished >= self.fail_policy_after:
-            with contextlib.suppress(FileExistsError):  # O_EXCL: one replica of the run dies, once
-                os.close(os.open(self.fault_marker + "_policy", os.O_CREAT | os.O_EXCL))
-                await asyncio.to_thread(kill_one_replica, self.app)
-        if self.fault_after and self.finished >= self.fault_after:
-            try:  # O_EXCL: exactly one actor of the run dies, once
-                os.close(os.open(self.fault_marker, os.O_CREAT | os.O_EXCL))
-                os._exit(1)
-            except FileExistsError:
-                pass
-        return pred.model_dump_json(), retries
+        if self.fail_policy_after and self.finished >= self.fail_policy_after and first_fault(self.run_dir, "policy"):
+            await asyncio.to_thread(kill_one_replica, self.app)
+        if self.fault_after and self.finished >= self.fault_after and first_fault(self.run_dir):
+            os._exit(1)  # exactly one actor of the run dies, once
+        return pred.model_dump_json(), retry.retries
 
 
 # --------------------------------------------------------------------------------------- policy and progress
@@ -397,7 +391,7 @@ def run_dataset(cfg: EvalConfig, model: str, app: str, todo: list[tuple[str, obj
         resources=cfg.actor_resources or None,
         fn_constructor_kwargs={"model": model, "app": app, "configs": configs, "concurrency": cfg.concurrency,
                                "planned_zooms": cfg.planned_zooms, "fault_after": cfg.fault_after,
-                               "fault_marker": str(run_dir / "fault_injected"), "retry_s": cfg.replica_retry_s,
+                               "run_dir": str(run_dir), "retry_s": cfg.replica_retry_s,
                                "fail_policy_after": cfg.fail_policy_after})
     # No retry options passed: Ray Data's actor pool already restarts a dead actor and re-runs its batch
     # (max_restarts=-1, max_task_retries=-1 in ActorPoolMapOperator._apply_default_remote_args), and
@@ -409,9 +403,10 @@ def run_dataset(cfg: EvalConfig, model: str, app: str, todo: list[tuple[str, obj
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):  # one EvalActor batch at a time
             preds = [Prediction.model_validate_json(str(p)) for p in batch["prediction"]]
-            new = [p for p in preds if p.key not in writer.keys]
+            fresh = [(p, int(r)) for p, r in zip(preds, batch["retries"]) if p.key not in writer.keys]
+            new = [p for p, _ in fresh]
             stats["duplicates"] += len(preds) - len(new)  # a re-run batch: those keys are already written
-            stats["replica_retries"] += sum(int(r) for p, r in zip(preds, batch["retries"]) if p.key not in writer.keys)
+            stats["replica_retries"] += sum(r for _, r in fresh)
             writer.write(new)
             stats["evaluated"] += len(new)
             stats["errors"] += sum(p.finish == "error" for p in new)

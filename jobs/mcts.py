@@ -27,10 +27,8 @@ On a cluster, runs_dir, the images and the model folder must be readable from ev
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -175,7 +173,7 @@ class TreeSearcher:
 
     def __init__(self, app: str, model: str, teacher_name: str, mcts: dict, trees: int, reward: str, judge: str,
                  critic_app: str | None, constrained: bool, retry_s: float = 120.0,
-                 fail_policy_after: int | None = None, fault_marker: str = ""):
+                 fail_policy_after: int | None = None, run_dir: str = ""):
         from ray import serve
 
         from services.policy import PolicyClient
@@ -191,7 +189,7 @@ class TreeSearcher:
             self.reward = _original_judge if judge == "original" else judge_reward
         self.slots = asyncio.Semaphore(trees)  # binds to the Ray Data UDF loop on first use
         self.app, self.retry_s, self.finished = app, retry_s, 0
-        self.fail_policy_after, self.fault_marker = fail_policy_after, fault_marker
+        self.fail_policy_after, self.run_dir = fail_policy_after, Path(run_dir)
 
     async def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -205,6 +203,7 @@ class TreeSearcher:
         from vigorl_core.mcts import MCTS
         from vigorl_core.records import Sample
 
+        from jobs.training import first_fault
         from services.policy import ReplicaRetry
 
         sample = Sample.model_validate_json(line)
@@ -220,10 +219,9 @@ class TreeSearcher:
                 item = sample
             record = await mcts.search(item)
             self.finished += 1
-            if self.fail_policy_after and self.finished >= self.fail_policy_after:
-                with contextlib.suppress(FileExistsError):  # O_EXCL: one replica of the run dies, once
-                    os.close(os.open(self.fault_marker, os.O_CREAT | os.O_EXCL))
-                    await asyncio.to_thread(kill_one_replica, self.app)
+            if self.fail_policy_after and self.finished >= self.fail_policy_after and first_fault(self.run_dir,
+                                                                                                  "policy"):
+                await asyncio.to_thread(kill_one_replica, self.app)
             return record, policy.retries
 
 
@@ -336,12 +334,6 @@ def _without_texts(record):
     return record
 
 
-def _rounded(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    return float(f"{value:.4g}") if isinstance(value, float) else value
-
-
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -367,7 +359,7 @@ def _search(cfg: MCTSJobConfig, todo: list, out: Path, done: set[str], app: str,
                                "reward": cfg.reward, "judge": cfg.judge, "critic_app": critic_app,
                                "constrained": cfg.teacher.constrained, "retry_s": cfg.replica_retry_s,
                                "fail_policy_after": cfg.fail_policy_after,
-                               "fault_marker": str(out.parent / "fault_injected_policy")})
+                               "run_dir": str(out.parent)})
     started, n = time.perf_counter(), 0
     totals = dict.fromkeys(("trees", "expansions", "generated_tokens", "search_seconds", "replica_retries"), 0.0)
     with out.open("a", encoding="utf-8") as f:
@@ -399,6 +391,7 @@ def _run(argv: list[str]) -> int:
     import ray
     from ray import serve
 
+    from vigorl_core.evaluation import round_floats
     from vigorl_core.linearize import tree_stats
     from vigorl_core.mcts import iter_trees
 
@@ -428,7 +421,7 @@ def _run(argv: list[str]) -> int:
     (run_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     print(f"trees: {trees}\nstats ({run_dir / 'stats.json'}):")
     for key, value in stats.items():
-        print(f"  {key:<20} {_rounded(value)}")
+        print(f"  {key:<20} {round_floats(value, 4)}")
     return 0
 
 

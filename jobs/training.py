@@ -148,9 +148,12 @@ def load_checkpoint(engine) -> dict | None:
 def first_fault(run_dir: Path, what: str = "") -> bool:
     """True once per run folder (and kind of fault): the fault tests kill something once."""
     marker = run_dir / (f"fault_injected_{what}" if what else "fault_injected")
-    if marker.exists():
+    try:  # O_EXCL: one winner even among concurrent actors
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
         return False
-    marker.write_text(f"{time.time()}\n")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{time.time()}\n")
     return True
 
 

@@ -21,7 +21,7 @@ import asyncio
 import itertools
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,26 +202,31 @@ class ReplicaRetry:
     """PolicyEngine over another one whose requests are sent again when their replica is lost (`is_replica_loss`),
     backing off 1 s, 2 s, 4 s ... up to 10 s while Serve routes around the dead replica or replaces it, for up to
     `retry_s` per request. A request carries the whole conversation (token ids and images), so resending it
-    loses nothing. `retries` counts the resends."""
+    loses nothing. `retries` counts the resends. `run` retries any other call the same way (evaluation reruns a
+    whole conversation with it; then `engine` may be None)."""
 
-    def __init__(self, engine: Any, retry_s: float = 120.0):
+    def __init__(self, engine: Any = None, retry_s: float = 120.0):
         self.engine, self.retry_s, self.retries = engine, retry_s, 0
 
     @property
     def version(self) -> int:
         return self.engine.version
 
-    async def generate(self, prompt_ids, images, sampling, request_id=None):
+    async def run(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """`await call()`, called again after a lost replica until it succeeds or `retry_s` has passed."""
         started, attempt = time.perf_counter(), 0
         while True:
             try:
-                return await self.engine.generate(prompt_ids, images, sampling, request_id)
+                return await call()
             except Exception as err:
                 if not is_replica_loss(err) or time.perf_counter() - started >= self.retry_s:
                     raise
                 attempt += 1
                 self.retries += 1
                 await asyncio.sleep(min(10.0, 2.0 ** (attempt - 1)))
+
+    async def generate(self, prompt_ids, images, sampling, request_id=None):
+        return await self.run(lambda: self.engine.generate(prompt_ids, images, sampling, request_id))
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
