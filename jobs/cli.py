@@ -22,6 +22,7 @@ COMMANDS = {
     "grpo": ("jobs.grpo", "GRPO (single-turn grounded or multi-turn zoom) on Ray Train with a replay actor"),
     "eval": ("jobs.evaluate", "evaluate a model on benchmarks with Ray Data (resumable)"),
     "score": ("jobs.score", "rescore predictions (ours or the original project's eval files) without the model"),
+    "push": ("jobs.push", "upload a checkpoint folder to a Hugging Face Hub model repo (only when asked)"),
     "demo": ("jobs.demo", "ask about one image on a local engine: print the grounded trace, write PNG + HTML"),
     "behaviour": ("jobs.behaviour", "grounding-behaviour counts of traces (predictions, rollouts), model by model"),
 }
