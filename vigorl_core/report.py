@@ -1,4 +1,5 @@
-"""Human-readable evaluation outputs: the summary table, report.md, SVG bar charts, annotated examples.
+"""Human-readable evaluation outputs: the summary table, report.md, SVG bar charts, annotated examples, and
+the grounding-behaviour table (vigorl_core.behaviour).
 
     from vigorl_core.report import format_summary, write_report
     print(format_summary(metrics))                      # metrics = evaluation.compute_metrics(predictions)
@@ -20,6 +21,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from vigorl_core.behaviour import DEFAULT_RADIUS, TraceInfo, behaviour_table, markdown_table
 from vigorl_core.evaluation import Prediction
 
 SERIES = (("score", "score (strict)", "#4c72b0"), ("score_original", "score_original", "#dd8452"))
@@ -198,9 +200,29 @@ def write_report(out_dir: str | os.PathLike, predictions: Sequence[Prediction], 
         md += [f"![{name} by category](plots/{chart.name})", ""]
         if examples > 0:
             md += _examples_section(out, name, [p for p in predictions if p.benchmark == name], examples)
+    md += behaviour_section(predictions)
     path = out / "report.md"
     path.write_text("\n".join(md) + "\n", encoding="utf-8")
     return path
+
+
+def behaviour_section(predictions: Sequence[Prediction], radius: float = DEFAULT_RADIUS) -> list[str]:
+    """Markdown of the grounding-behaviour table (vigorl_core.behaviour): per benchmark, all traces and the
+    correct ones (the paper counts correct traces only)."""
+    columns: dict[str, list] = {}
+    for p in predictions:
+        trace = TraceInfo(p.id, p.trace, p.score >= 1, p.truth_box, p.benchmark, p.category)
+        columns.setdefault(p.benchmark, []).append(trace)
+        columns.setdefault(f"{p.benchmark} (correct)", [])
+        if trace.correct:
+            columns[f"{p.benchmark} (correct)"].append(trace)
+    if not columns:
+        return []
+    return ["## Grounding behaviour", "",
+            (f"Mean per trace, rule-based (vigorl_core/behaviour.py): regions explored groups points within {radius:g} "
+             "model-frame pixels; revisits return to an earlier region; phrases are counted from word lists, a "
+             "crude proxy. `vigorl behaviour` compares runs side by side."), "",
+            markdown_table(behaviour_table(columns, radius)), ""]
 
 
 def _examples_section(out: Path, name: str, preds: Sequence[Prediction], k: int) -> list[str]:

@@ -109,6 +109,8 @@ def test_write_report_links_resolve(image, tmp_path: Path):
     assert {"plots/screenspot_v2.svg", "plots/vwa.svg", "examples/screenspot_v2-s1.png",
             "examples/screenspot_v2-s0.png"} <= set(links)
     assert all((path.parent / link).is_file() for link in links)
+    assert "## Grounding behaviour" in md and "| | screenspot_v2 | screenspot_v2 (correct) | vwa | vwa (correct) |" in md
+    assert "| traces | 5 | 2 | 1 | 0 |" in md and "| zooms | 1.00 | 1.00 | 1.00 | - |" in md
     for svg in (path.parent / "plots").iterdir():
         ET.fromstring(svg.read_text())
 
