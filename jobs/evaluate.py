@@ -3,6 +3,8 @@
     vigorl eval --config configs/eval_tiny.yaml                 # or: python -m jobs.evaluate --config ...
     ray job submit --working-dir . -- python -m jobs.evaluate --config configs/eval_vigorl_7b.yaml
     vigorl eval --config configs/eval_tiny.yaml --policy.app vigorl   # use a running Serve app's policy
+    vigorl eval --config configs/eval_tiny.yaml --planned_zooms 0 --policy.endpoint http://host:8000/v1
+                                                  # any OpenAI-compatible server (vllm serve, vigorl serve)
 
 What happens (docs/evaluation.md, "The evaluation job"):
 1. the driver loads every benchmark file (the original project's schemas A/B/C or ours; a bad record or a
@@ -20,6 +22,11 @@ What happens (docs/evaluation.md, "The evaluation job"):
    being written, which rerunning the same command evaluates again;
 5. metrics.json (mean and 95% interval per benchmark and category), report.md (tables, plots, annotated
    examples) and a summary table; only the Serve app this job started is deleted.
+
+With `policy.endpoint` steps 2-4 run in this process without Ray: `concurrency` conversations at once go
+through the endpoint's /v1/chat/completions (vigorl_core.openai_policy.OpenAIPolicy: the same rollout
+driver, prompts and parsing; zoom crops are made here and sent back as images), and each prediction is
+appended as it finishes. `model` then only supplies the tokenizer and processor (the served model's own).
 
 A sample whose rollout fails (unreadable image, an engine error for that request) becomes a prediction
 with finish="error", score 0 and the error in metadata["error"]; it is not retried on resume (delete its
@@ -100,6 +107,20 @@ class PolicySettings(StageConfig):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     app: str | None = Field(None, description="name of a running Serve app whose PolicyServer serves `model` "
                                               "(e.g. 'vigorl' of vigorl serve); None: start policy-<run_name>")
+    endpoint: str | None = Field(None, description="base URL of an OpenAI-compatible server to evaluate instead "
+                                 "(e.g. http://host:8000/v1 of vllm serve or vigorl serve; no Ray is used); "
+                                 "`model` then gives only the tokenizer and processor")
+    api_key: str | None = Field(None, exclude=True, description="endpoint's bearer token (default: "
+                                "$OPENAI_API_KEY); never written to the run folder")
+    model: str | None = Field(None, description="model name the endpoint serves (default: the first it lists)")
+    timeout_s: float = Field(600.0, gt=0, description="endpoint: seconds one chat completion may take")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http(s) base URL such as http://localhost:8000/v1, got {url!r}")
+        return url
 
 
 class EvalConfig(StageConfig):
@@ -130,6 +151,15 @@ class EvalConfig(StageConfig):
                                                             "samples exits abruptly (once per run folder)")
     fail_policy_after: int | None = Field(None, ge=1, description="tests only: once this many samples are done, "
                                           "one PolicyServer replica is killed (once per run folder)")
+
+    @model_validator(mode="after")
+    def _one_policy(self) -> EvalConfig:
+        if self.policy.endpoint and self.policy.app:
+            raise ValueError("policy.endpoint and policy.app name two policies: give one")
+        if self.policy.endpoint and self.planned_zooms:
+            raise ValueError("planned_zooms constrains the in-cluster engine's turns and cannot reach an endpoint: "
+                             "set --planned_zooms 0 with policy.endpoint")
+        return self
 
     @field_validator("benchmarks")
     @classmethod
@@ -220,11 +250,15 @@ def load_benchmarks(cfg: EvalConfig) -> list[tuple[BenchmarkEntry, list]]:
 # ---------------------------------------------------------------------------------------------- the actor
 
 def _is_infrastructure(err: BaseException) -> bool:
-    """Errors of the cluster, not of the sample: they stop the job (rerun resumes) instead of being scored."""
+    """Errors of the cluster or the endpoint, not of the sample: they stop the job (rerun resumes) instead of
+    being scored."""
     from ray.exceptions import RayError, RayTaskError
     from ray.serve.exceptions import RayServeException
 
-    return isinstance(err, RayServeException) or (isinstance(err, RayError) and not isinstance(err, RayTaskError))
+    from vigorl_core.openai_policy import EndpointError
+
+    return isinstance(err, RayServeException) or (isinstance(err, RayError) and not isinstance(err, RayTaskError)) \
+        or (isinstance(err, EndpointError) and err.fatal)
 
 
 def _open_images(sample, profile):
@@ -253,6 +287,30 @@ def failed_prediction(sample, mode: str, frame, error: str, seconds: float, poli
                              score_original=0.0, judge=judge, judge_original=judge_original, finish="error",
                              num_turns=0, timing={"seconds": seconds}, policy=policy)
     return pred.model_copy(update={"metadata": {"error": error}})
+
+
+async def predict_sample(driver, sample, profile, policy: str, retry):
+    """Roll out one sample with `driver` (its images decoded here) and score it; `retry` (a ReplicaRetry) runs
+    the conversation again from its start after a lost replica. A failed rollout becomes a finish="error"
+    prediction; infrastructure errors propagate."""
+    from vigorl_core import evaluation as ev
+
+    started, frame = time.perf_counter(), None
+
+    async def conversation():
+        nonlocal frame
+        images, frame = await asyncio.to_thread(_open_images, sample, profile)
+        [rollout] = await driver.rollout_group(driver.prepare(sample, images, frame))
+        return rollout
+
+    try:
+        rollout = await retry.run(conversation)
+        return ev.prediction_from_rollout(sample, rollout.record, frame, policy=policy)
+    except Exception as err:  # a failed sample is a prediction, not a lost sample
+        if _is_infrastructure(err):
+            raise
+        return failed_prediction(sample, driver.config.mode, frame, f"{type(err).__name__}: {err}"[:2000],
+                                 time.perf_counter() - started, policy)
 
 
 class EvalActor:
@@ -301,25 +359,9 @@ class EvalActor:
         """(the sample's prediction as JSON, how often its conversation was started again on a lost replica)."""
         from jobs.training import first_fault
         from services.policy import ReplicaRetry
-        from vigorl_core import evaluation as ev
 
-        driver, started, frame = self.drivers[name], time.perf_counter(), None
         retry = ReplicaRetry(retry_s=self.retry_s)  # Serve routes around a dead replica, or replaces it meanwhile
-
-        async def conversation():
-            nonlocal frame
-            images, frame = await asyncio.to_thread(_open_images, sample, self.chat.profile)
-            [rollout] = await driver.rollout_group(driver.prepare(sample, images, frame))
-            return rollout
-
-        try:
-            rollout = await retry.run(conversation)
-            pred = ev.prediction_from_rollout(sample, rollout.record, frame, policy=self.model)
-        except Exception as err:  # a failed sample is a prediction, not a lost sample
-            if _is_infrastructure(err):
-                raise
-            pred = failed_prediction(sample, driver.config.mode, frame, f"{type(err).__name__}: {err}"[:2000],
-                                     time.perf_counter() - started, self.model)
+        pred = await predict_sample(self.drivers[name], sample, self.chat.profile, self.model, retry)
         self.finished += 1
         if self.fail_policy_after and self.finished >= self.fail_policy_after and first_fault(self.run_dir, "policy"):
             await asyncio.to_thread(kill_one_replica, self.app)
@@ -421,6 +463,58 @@ def run_dataset(cfg: EvalConfig, model: str, app: str, todo: list[tuple[str, obj
     return stats
 
 
+def run_endpoint(cfg: EvalConfig, model: str, todo: list[tuple[str, object]], writer) -> dict:
+    """Evaluate `todo` [(benchmark, sample)] against `policy.endpoint` from this process, `concurrency`
+    conversations at once, appending each prediction with `writer` as it finishes."""
+    from services.policy import ReplicaRetry
+    from vigorl_core.chat_tokens import ChatTokens
+    from vigorl_core.openai_policy import EndpointError, OpenAIPolicy
+    from vigorl_core.rollout import RolloutDriver
+
+    p, chat = cfg.policy, ChatTokens.from_pretrained(model)
+    stats = {"evaluated": 0, "errors": 0, "duplicates": 0}
+    progress, started = Progress(len(todo)), time.perf_counter()
+
+    async def run_all() -> int:
+        async with OpenAIPolicy(p.endpoint, chat, api_key=p.api_key or os.environ.get("OPENAI_API_KEY"),
+                                model=p.model, timeout_s=p.timeout_s, retry_s=cfg.replica_retry_s,
+                                max_connections=cfg.concurrency) as policy:
+            served = await policy.served_model()  # reachable, authorised, serving the model: before any work
+            print(f"evaluating {served!r} at {p.endpoint}", flush=True)
+            drivers = {e.name: RolloutDriver(policy, chat, rollout_config(cfg, e)) for e in cfg.benchmarks}
+            gate = asyncio.Semaphore(cfg.concurrency)
+            no_retry = ReplicaRetry(retry_s=0)  # OpenAIPolicy resends each request itself
+
+            async def one(name, sample):
+                async with gate:
+                    return await predict_sample(drivers[name], sample, chat.profile, served, no_retry)
+
+            tasks = [asyncio.ensure_future(one(n, s)) for n, s in todo]
+            try:
+                for done in asyncio.as_completed(tasks):
+                    pred = await done
+                    writer.write([pred])
+                    stats["evaluated"] += 1
+                    stats["errors"] += pred.finish == "error"
+                    progress.update(1)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            return policy.retries
+
+    try:
+        stats["http_retries"] = asyncio.run(run_all())
+    except EndpointError as err:  # fatal: unreachable, unauthorised, no such model
+        raise ConfigError(f"policy.endpoint: {err}; {stats['evaluated']} new predictions are kept (rerun to "
+                          "resume)") from None
+    finally:
+        progress.close()
+    stats["seconds"] = time.perf_counter() - started
+    stats["samples_per_s"] = stats["evaluated"] / stats["seconds"]
+    return stats
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """The whole job; returns the run's numbers (also in metrics.json under "run")."""
     import ray
@@ -442,7 +536,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         stats["skipped"] = len(keys) - len(todo)
         print(f"{len(keys)} samples in {len(benchmarks)} benchmark(s): {stats['skipped']} already evaluated, "
               f"{len(todo)} to go", flush=True)
-        if todo:
+        if todo and cfg.policy.endpoint:
+            stats.update(run_endpoint(cfg, model, todo, writer))
+        elif todo:
             started_ray = not ray.is_initialized()
             init_ray(reuses=f"policy.app {cfg.policy.app!r}" if cfg.policy.app else None)
             app, started_app = start_policy(cfg, model)
