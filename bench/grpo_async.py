@@ -31,8 +31,6 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-import yaml
-
 from bench.grpo_step import job_overrides, measure_and_write, run_arm
 from jobs.common import REPO_ROOT
 
@@ -70,9 +68,8 @@ def summarize_arm(run: dict) -> dict:
 def _measure(args, runs_dir: Path) -> dict:
     from jobs.training import model_folder
 
-    base = yaml.safe_load((REPO_ROOT / args.config).read_text())
     # The tiny model is built once, before both arms, so neither job's wall time carries the build.
-    model_folder(args.model or base["model"], str(runs_dir))
+    model_folder(args.model or "tiny", str(runs_dir))
     extra = job_overrides(args.set, args.model)
     arms, configs = {}, {}
     for name, k in (("sync", 0), ("async", args.staleness)):
@@ -93,7 +90,7 @@ def _measure(args, runs_dir: Path) -> dict:
         **arms,
         "config": {
             "config": args.config,
-            "model": args.model or ("tiny (random weights)" if base["model"] == "tiny" else base["model"]),
+            "model": args.model or "tiny (random weights)",
             "max_staleness": {name: configs[name]["max_staleness"] for name in arms},
             **{k: configs["sync"].get(k) for k in keep},
             "policy": configs["sync"].get("policy"),
@@ -112,7 +109,7 @@ def main() -> None:
                              "configs/grpo_tiny_multiturn.yaml; or configs/grpo_tiny.yaml)")
     parser.add_argument("--steps", type=int, default=6, help="RL steps of each arm (default 6; the first is warm-up)")
     parser.add_argument("--staleness", type=int, default=1, help="max_staleness k of the async arm (default 1)")
-    parser.add_argument("--model", default=None, help="initial policy folder for both arms (default: the config's)")
+    parser.add_argument("--model", default=None, help="initial policy folder for both arms (default: the tiny model)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra job setting for both arms, e.g. --set rollout_workers=2 (repeatable)")
     parser.add_argument("--runs-dir", default=None, help="run folders and job logs; kept (default: a temp folder, "

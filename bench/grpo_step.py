@@ -117,9 +117,10 @@ def _arm(run: dict, cfg: dict) -> dict:
 
 
 def job_overrides(settings: list[str], model: str | None) -> list[str]:
-    """`--set KEY=VALUE` options (and --model) as the job's `--KEY VALUE` arguments."""
+    """`--set KEY=VALUE` options and --model (default: the tiny model; configs/grpo_tiny.yaml would otherwise
+    start from the SFT checkpoint of its run name) as the job's `--KEY VALUE` arguments."""
     extra = [x for kv in settings for x in ("--" + kv.partition("=")[0], kv.partition("=")[2])]
-    return extra + (["--model", model] if model else [])
+    return extra + ["--model", model or "tiny"]
 
 
 def measure_and_write(args, measure, prefix: str, area: str, name: str) -> tuple[dict, Path]:

@@ -1,11 +1,12 @@
 """Linearize MCTS trees into SFT reasoning chains: single-turn chains and multi-turn zoom conversations.
 
-    vigorl chains --trees runs/mcts/tiny --student tiny              # or: python -m jobs.chains ...
-    vigorl chains --config configs/chains_tiny.yaml
+    vigorl chains --config configs/chains_tiny.yaml                  # or: python -m jobs.chains ...
+    vigorl chains --run_name tiny --student tiny                     # trees: runs/mcts/tiny (same run name)
     vigorl chains --trees data/mcts/vstar_20250514_134727 --task visual_search --student qwen2.5-vl
 
-Input: trees of `vigorl mcts` (runs/mcts/<run>/ or its trees.jsonl) or of the original project (its
-rollouts_*.jsonl files or their folder; `task` is then required); several paths may be given, a sample id
+Input: trees of `vigorl mcts` (runs/mcts/<run>/ or its trees.jsonl; by default the MCTS run of the same run
+name, <runs_dir>/mcts/<run_name>) or of the original project (its rollouts_*.jsonl files or their folder;
+`task` is then required); several paths may be given, a sample id
 seen twice counts once (the first). Trees whose status is not in `statuses` are skipped (a timed-out
 tree's rollouts are complete, so `timeout` is linearized by default).
 
@@ -39,7 +40,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, field_validator
 
-from jobs.common import REPO_ROOT, run_main
+from jobs.common import REPO_ROOT, log_to_run_folder, previous_output, run_main
 from vigorl_core.config import ConfigError, StageConfig, parse_config
 from vigorl_core.linearize import LinearizeConfig
 
@@ -51,8 +52,9 @@ class ChainsConfig(StageConfig):
 
     run_name: str = Field("default", description="output folder runs/chains/<run_name> (unless `out` is given)")
     runs_dir: str = Field(str(REPO_ROOT / "runs"), description="root of run folders")
-    trees: list[str] = Field(description="tree files or folders: runs/mcts/<run>/, trees.jsonl, the original's "
-                                         "rollouts_*.jsonl or their folder; one path or a list")
+    trees: list[str] | None = Field(None, description="tree files or folders: runs/mcts/<run>/, trees.jsonl, the "
+                                    "original's rollouts_*.jsonl or their folder; one path or a list (default: "
+                                    "<runs_dir>/mcts/<run_name>, the MCTS run of the same name)")
     task: str | None = Field(None, description="task of the original's trees (ours carry it): spatial, "
                                                "visual_search, grounding, web_action")
     source: str = Field("unknown", description="benchmark name recorded for the original's trees")
@@ -120,7 +122,7 @@ def _linearize_all(cfg: ChainsConfig, files: list[Path], profile) -> tuple[list,
                     rollout.ephemeral_texts = []
             records.append(rec)
     if not records:
-        raise ValueError(f"trees: no tree records in {cfg.trees}")
+        raise ValueError(f"trees: no tree records in {', '.join(cfg.trees)}")
     return chains, records, duplicates
 
 
@@ -141,10 +143,13 @@ def _run(argv: list[str]) -> int:
     from vigorl_core.data import write_jsonl
     from vigorl_core.linearize import chain_stats, relative_images, to_multiturn, to_sharegpt, tree_stats, write_json
 
+    if cfg.trees is None:
+        cfg = cfg.model_copy(update={"trees": [str(previous_output("chains", cfg.runs_dir, cfg.run_name))]})
     files = [file for path in cfg.trees for file in _tree_files(path)]
     profile = _student_profile(cfg.student)
     out = Path(cfg.out) if cfg.out else Path(cfg.runs_dir) / "chains" / cfg.run_name
     out.mkdir(parents=True, exist_ok=True)
+    log_to_run_folder(out)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     chains, records, duplicates = _linearize_all(cfg, files, profile)
     used = [r for r in records if r.status in cfg.statuses]

@@ -48,7 +48,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from jobs.common import REPO_ROOT, init_ray, local_model, run_main
+from jobs.common import REPO_ROOT, init_ray, local_model, log_to_run_folder, previous_output, run_main
 from services.app import EngineSettings, kill_one_replica
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 
@@ -129,8 +129,9 @@ class EvalConfig(StageConfig):
     run_name: str = Field("default", description="runs/eval/<run_name>; the same name resumes")
     runs_dir: str = Field(str(REPO_ROOT / "runs"), description="root of run folders (and of the tiny model, "
                                                                "generated data)")
-    model: str = Field(description="Hugging Face model folder or hub id, or 'tiny' (built into "
-                                   "<runs_dir>/models/tiny if missing)")
+    model: str | None = Field(None, description="Hugging Face model folder or hub id, or 'tiny' (built into "
+                              "<runs_dir>/models/tiny if missing); default: the checkpoint of the same run name, "
+                              "<runs_dir>/grpo/<run_name>/latest, else <runs_dir>/sft/<run_name>/latest")
     benchmarks: list[BenchmarkEntry] = Field(min_length=1, description="benchmark files to evaluate: a list of "
                                              "{name, path, data_root, mode, limit, sampling} (docs/evaluation.md)")
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
@@ -522,6 +523,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     from vigorl_core import evaluation as ev
     from vigorl_core.report import format_summary, write_report
 
+    if cfg.model is None:
+        cfg = cfg.model_copy(update={"model": str(previous_output("eval", cfg.runs_dir, cfg.run_name).resolve())})
     run_dir = Path(cfg.runs_dir) / "eval" / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     benchmarks = load_benchmarks(cfg)
@@ -566,7 +569,9 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def _run(argv: list[str]) -> int:
-    evaluate(parse_config(EvalConfig, argv, prog="vigorl eval"))
+    cfg = parse_config(EvalConfig, argv, prog="vigorl eval")
+    log_to_run_folder(Path(cfg.runs_dir) / "eval" / cfg.run_name)  # engine and Ray logs (unless --verbose)
+    evaluate(cfg)
     return 0
 
 

@@ -1,6 +1,7 @@
 """GRPO (the ViGoRL RL stage): single-turn grounded or multi-turn zoom, on Ray Train pulling from a replay actor.
 
     vigorl grpo --config configs/grpo_tiny.yaml                    # or: python -m jobs.grpo --config ...
+    vigorl grpo --config configs/grpo_tiny.yaml --model tiny       # from the random tiny model instead
     ray job submit --working-dir . -- python -m jobs.grpo --config configs/grpo_qwen2.5-vl-7b.yaml
 
 What runs (synchronous schedule: every step trains on rollouts of the weights it starts with, staleness 0):
@@ -25,8 +26,10 @@ What runs (synchronous schedule: every step trains on rollouts of the weights it
    it. A killed trainer worker restarts from it (republishing its weights, so replicas and trainer agree
    again); rerunning the run name continues from it without repeating steps.
 
+The initial policy (`model`) is by default the SFT checkpoint of the same run name, runs/sft/<run_name>/latest.
 Run folder: runs/grpo/<run_name>/{config.yaml, metrics.jsonl, rollouts.jsonl (a few rollouts per step:
-text, points, reward), tensorboard/, checkpoints/step-N/, latest, summary.json}.
+text, points, reward), tensorboard/, checkpoints/step-N/, latest, summary.json, job.log (engine and Ray logs
+unless --verbose)}.
 
 Faults: the replay buffer restarts when it dies (the trainer requests the step again; the groups it held,
 at most `replay_capacity`, are rolled out again); a rollout whose replica dies is rolled out again from the
@@ -47,7 +50,7 @@ from typing import Literal
 import yaml
 from pydantic import Field, model_validator
 
-from jobs.common import REPO_ROOT, init_ray, run_main
+from jobs.common import REPO_ROOT, init_ray, log_to_run_folder, previous_output, run_main
 from services.app import EngineSettings
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 from vigorl_core.grpo import AGGREGATIONS
@@ -68,8 +71,9 @@ class GRPOConfig(StageConfig):
 
     run_name: str = Field("default", description="runs/grpo/<run_name>; rerunning a name continues it")
     runs_dir: str = Field(str(REPO_ROOT / "runs"), description="root of run folders (shared storage on a cluster)")
-    model: str = Field(description="Hugging Face folder of the initial policy (usually the SFT checkpoint), or "
-                                   "'tiny' (built into <runs_dir>/models/tiny if missing); also the reference")
+    model: str | None = Field(None, description="Hugging Face folder of the initial policy (usually the SFT "
+                              "checkpoint), or 'tiny' (built into <runs_dir>/models/tiny if missing); also the "
+                              "reference; default: <runs_dir>/sft/<run_name>/latest, the SFT run of the same name")
     data: str = Field(description="training samples (any format vigorl_core.data.load_samples reads), or "
                                   "'synthetic' (the synthetic `task`, written under <runs_dir>/data)")
     data_root: str | None = Field(None, description="folder relative image paths resolve against")
@@ -516,8 +520,11 @@ def _run(argv: list[str]) -> int:
     from services.weight_sync import WeightPublisher
 
     cfg = parse_config(GRPOConfig, argv, prog="vigorl grpo")
+    if cfg.model is None:
+        cfg = cfg.model_copy(update={"model": str(previous_output("grpo", cfg.runs_dir, cfg.run_name).resolve())})
     run_dir = (Path(cfg.runs_dir) / "grpo" / cfg.run_name).resolve()
     start, version, checkpoint = _check_resume(cfg, run_dir)
+    log_to_run_folder(run_dir)
     if start >= cfg.max_steps:
         print(f"run {run_dir} already has {start} of {cfg.max_steps} steps; nothing to do")
         return 0

@@ -39,7 +39,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field
 
-from jobs.common import REPO_ROOT, init_ray, local_model, run_main
+from jobs.common import REPO_ROOT, init_ray, local_model, log_to_run_folder, run_main
 from services.app import EngineSettings, kill_one_replica
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 from vigorl_core.mcts import ASSISTANT_TAIL, FORCED_FINAL_USER, MCTSConfig
@@ -399,6 +399,7 @@ def _run(argv: list[str]) -> int:
     trees = run_dir / "trees.jsonl"
     samples = _load_samples(cfg)
     _check_resume(cfg, run_dir)
+    log_to_run_folder(run_dir)
     done, notes = _finished(trees, cfg.retry_errors)
     for note in notes:
         print(f"note: {note}")

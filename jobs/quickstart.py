@@ -2,7 +2,7 @@
 
     vigorl quickstart                 # the full run (see README for its time on 2 cores)
     vigorl quickstart --fast          # every stage on a few samples: checks the plumbing, not the learning
-    vigorl quickstart --verbose       # also show the jobs' own output (engine, Ray and library logs)
+    vigorl quickstart --verbose       # also show the jobs' output on the terminal (engine, Ray and library logs)
 
 Stages, in order; each is the real job (`python -m jobs.<stage>`), run as its own process against ONE local
 Ray that the quickstart starts, with its config written to runs/quickstart/<run>/configs/<stage>.yaml, so
@@ -19,8 +19,10 @@ any stage can be rerun by hand with the same command (the stage's log names it):
 8. eval_*      every model (random, teacher, sft, grpo, grpo_zoom) on the held-out split;
 9. report      runs/quickstart/<run>/report.md with the table, reward curves and annotated examples.
 
-The terminal shows one line per stage and a progress bar; each job's output goes to
-runs/quickstart/<run>/logs/<stage>.log. Rerunning the same command resumes: finished stages (their marker in
+The terminal shows one line per stage and a progress bar; what each job would show on a terminal (its stage
+lines, progress, results, errors) goes to runs/quickstart/<run>/logs/<stage>.log, and its engine, Ray and
+library logs to job.log in its run folder (e.g. runs/sft/quickstart-default/job.log). Each stage reads the
+previous stage's output of the same run name where the jobs default to it (chains <- mcts, grpo <- sft). Rerunning the same command resumes: finished stages (their marker in
 stages/) are skipped, and an interrupted job resumes from its own run folder.
 """
 
@@ -40,7 +42,7 @@ from typing import Any
 import yaml
 from pydantic import Field
 
-from jobs.common import REPO_ROOT, run_main
+from jobs.common import REPO_ROOT, is_verbose, run_main
 from vigorl_core.config import StageConfig, parse_config
 
 MODELS = ("random", "teacher", "sft", "grpo", "grpo_zoom")
@@ -52,7 +54,6 @@ class QuickstartConfig(StageConfig):
     run_name: str = Field("default", description="runs/quickstart/<run_name>; stage runs are named after it")
     runs_dir: str = Field(str(REPO_ROOT / "runs"), description="root of models, data and run folders")
     fast: bool = Field(False, description="a few samples and steps per stage: the plumbing, not the learning")
-    verbose: bool = Field(False, description="also print the jobs' own output (it always goes to logs/)")
     seed: int = Field(0, description="data and training seed")
     num_cpus: int = Field(8, ge=1, description="logical CPUs of the local Ray it starts (stages schedule fractions); with RAY_ADDRESS set, the stages join that Ray instead")
 
@@ -149,7 +150,7 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
         progress=lambda: (_lines(p.run("mcts") / "trees.jsonl"), 2 * s["mcts_n"])))
     stages.append(Stage(
         "chains", "chains: trees linearized into SFT data", p.run("chains") / "train.json", module="jobs.chains",
-        config={"runs_dir": str(p.runs), "run_name": p.name, "trees": [str(p.run("mcts"))], "student": "tiny",
+        config={"runs_dir": str(p.runs), "run_name": p.name, "student": "tiny",  # trees: runs/mcts/<run_name>
                 "formats": ["single_turn", "multi_turn"], "statuses": ["ok", "timeout"],
                 "linearize": {"val_fraction": 0.1, "seed": cfg.seed, "max_images": 5}}))
     sft_data = p.out / "sft_data.jsonl"
@@ -172,7 +173,7 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
             "policy": {"engine": engine}}
     stages.append(Stage(
         "grpo", "GRPO single-turn (grounded pointing) from the SFT checkpoint", p.model("grpo"), module="jobs.grpo",
-        config={**grpo, "run_name": p.name, "model": str(p.model("sft")), "data": str(p.split("grounding", "train")),
+        config={**grpo, "run_name": p.name, "data": str(p.split("grounding", "train")),  # model: sft's latest
                 "task": "grounding", "mode": "grounded", "max_steps": s["grpo_steps"], "save_every": s["grpo_steps"],
                 "max_tokens_per_turn": s["turn_tokens"], "max_response_tokens": s["turn_tokens"]},
         progress=_steps_progress(p.run("grpo") / "metrics.jsonl", s["grpo_steps"])))
@@ -260,7 +261,7 @@ def _run_job(stage: Stage, p: Paths, env: dict[str, str], verbose: bool) -> int:
     config_path = p.out / "configs" / f"{stage.name}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(stage.config, sort_keys=False))
-    command = [sys.executable, "-m", stage.module, "--config", str(config_path)]
+    command = [sys.executable, "-m", stage.module, "--config", str(config_path), *(["--verbose"] if verbose else [])]
     log_path = p.out / "logs" / f"{stage.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -347,7 +348,7 @@ def _run(argv: list[str]) -> int:
                     address, started_ray = _ray_address(cfg)
                     env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
                 print(f"{head} ...", flush=True)
-                code = _run_job(stage, p, env, cfg.verbose)
+                code = _run_job(stage, p, env, is_verbose())
                 if code != 0 or not stage.done_when.exists():
                     print(f"{head}: FAILED (exit {code}); see {p.out / 'logs' / (stage.name + '.log')}")
                     return 1

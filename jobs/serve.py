@@ -1,11 +1,13 @@
 """Serve a grounded model over HTTP on a local Ray (or the cluster in RAY_ADDRESS) until interrupted.
 
     vigorl serve --model runs/models/tiny --port 8000
+    vigorl serve --run_name tiny                     # the checkpoint of run tiny: runs/grpo/tiny/latest, else sft
     python -m jobs.serve --config configs/serve_local.yaml --gateway.api_token secret
 
 Starts Ray Serve with the app of services/app.py (Gateway, PolicyServer, ZoomServer, Critic), waits until
 every deployment is up, prints the endpoint, and keeps serving until Ctrl-C / SIGTERM; then it shuts
-down the Serve app and the local Ray it started. On a running cluster, prefer `serve deploy
+down the Serve app and the local Ray it started. Engine, Ray and Serve logs go to runs/serve/<run_name>/job.log
+(`--verbose` shows them). On a running cluster, prefer `serve deploy
 configs/serve.yaml` (same application builder).
 """
 
@@ -15,12 +17,26 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
-from jobs.common import init_ray, local_model, run_main
+from pydantic import Field
+
+from jobs.common import REPO_ROOT, init_ray, local_model, log_to_run_folder, previous_output, run_main
 from services.app import ServeConfig, build_app
 from vigorl_core.config import ConfigError, parse_config
 
 APP_NAME = "vigorl"
+
+
+class ServeJobConfig(ServeConfig):
+    """Serve a grounded model over HTTP (chat completions, the grounded loop, scoring) until interrupted."""
+
+    model: str | None = Field(None, description="Hugging Face folder (or hub id) of a Qwen2.5-VL model; default: "
+                              "the checkpoint of run `run_name`, <runs_dir>/grpo/<run_name>/latest, else "
+                              "<runs_dir>/sft/<run_name>/latest")
+    run_name: str = Field("default", description="runs/serve/<run_name> holds job.log; names the run whose "
+                                                 "checkpoint is served when `model` is not given")
+    runs_dir: str = Field(str(REPO_ROOT / "runs"), description="root of run folders")
 
 
 def start(cfg: ServeConfig, *, num_cpus: int = 8) -> str:
@@ -30,7 +46,7 @@ def start(cfg: ServeConfig, *, num_cpus: int = 8) -> str:
     init_ray(num_cpus)
     _restart_serve_without_proxy()
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config={"enable_access_log": False})
-    app = build_app({**cfg.model_dump(), "model": local_model(cfg.model)})
+    app = build_app({**cfg.model_dump(include=set(ServeConfig.model_fields)), "model": local_model(cfg.model)})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False, logging_config={"enable_access_log": False})
     return f"http://{cfg.host}:{cfg.port}"
 
@@ -53,7 +69,10 @@ def _restart_serve_without_proxy() -> None:
 
 
 def _run(argv: list[str]) -> int:
-    cfg = parse_config(ServeConfig, argv, prog="vigorl serve")
+    cfg = parse_config(ServeJobConfig, argv, prog="vigorl serve")
+    if cfg.model is None:
+        cfg = cfg.model_copy(update={"model": str(previous_output("serve", cfg.runs_dir, cfg.run_name).resolve())})
+    log_to_run_folder(Path(cfg.runs_dir) / "serve" / cfg.run_name)
     import ray
     from ray import serve
 

@@ -1,10 +1,12 @@
 """Supervised fine-tuning (the ViGoRL warm start) as one Ray Train job with DeepSpeed ZeRO.
 
     vigorl sft --config configs/sft_tiny.yaml                      # or: python -m jobs.sft --config ...
+    vigorl sft --config configs/sft_tiny.yaml --data synthetic     # demo chains instead of runs/chains/tiny
     ray job submit --working-dir . -- python -m jobs.sft --config configs/sft_qwen2.5-vl-7b.yaml
 
-Full fine-tune of Qwen2.5-VL on reasoning chains (sharegpt messages + images: jobs.chains output, the
-original's released chain files, `synthetic` for the tiny demo), vision tower frozen by default, loss on
+Full fine-tune of Qwen2.5-VL on reasoning chains (sharegpt messages + images: a jobs.chains run folder, by
+default the one of the same run name, runs/chains/<run_name>/; the original's released chain files;
+`synthetic` for the tiny demo), vision tower frozen by default, loss on
 assistant tokens only (vigorl_core.sft_data), length-grouped global batches split over `num_workers`
 Ray Train workers x gradient accumulation, cosine schedule with warmup, validation loss. What happens:
 
@@ -44,7 +46,7 @@ from typing import Literal
 import yaml
 from pydantic import Field
 
-from jobs.common import REPO_ROOT, init_ray, run_main
+from jobs.common import REPO_ROOT, init_ray, log_to_run_folder, previous_output, run_main
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 
 
@@ -55,9 +57,13 @@ class SFTConfig(StageConfig):
     runs_dir: str = Field(str(REPO_ROOT / "runs"), description="root of run folders (shared storage on a cluster)")
     model: str = Field(description="Hugging Face model folder to fine-tune, or 'tiny' (built into "
                                    "<runs_dir>/models/tiny if missing)")
-    data: str = Field(description="training chains: sharegpt JSON/JSONL/parquet (messages + images), or "
-                                  "'synthetic' (tiny-model demo chains written under <runs_dir>/data)")
-    val_data: str | None = Field(None, description="validation chains file (same formats); none: see val_fraction")
+    data: str | None = Field(None, description="training chains: a `vigorl chains` run folder (its train.json and "
+                             "train_multiturn.json), a sharegpt JSON/JSONL/parquet file (messages + images), or "
+                             "'synthetic' (tiny-model demo chains written under <runs_dir>/data); default: "
+                             "<runs_dir>/chains/<run_name>, the chains run of the same name")
+    val_data: str | None = Field(None, description="validation chains: a file (same formats) or a chains run folder "
+                                 "(its val files); default: the val files of a chains folder in `data`, else none "
+                                 "(see val_fraction)")
     val_fraction: float = Field(0.0, ge=0, lt=1, description="hold out this last fraction of `data` for "
                                                              "validation when val_data is not given")
     data_root: str | None = Field(None, description="folder relative image paths resolve against (default: "
@@ -130,8 +136,9 @@ def _prepare_data(cfg: SFTConfig, model_dir: Path) -> dict:
     if data == "synthetic":
         folder = Path(cfg.runs_dir) / "data" / f"sft-synthetic-n{cfg.synthetic_n}-s{cfg.seed}-{chat.profile.max_pixels}"
         data = str(write_synthetic_chains(folder, cfg.synthetic_n, cfg.seed, chat.profile))
-    train = read_conversations(data, data_root=cfg.data_root)
-    val = read_conversations(cfg.val_data, data_root=cfg.data_root) if cfg.val_data else []
+    train = [c for file in _chain_files(data, "train") for c in read_conversations(file, data_root=cfg.data_root)]
+    val_data = cfg.val_data or (data if Path(data).is_dir() else None)
+    val = [c for file in _chain_files(val_data, "val") for c in read_conversations(file, data_root=cfg.data_root)]
     if not val and cfg.val_fraction:  # the original's chain builder holds out the last 5% of files
         cut = len(train) - max(1, round(cfg.val_fraction * len(train)))
         train, val = train[:cut], train[cut:]
@@ -158,6 +165,21 @@ def _prepare_data(cfg: SFTConfig, model_dir: Path) -> dict:
     (task, mode), _ = prompts.most_common(1)[0]
     out.update(system=system_prompt(task, mode), task=task, mode=mode)
     return out
+
+
+def _chain_files(path: str | None, split: str) -> list[str]:
+    """The files of `path`: itself, or for a `vigorl chains` folder its single-turn and multi-turn files of
+    `split` that hold records (a split with no chains is written as [])."""
+    if path is None:
+        return []
+    if not Path(path).is_dir():
+        return [path]
+    files = [Path(path) / f"{split}{kind}.json" for kind in ("", "_multiturn")]
+    found = [str(f) for f in files if f.is_file() and f.read_text().strip() not in ("", "[]")]
+    if split == "train" and not found:
+        raise ConfigError(f"data: {path} holds no training chains ({' and '.join(f.name for f in files)} missing or "
+                          f"empty): MCTS found no correct rollout for any sample (see {path}/stats.json)")
+    return found
 
 
 # ------------------------------------------------------------------------------------ per-worker training
@@ -324,8 +346,11 @@ def _run(argv: list[str]) -> int:
     from jobs.training import check_same_settings, model_folder
 
     cfg = parse_config(SFTConfig, argv, prog="vigorl sft")
+    if cfg.data is None:
+        cfg = cfg.model_copy(update={"data": str(previous_output("sft", cfg.runs_dir, cfg.run_name).resolve())})
     run_dir = (Path(cfg.runs_dir) / "sft" / cfg.run_name).resolve()
     check_same_settings(cfg, run_dir, RESUME_FIXED)
+    log_to_run_folder(run_dir)
     started = time.perf_counter()
     model_dir = model_folder(cfg.model, cfg.runs_dir)
     data = _prepare_data(cfg, model_dir)

@@ -45,7 +45,7 @@ def sft_checkpoint(tmp_path_factory, subprocess_env, tiny_model_dir) -> Path:
     the time when sampling at temperature 1, which leaves GRPO something to learn."""
     runs = tmp_path_factory.mktemp("sft-runs")
     _job("jobs.sft", ["--config", str(REPO / "configs" / "sft_tiny.yaml"), "--runs_dir", str(runs),
-                      "--model", str(tiny_model_dir), "--max_steps", "200", "--save_every", "200",
+                      "--model", str(tiny_model_dir), "--data", "synthetic", "--max_steps", "200", "--save_every", "200",
                       "--eval_every", "200", "--log_every", "50"], subprocess_env)
     return (runs / "sft" / "tiny" / "latest").resolve()
 
