@@ -1,9 +1,10 @@
 """Evaluate a model on benchmarks with Ray Data against the PolicyServer; resumable, exactly-once.
 
-    vigorl eval --config configs/eval_tiny.yaml                 # or: python -m jobs.evaluate --config ...
+    vigorl eval --config configs/eval_tiny.yaml                 # the checkpoint of run tiny (docs/pipeline.md)
+    vigorl eval --config configs/eval_tiny.yaml --model tiny    # the random tiny model; = python -m jobs.evaluate
     ray job submit --working-dir . -- python -m jobs.evaluate --config configs/eval_vigorl_7b.yaml
-    vigorl eval --config configs/eval_tiny.yaml --policy.app vigorl   # use a running Serve app's policy
-    vigorl eval --config configs/eval_tiny.yaml --planned_zooms 0 --policy.endpoint http://host:8000/v1
+    vigorl eval --config configs/eval_tiny.yaml --model tiny --policy.app vigorl   # a running Serve app
+    vigorl eval --config configs/eval_tiny.yaml --model tiny --planned_zooms 0 --policy.endpoint http://host:8000/v1
                                                   # any OpenAI-compatible server (vllm serve, vigorl serve)
 
 What happens (docs/evaluation.md, "The evaluation job"):
