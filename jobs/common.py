@@ -145,7 +145,7 @@ def log_to_run_folder(run_dir: str | Path) -> Path | None:
         return None
     path = Path(run_dir) / "job.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed in _restore
+    log = open(path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 - open to the end
     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
     sys.stdout.flush()
     sys.stderr.flush()
@@ -182,10 +182,8 @@ def _restore() -> None:
     os.dup2(fd2, 2)
     os.close(fd1)
     os.close(fd2)
-    sys.stdout.terminal.close()
+    # The streams stay open: a library may hold the tee as its stdout (colorama's exit hook does).
     sys.stdout = stdout
-    _output.terminal_err.close()
-    _output.log.close()
     _output.log = _output.terminal_err = _output.saved = None
     _output.ray_started = False
 

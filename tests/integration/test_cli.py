@@ -2,11 +2,13 @@
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vigorl_core.data import load_samples
 
@@ -56,6 +58,24 @@ def test_quickstart_fast_runs_every_stage_and_a_rerun_skips_them(tmp_path, subpr
     lines = result.stdout.strip().splitlines()
     assert all(line.startswith(("vigorl quickstart", "[", "quickstart finished")) for line in lines), lines
     assert "INFO" not in result.stdout + result.stderr  # engine and Ray logs stay in the log files
+    # Each job's terminal (logs/<stage>.log) shows its own lines only; its engine, Ray and library logs are in
+    # job.log in its run folder (real vLLM in mcts, grpo and eval; Ray Train in sft and grpo).
+    root = tmp_path.resolve()
+    runs = {"teacher": "sft/quickstart-default-fast-teacher", "mcts": "mcts/quickstart-default-fast",
+            "chains": "chains/quickstart-default-fast", "sft": "sft/quickstart-default-fast",
+            "grpo": "grpo/quickstart-default-fast", "grpo_zoom": "grpo/quickstart-default-fast-zoom",
+            "eval_grpo_zoom": "eval/quickstart-default-fast-grpo_zoom"}
+    for stage, run in runs.items():
+        terminal = (out / "logs" / f"{stage}.log").read_text().splitlines()
+        noise = [line for line in terminal if re.search(r"INFO|WARNING|core_worker|\(pid=|\x1b\[", line)]
+        assert not noise, (stage, noise[:5])
+        assert terminal[1].startswith(f"logs: {root / run / 'job.log'}"), (stage, terminal[:2])
+    assert "(ServeReplica:" in (root / runs["eval_grpo_zoom"] / "job.log").read_text()  # the engine's logs
+    # The stages after mcts and sft read their input by run name (no trees, no model in their configs).
+    assert "trees" not in yaml.safe_load((out / "configs" / "chains.yaml").read_text())
+    assert "model" not in yaml.safe_load((out / "configs" / "grpo.yaml").read_text())
+    grpo = yaml.safe_load((root / runs["grpo"] / "config.yaml").read_text())
+    assert grpo["model"] == str((root / runs["sft"] / "latest").resolve())
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"grpo_zoom"}
     assert results["models"]["grpo_zoom"]["synthetic_grounding"]["n"] == 4

@@ -20,8 +20,10 @@ import pytest
 
 from jobs import chains as chains_job
 from jobs import mcts as mcts_job
+from jobs.common import previous_output
 from tests.conftest import REPO_ROOT
 from vigorl_core.chat_tokens import ChatTokens
+from vigorl_core.config import ConfigError
 from vigorl_core.data import load_samples, read_jsonl
 from vigorl_core.linearize import Chain
 from vigorl_core.mcts import load_trees
@@ -187,3 +189,26 @@ def test_tree_file_repair_on_resume(tmp_path):
     path.write_text('{"id": "a"}\nnot json\n{"id": "c"}\n')
     with pytest.raises(ValueError, match="trees.jsonl:2: not a tree record line"):
         mcts_job._finished(path, retry_errors=True)
+
+
+def test_each_stage_reads_the_previous_stage_of_its_run_name(run, tiny_model_dir):
+    """The documented pipeline's chaining on real trees: `vigorl chains` without --trees reads the MCTS run of its
+    run name, and SFT without --data reads that chains folder (single-turn and zoom chains to train, its val
+    files to validate); a stage whose previous output is missing says which path and which command."""
+    from jobs.sft import SFTConfig, _prepare_data
+
+    runs = run.parent.parent
+    assert chains_job.main(["--runs_dir", str(runs), "--run_name", "e2e", "--student", str(tiny_model_dir)]) == 0
+    chains_dir = runs / "chains" / "e2e"
+    stats = json.loads((chains_dir / "stats.json").read_text())
+    assert stats["trees"]["trees"] == N  # the trees of runs/mcts/e2e
+    cfg = SFTConfig(runs_dir=str(runs), run_name="e2e", model=str(tiny_model_dir),
+                    data=str(previous_output("sft", runs, "e2e")))
+    data = _prepare_data(cfg, tiny_model_dir)
+    files = stats["files"]
+    assert len(data["train"]) + len(data["dropped"]) + len(data["val"]) == sum(
+        files[f"{split}{kind}.json"] for split in ("train", "val") for kind in ("", "_multiturn"))
+    assert len(data["train"]) >= files["train.json"] > 0
+    with pytest.raises(ConfigError, match=r"model: .*sft/e2e/latest/config.json does not exist: make it with "
+                                          r"`vigorl sft --run_name e2e \.\.\.`"):
+        previous_output("grpo", runs, "e2e")

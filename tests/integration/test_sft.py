@@ -6,6 +6,7 @@ the checkpoint loads with the transformers Auto classes and in vLLM."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,12 +66,19 @@ def test_killed_worker_restarts_from_its_checkpoint_exactly(faulted_run):
     assert metrics["starts"] == 2 and metrics["steps"] == 16
 
 
-def test_the_terminal_is_not_buried_in_ray_train_warnings(faulted_run):
-    """Ray Train's placement-group cleaner cannot query actor states on a Ray without a dashboard and would warn
-    every few seconds; the local Ray's worker setup hook quiets it."""
+def test_the_terminal_shows_the_job_and_the_run_folder_keeps_the_logs(faulted_run):
+    """At default verbosity (stdout not a terminal here) the terminal holds the job's lines and rank 0's
+    progress, with no Ray, DeepSpeed or library log line and no colour code; those are in job.log. Ray Train's
+    placement-group cleaner (it cannot query actor states on a Ray without a dashboard) stays quiet."""
     terminal = (faulted_run.parents[1] / "terminal.txt").read_text()
-    assert "loss" in terminal  # the job's own progress lines are there
+    assert "step 16/16 loss" in terminal and "done: 16 steps" in terminal  # the job's own lines are there
+    noise = [line for line in terminal.splitlines() if re.search(r"INFO|WARNING|core_worker|\(pid=|\x1b\[", line)]
+    assert not noise, noise[:5]
     assert "Failed to query Ray Train Controller" not in terminal
+    log = (faulted_run / "job.log").read_text()
+    assert terminal.splitlines()[0] == f"logs: {faulted_run / 'job.log'} (engine, Ray and library output; " \
+                                       "--verbose shows it here)"
+    assert "(RayTrainWorker pid=" in log and "step 16/16 loss" in log
 
 
 def test_training_loss_falls_clearly(faulted_run):
