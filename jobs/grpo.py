@@ -51,6 +51,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from jobs.common import REPO_ROOT, init_ray, log_to_run_folder, previous_output, run_main
+from jobs.training import TrackerSettings
 from services.app import EngineSettings
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 from vigorl_core.grpo import AGGREGATIONS
@@ -142,6 +143,7 @@ class GRPOConfig(StageConfig):
     keep_checkpoints: int | None = Field(2, ge=1, description="checkpoints kept (oldest deleted); null: all")
     log_rollouts: int = Field(4, ge=0, description="rollouts per step written to rollouts.jsonl")
     log_every: int = Field(1, ge=1, description="print a progress line every N steps")
+    logging: TrackerSettings = Field(default_factory=TrackerSettings)  # --logging.wandb / --logging.mlflow
     seed: int = Field(0, description="prompt order and initialisation seed")
     max_staleness: int = Field(0, ge=0, description="k: train on rollouts generated at most k policy versions "
                                "ago. 0 = synchronous (each step waits for rollouts of its own weights); k >= 1 "
@@ -240,7 +242,8 @@ def train_worker(config: dict) -> None:
         version = publisher.publish(_policy_state(engine, cfg), wait=True)
     version = _broadcast(version)
     total = cfg.max_steps
-    log = RunLog(run_dir / "metrics.jsonl", start, total, world, logger, LOGGED, _progress) if rank == 0 else None
+    log = RunLog(run_dir / "metrics.jsonl", start, total, world, logger, LOGGED, _progress,
+                 trackers=cfg.logging) if rank == 0 else None
     before = ray.get(buffer.status.remote()) if rank == 0 else {}
     for step in range(start, total):
         if cfg.fail_at_step == step + 1 and rank == world - 1 and first_fault(run_dir):

@@ -47,6 +47,7 @@ import yaml
 from pydantic import Field
 
 from jobs.common import REPO_ROOT, init_ray, log_to_run_folder, previous_output, run_main
+from jobs.training import TrackerSettings
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 
 
@@ -109,6 +110,7 @@ class SFTConfig(StageConfig):
     keep_checkpoints: int | None = Field(2, ge=1, description="checkpoints kept (oldest deleted); null: all")
     eval_every: int = Field(250, ge=1, description="validation loss every N steps (and at the end)")
     log_every: int = Field(1, ge=1, description="print a progress line every N steps")
+    logging: TrackerSettings = Field(default_factory=TrackerSettings)  # --logging.wandb / --logging.mlflow
     max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint before "
                                                    "the run fails")
     fail_at_step: int | None = Field(None, ge=1, description="testing: the last rank exits abruptly before "
@@ -228,7 +230,8 @@ def train_worker(config: dict) -> None:
     batches = iter(loader)
     label_tokens = [e.label_tokens for e in data["train"]]
     device = engine.device
-    log = RunLog(run_dir / "log.jsonl", start, total, world, logger, LOGGED, _progress) if rank == 0 else None
+    log = RunLog(run_dir / "log.jsonl", start, total, world, logger, LOGGED, _progress,
+                 trackers=cfg.logging) if rank == 0 else None
     for step in range(start, total):
         if cfg.fail_at_step == step + 1 and rank == world - 1 and first_fault(run_dir):
             os._exit(1)  # a dying worker process: no cleanup, no exception

@@ -1,20 +1,25 @@
-"""What the SFT and GRPO Ray Train workers share: the DeepSpeed engine, checkpoints, the run log, the
-fault-injection switch of the fault tests, and the Ray Train launch.
+"""What the SFT and GRPO Ray Train workers share: the DeepSpeed engine, checkpoints, the run log (with the
+optional W&B / MLflow trackers), the fault-injection switch of the fault tests, and the Ray Train launch.
 
 Imported by jobs/sft.py and jobs/grpo.py (and their workers); not a stage of its own.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field, field_validator
+
+from vigorl_core.config import StageConfig
 from vigorl_core.evaluation import round_floats
 
 
@@ -157,13 +162,97 @@ def first_fault(run_dir: Path, what: str = "") -> bool:
     return True
 
 
+class TrackerSettings(StageConfig):
+    """Experiment trackers that get the TensorBoard scalars too (from rank 0); all off by default."""
+
+    wandb: str | None = Field(None, description="Weights & Biases project to log to (pip install wandb; "
+                              "WANDB_MODE=offline keeps the run in <run folder>/wandb)")
+    mlflow: str | None = Field(None, description="MLflow tracking URI: http(s)://server, databricks, or a local "
+                               "folder (pip install mlflow-skinny)")
+    experiment: str | None = Field(None, description="MLflow experiment and W&B group (default: vigorl-<stage>)")
+
+    @field_validator("wandb", "mlflow")
+    @classmethod
+    def _installed(cls, value: str | None, info) -> str | None:
+        package = info.field_name  # the field is named after its package
+        if value is not None and importlib.util.find_spec(package) is None:
+            raise ValueError(f"needs the {package} package, which is not installed: pip install "
+                             f"'vigorl[trackers]' (or {'mlflow-skinny' if package == 'mlflow' else package})")
+        return value
+
+
+class Trackers:
+    """The W&B and MLflow runs of a training run, fed the same scalars as TensorBoard. A restart or rerun of
+    the run name logs into the same tracker runs (their ids are kept in <run_dir>/trackers.json); steps that a
+    restart redoes are logged again (TensorBoard purges them, W&B ignores steps it has, MLflow keeps both).
+    Parameters are the run folder's config.yaml, flattened, logged when a tracker run is created."""
+
+    def __init__(self, settings: TrackerSettings, run_dir: Path):
+        import yaml
+
+        ids_file = run_dir / "trackers.json"
+        ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
+        config_file = run_dir / "config.yaml"
+        params = _flatten(yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+        group = settings.experiment or f"vigorl-{run_dir.parent.name}"  # vigorl-sft, vigorl-grpo
+        self.wandb = self.mlflow = None
+        if settings.wandb:
+            import wandb
+
+            ids.setdefault("wandb", f"{run_dir.name}-{uuid.uuid4().hex[:8]}")  # W&B run ids are unique per project
+            self.wandb = wandb.init(project=settings.wandb, id=ids["wandb"], name=run_dir.name, group=group,
+                                    dir=str(run_dir), config=params, resume="allow")
+        if settings.mlflow:
+            from mlflow import MlflowClient
+            from mlflow.entities import Param
+
+            if "://" not in settings.mlflow and settings.mlflow != "databricks":
+                # a local folder: MLflow 3's file store, which it opens only when asked
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            client = MlflowClient(tracking_uri=settings.mlflow)
+            if "mlflow" not in ids:
+                found = client.get_experiment_by_name(group)
+                experiment = found.experiment_id if found else client.create_experiment(group)
+                ids["mlflow"] = client.create_run(experiment, run_name=run_dir.name).info.run_id
+                client.log_batch(ids["mlflow"], params=[Param(k[:250], str(v)[:6000]) for k, v in params.items()])
+            self.mlflow = (client, ids["mlflow"])
+        ids_file.write_text(json.dumps(ids) + "\n")
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+        if self.mlflow is not None:
+            from mlflow.entities import Metric
+
+            client, run_id = self.mlflow
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in scalars.items()])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.mlflow is not None:
+            client, run_id = self.mlflow
+            client.set_terminated(run_id)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 class RunLog:
-    """Rank 0's record of the run: a JSONL file (one line per step, `start` events), TensorBoard scalars,
-    and a progress line with ETA. A restart first moves what was logged after its checkpoint to
-    <name>.superseded.jsonl: those steps run again, and each step stays in the log once."""
+    """Rank 0's record of the run: a JSONL file (one line per step, `start` events), TensorBoard scalars (and
+    W&B / MLflow with `trackers`), and a progress line with ETA. A restart first moves what was logged after its
+    checkpoint to <name>.superseded.jsonl: those steps run again, and each step stays in the log once."""
 
     def __init__(self, path: Path, start: int, total: int, world: int, logger: logging.Logger,
-                 scalars: Iterable[str], line: Callable[[dict], str]):
+                 scalars: Iterable[str], line: Callable[[dict], str], trackers: TrackerSettings | None = None):
         from tensorboardX import SummaryWriter
 
         from vigorl_core.sft_train import truncate_log
@@ -172,6 +261,8 @@ class RunLog:
         self.logger, self.scalars, self.line = logger, tuple(scalars), line
         truncate_log(self.path, start)
         self.tensorboard = SummaryWriter(str(path.parent / "tensorboard"), purge_step=start + 1)
+        on = trackers is not None and (trackers.wandb or trackers.mlflow)
+        self.trackers = Trackers(trackers, path.parent) if on else None
         self._write({"event": "start", "step": start, "total_steps": total, "world_size": world})
         if start:
             logger.info(f"resuming at step {start} of {total}")
@@ -182,10 +273,14 @@ class RunLog:
 
     def step(self, record: dict, show: bool) -> None:
         self._write(record)
+        scalars = {}
         for key in self.scalars:
             if isinstance(record.get(key), (int, float)):
                 tag = key if "/" in key else f"val/{key}" if key.startswith("val_") else f"train/{key}"
+                scalars[tag] = record[key]
                 self.tensorboard.add_scalar(tag, record[key], record["step"])
+        if self.trackers is not None and scalars:
+            self.trackers.log(scalars, record["step"])
         if show:
             step = record["step"]
             eta = (time.perf_counter() - self.began) / (step - self.start) * (self.total - step)
@@ -194,6 +289,8 @@ class RunLog:
 
     def close(self) -> None:
         self.tensorboard.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def fit(worker: Callable, loop_config: dict, cfg: Any, run_dir: Path):
