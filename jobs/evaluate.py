@@ -474,14 +474,14 @@ def run_endpoint(cfg: EvalConfig, model: str, todo: list[tuple[str, object]], wr
     from vigorl_core.rollout import RolloutDriver
 
     p, chat = cfg.policy, ChatTokens.from_pretrained(model)
-    stats = {"evaluated": 0, "errors": 0, "duplicates": 0}
+    stats = {"evaluated": 0, "errors": 0, "duplicates": 0, "endpoint": p.endpoint}
     progress, started = Progress(len(todo)), time.perf_counter()
 
     async def run_all() -> int:
         async with OpenAIPolicy(p.endpoint, chat, api_key=p.api_key or os.environ.get("OPENAI_API_KEY"),
                                 model=p.model, timeout_s=p.timeout_s, retry_s=cfg.replica_retry_s,
                                 max_connections=cfg.concurrency) as policy:
-            served = await policy.served_model()  # reachable, authorised, serving the model: before any work
+            served = stats["served_model"] = await policy.served_model()  # reachable, authorised: before any work
             print(f"evaluating {served!r} at {p.endpoint}", flush=True)
             drivers = {e.name: RolloutDriver(policy, chat, rollout_config(cfg, e)) for e in cfg.benchmarks}
             gate = asyncio.Semaphore(cfg.concurrency)

@@ -306,6 +306,7 @@ def fit(worker: Callable, loop_config: dict, cfg: Any, run_dir: Path):
     env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM",
                                       "HF_HUB_OFFLINE") if k in os.environ}
     env["DS_ACCELERATOR"] = "cuda" if cfg.use_gpu else "cpu"
+    env.update({k: v for k, v in os.environ.items() if k.startswith(("WANDB_", "MLFLOW_"))})  # rank 0's trackers
     gpus = getattr(cfg, "gpus_per_worker", 1.0)  # < 1: the trainer shares its GPU (with a policy replica)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": gpus} if cfg.use_gpu else {}), **cfg.resources_per_worker}
     trainer = TorchTrainer(

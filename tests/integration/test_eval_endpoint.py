@@ -44,7 +44,7 @@ def test_predictions_metrics_and_resume(endpoint_run):
     assert {p.policy for p in preds} == {"tiny"}  # the name the endpoint serves
     assert {p.mode for p in preds if p.benchmark == "synthetic_visual_search"} == {"multiturn"}
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["n"] == 5 and metrics["run"]["evaluated"] == 5
+    assert metrics["n"] == 5 and metrics["run"]["evaluated"] == 5 and metrics["run"]["served_model"] == "tiny"
     assert "api_key" not in (run_dir / "config.yaml").read_text()
     again = job.evaluate(cfg)  # rerunning resumes: nothing is sent twice
     assert again["skipped"] == 5 and again["evaluated"] == 0
