@@ -10,6 +10,16 @@ extras=${VIGORL_EXTRAS:-cpu,dev}
 python_bin=${PYTHON:-python3.11}
 command -v "$python_bin" >/dev/null || python_bin=python3
 
+# Chromium for the web page's browser test (tests/integration/test_web.py drives it with Playwright, which
+# downloads no browser): Debian's package, as root only (elsewhere the test skips and says why). It installs
+# in the background while the Python packages do, and is waited for at the end.
+chromium_pid=
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+     chromium fonts-liberation) >"${TMPDIR:-/tmp}/vigorl-chromium-apt.log" 2>&1 &
+  chromium_pid=$!
+fi
+
 [ -x .venv/bin/python ] || "$python_bin" -m venv .venv
 .venv/bin/python -m pip --version >/dev/null
 [ -x .venv/bin/uv ] || .venv/bin/python -m pip install -q "uv>=0.8"
@@ -38,4 +48,7 @@ fi
 # written for other Python versions fail to compile and are skipped.
 site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 .venv/bin/python -m compileall -q -j 0 "$site" >/dev/null 2>&1 || true
+if [ -n "$chromium_pid" ] && ! wait "$chromium_pid"; then
+  echo "warning: apt-get could not install chromium (${TMPDIR:-/tmp}/vigorl-chromium-apt.log); the browser test will skip" >&2
+fi
 .venv/bin/python -c "import torch, torchvision, transformers, vigorl_core; print('vigorl set up: torch', torch.__version__, 'transformers', transformers.__version__)"
