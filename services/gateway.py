@@ -7,8 +7,12 @@ Endpoints (README "HTTP endpoint" has curl and Python examples):
   zoom loop) and returns the answer, the steps with their points in the model AND the original frame,
   the zooms (optionally their crops) and, on request, an annotated PNG.
 - `POST /v1/score`: the reward of a response against a ground truth (the Critic).
-- `GET /healthz`, `GET /v1/models`. Serve's own metrics plus `vigorl_requests` / `vigorl_latency_ms`
-  reach Ray's Prometheus endpoint.
+- `GET /healthz` (200 while a PolicyServer replica is running, else 503), `GET /v1/models`. Serve's own
+  metrics plus `vigorl_requests` / `vigorl_latency_ms` / `vigorl_replica_retries` reach Ray's Prometheus endpoint.
+
+A policy replica that dies (preemption, OOM, a drained node) costs no request: one in flight on it runs once more,
+from its start, as soon as a replica can serve again (another one, or Serve's replacement); a request that finds
+none within `replica_wait_s`, or loses a replica twice, gets 503 with `Retry-After`. Nothing waits unbounded.
 
 Every bad request gets a 4xx JSON `{"error": {"message", "type", "param", "code"}}` that names the field.
 """
@@ -23,15 +27,16 @@ import os
 import time
 import urllib.request
 import uuid
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from services.grounded import grounded_response, run_grounded
-from services.policy import PolicyClient
+from services.policy import PolicyClient, is_replica_loss
 from services.schemas import (ApiError, ChatRequest, GatewaySettings, GroundedRequest, ScoreRequest,
                               validation_error)
 from vigorl_core.chat_tokens import ChatTokens
@@ -42,11 +47,12 @@ from vigorl_core.rewards import Truth, reward_for
 app = FastAPI(title="vigorl", description="grounded visual reasoning: chat completions and the grounded loop")
 _SPECIAL_TAIL = ("<|im_end|>", "<|endoftext|>")
 _metrics: dict[str, Any] = {}
+T = TypeVar("T")
 
 
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 @app.exception_handler(Exception)
@@ -93,6 +99,12 @@ class Gateway:
         tok = self.chat.tokenizer
         self.stop_ids = tuple(tok.convert_tokens_to_ids(t) for t in _SPECIAL_TAIL if t in tok.get_vocab())
         self._max_model_len: int | None = None
+        self.app_name = serve.get_replica_context().app_name
+        self._replicas: tuple[float, dict[str, int] | None] = (0.0, None)  # (when read, PolicyServer replica states)
+        from ray.serve.metrics import Counter
+
+        self._retries = Counter("vigorl_replica_retries", "requests run again after their policy replica died",
+                                tag_keys=("path",))
 
     # ---- plumbing shared by the endpoints ----
 
@@ -100,6 +112,69 @@ class Gateway:
         if self._max_model_len is None:
             self._max_model_len = (await self.policy.info())["max_model_len"]
         return self._max_model_len
+
+    async def _replica_states(self) -> dict[str, int] | None:
+        """PolicyServer replicas by state ({"RUNNING": 1, "STARTING": 1}), read from the Serve controller at most once
+        a second; None when the controller cannot say (then requests are not held back)."""
+        read_at, states = self._replicas
+        if time.monotonic() - read_at < 1.0:
+            return states
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), timeout=5)
+            replicas = status.applications[self.app_name].deployments["PolicyServer"].replica_states
+            states = {getattr(state, "value", str(state)): n for state, n in replicas.items() if n}
+        except Exception:
+            states = None
+        self._replicas = (time.monotonic(), states)
+        return states
+
+    def _unavailable(self, why: str) -> ApiError:
+        after = self.settings.retry_after_s
+        return ApiError(503, f"{why}; retry after {after} s", code="unavailable", headers={"Retry-After": str(after)})
+
+    async def _await_replica(self) -> None:
+        """Return once the Serve controller counts a running PolicyServer replica; 503 after `replica_wait_s`."""
+        deadline = time.monotonic() + self.settings.replica_wait_s
+        while (states := await self._replica_states()) is not None and not states.get("RUNNING"):
+            if time.monotonic() >= deadline:
+                raise self._unavailable(f"no policy replica can serve (replicas: {states or 'none'}) after waiting "
+                                        f"{self.settings.replica_wait_s:g} s")
+            await asyncio.sleep(0.5)
+
+    async def _probe_replica(self) -> None:
+        """Return once a live PolicyServer replica answers through the router (the controller may still count a
+        replica that just died); 503 after `replica_wait_s`."""
+        deadline = time.monotonic() + self.settings.replica_wait_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                await asyncio.wait_for(self.policy.info(), timeout=left)
+                return
+            except Exception as err:
+                if not (is_replica_loss(err) or isinstance(err, asyncio.TimeoutError)):
+                    raise
+            await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        raise self._unavailable(f"no policy replica answered within {self.settings.replica_wait_s:g} s")
+
+    async def _on_policy(self, call: Callable[[], Awaitable[T]], response: Response, path: str) -> T:
+        """`await call()` (a generation or a whole grounded conversation, which carries everything it needs); if its
+        replica is lost, once more from the start when a replica answers (header `X-Replica-Retries: 1`); a second
+        loss is a 503."""
+        await self._await_replica()
+        try:
+            return await call()
+        except Exception as err:
+            if not is_replica_loss(err):
+                raise
+        self._retries.inc(tags={"path": path})
+        await self._probe_replica()
+        try:
+            result = await call()
+        except Exception as err:
+            if is_replica_loss(err):
+                raise self._unavailable("the policy replica serving this request died, twice") from None
+            raise
+        response.headers["X-Replica-Retries"] = "1"
+        return result
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
@@ -170,11 +245,15 @@ class Gateway:
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
+        states = await self._replica_states()
+        if states is not None and not states.get("RUNNING"):
+            raise self._unavailable(f"no policy replica is running (replicas: {states or 'none'})")
         try:
             info = await asyncio.wait_for(self.policy.info(), timeout=10)
         except Exception as err:
-            raise ApiError(503, f"policy unavailable: {type(err).__name__}", code="unavailable") from None
-        return {"status": "ok", "model": self.settings.model_name, "policy_version": info["version"]}
+            raise self._unavailable(f"policy unavailable: {type(err).__name__}") from None
+        return {"status": "ok", "model": self.settings.model_name, "policy_version": info["version"],
+                "replicas": states}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
@@ -183,7 +262,7 @@ class Gateway:
                                             "owned_by": "vigorl", "max_model_len": await self._max_len()}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request):
+    async def chat_completions(self, request: Request, response: Response):
         body: ChatRequest = await self._body(request, ChatRequest)
         if body.model not in (None, self.settings.model_name):
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves "
@@ -221,10 +300,12 @@ class Gateway:
         sampling = Sampling(n=body.n, temperature=body.temperature, top_p=body.top_p, max_tokens=max_tokens,
                             stop=stop, stop_token_ids=self.stop_ids, seed=body.seed, logprobs=False)
         request_id = f"chatcmpl-{uuid.uuid4().hex[:20]}"
-        if body.stream:
+        if body.stream:  # a stream cannot start over once sent: a replica lost mid-stream is reported in-band
+            await self._await_replica()
             return StreamingResponse(self._sse(request_id, prompt_ids, images, sampling),
                                      media_type="text/event-stream")
-        generations = await self.policy.generate(prompt_ids, images, sampling, request_id)
+        generations = await self._on_policy(lambda: self.policy.generate(prompt_ids, images, sampling, request_id),
+                                            response, "/v1/chat/completions")
         completion_tokens = sum(len(g.token_ids) for g in generations)
         return {
             "id": request_id, "object": "chat.completion", "created": int(time.time()),
@@ -252,12 +333,14 @@ class Gateway:
                     yield event({"content": text})
                 finish = delta.finish_reason or finish
         except Exception as err:  # the status line is already sent: report the error in-band
-            yield f"data: {json.dumps(ApiError(500, f'generation failed: {err}', code='internal').body())}\n\n"
+            error = (self._unavailable("the policy replica serving this stream died") if is_replica_loss(err)
+                     else ApiError(500, f"generation failed: {err}", code="internal"))
+            yield f"data: {json.dumps(error.body())}\n\n"
         yield event({}, finish)
         yield "data: [DONE]\n\n"
 
     @app.post("/v1/grounded")
-    async def grounded(self, request: Request) -> dict[str, Any]:
+    async def grounded(self, request: Request, response: Response) -> dict[str, Any]:
         start = time.perf_counter()
         body: GroundedRequest = await self._body(request, GroundedRequest)
         # Unset budgets take the usual value capped by this server's limits; explicit ones must fit.
@@ -269,17 +352,19 @@ class Gateway:
             self._check(getattr(holder, name), limit, name if holder is body else f"sampling.{name}")
         data, decoded = await self._image(body.image, "image")
         request_id = f"grd-{uuid.uuid4().hex[:20]}"
-        rollout = await run_grounded(body, decoded.image, decoded.frame, self.policy, self.chat,
-                                     await self._max_len(), request_id, self.settings.planned_zooms)
-        response = grounded_response(rollout, decoded.frame, body, request_id=request_id,
-                                     model=self.settings.model_name)
+        max_len = await self._max_len()
+        rollout = await self._on_policy(lambda: run_grounded(body, decoded.image, decoded.frame, self.policy, self.chat,
+                                                             max_len, request_id, self.settings.planned_zooms),
+                                        response, "/v1/grounded")
+        answer = grounded_response(rollout, decoded.frame, body, request_id=request_id,
+                                   model=self.settings.model_name)
         if body.annotate:
-            points = [(p["original"]["x"], p["original"]["y"]) for s in response["steps"] for p in s["points"]]
-            points += [(z["point"]["original"]["x"], z["point"]["original"]["y"]) for z in response["zooms"]]
+            points = [(p["original"]["x"], p["original"]["y"]) for s in answer["steps"] for p in s["points"]]
+            points += [(z["point"]["original"]["x"], z["point"]["original"]["y"]) for z in answer["zooms"]]
             png = await self.zoom.annotate.remote(data, points)
-            response["annotated_png"] = base64.b64encode(png).decode()
-        response["latency_ms"] = round((time.perf_counter() - start) * 1000, 1)
-        return response
+            answer["annotated_png"] = base64.b64encode(png).decode()
+        answer["latency_ms"] = round((time.perf_counter() - start) * 1000, 1)
+        return answer
 
     @app.post("/v1/score")
     async def score(self, request: Request) -> dict[str, Any]:

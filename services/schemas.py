@@ -17,9 +17,11 @@ from vigorl_core.records import Task
 class ApiError(Exception):
     """An error answered as `{"error": {"message", "type", "param", "code"}}` with HTTP `status`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str = "invalid_request"):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str = "invalid_request",
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
@@ -64,6 +66,9 @@ class GatewaySettings(BaseModel):
                                           description="URL prefixes the gateway may fetch images from (none: "
                                                       "only data URLs)")
     fetch_timeout_s: float = Field(10.0, description="timeout of one remote image fetch")
+    replica_wait_s: float = Field(30.0, gt=0, description="how long a request waits for a policy replica that can "
+                                  "serve (while Serve replaces a dead one) before it gets 503")
+    retry_after_s: int = Field(10, ge=1, description="the Retry-After of a 503: about a replica's start-up time")
     planned_zooms: int = Field(0, ge=0, description="demo/test only: constrain /v1/grounded turns to a zoom plan "
                                                     "of up to N zooms (random-weight models never zoom alone)")
 

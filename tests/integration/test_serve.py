@@ -285,3 +285,52 @@ def test_policy_client_sends_each_image_once(serve_app, tiny_model_dir):
 
     deltas = asyncio.run(streamed())
     assert sum(len(d.token_ids) for d in deltas) == 3 and deltas[-1].finish_reason == "length"
+
+
+def test_replica_death_costs_no_request(serve_app, api):
+    """The app's only PolicyServer replica is killed while requests generate: every request ends within the client's
+    timeout in 200 (run again on Serve's replacement) or 503 with Retry-After, never a 500; /healthz answers 503
+    while no replica runs and 200 again once Serve has replaced it, and the endpoint serves again. Runs last in
+    this module: the replacement takes an engine start."""
+    import time
+
+    from services.app import kill_one_replica
+
+    def chat(i: int) -> httpx.Response:
+        return api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": f"count {i}"}],
+                                                       "max_tokens": 256, "temperature": 1.0})
+
+    def grounded(i: int) -> httpx.Response:
+        return api.post("/v1/grounded", json={"image": data_url(png(180 + 4 * i, 140)), "query": f"where {i}?",
+                                               "mode": "multi"})
+
+    with ThreadPoolExecutor(8) as pool:
+        with api.stream("POST", "/v1/chat/completions", json={  # generating for sure once its first token is back
+                "messages": [{"role": "user", "content": "stream"}], "max_tokens": 256, "stream": True}) as stream:
+            lines = stream.iter_lines()
+            while '"content"' not in next(lines):
+                pass
+            pending = [pool.submit(chat, i) for i in range(4)] + [pool.submit(grounded, i) for i in range(3)]
+            time.sleep(0.5)
+            kill_one_replica("vigorl")
+            streamed = "\n".join(lines)
+        health = []
+        while not pending[0].done() or not health or health[-1] != 200:
+            health.append(httpx.get(serve_app.url + "/healthz", timeout=30).status_code)
+            assert len(health) < 400, f"no replica serves 200 s after the kill: /healthz said {health[-5:]}"
+            time.sleep(0.5)
+        answers = [future.result() for future in pending]
+
+    assert '"code": "unavailable"' in streamed or "[DONE]" in streamed  # a lost stream says why, in-band
+    statuses = [r.status_code for r in answers]
+    retried = [r.headers.get("x-replica-retries") for r in answers]
+    print(f"statuses {statuses}, retried {retried}; /healthz every 0.5 s after the kill: {health}")
+    assert any(retried) or 503 in statuses, "no request was in flight on the killed replica"
+    assert set(statuses) <= {200, 503}, [(r.status_code, r.text[:200]) for r in answers]
+    for r in answers:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] and r.json()["error"]["code"] == "unavailable"
+    assert 503 in health, f"/healthz never said the replica was gone: {health}"
+    again = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "back?"}],
+                                                    "max_tokens": 4})
+    assert again.status_code == 200 and httpx.get(serve_app.url + "/healthz").json()["replicas"]["RUNNING"] == 1
