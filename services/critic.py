@@ -7,6 +7,7 @@ by the Critic's replica; MCTS and evaluation can use it through the handle).
     critic = Critic.bind()                                      # rules only
     critic = Critic.bind({"model": "/models/Qwen2.5-VL-7B"})    # plus an LLM judge
     reward = await critic_handle.score.remote("grounding", "grounded", text, truth)
+    n = await critic_handle.count.remote(judge_prompt("backtracking", question, reasoning))  # vigorl behaviour
 """
 
 from __future__ import annotations
@@ -56,6 +57,18 @@ class Critic:
         [gen] = await self.judge_engine.generate(ids, [], Sampling(temperature=0.0, max_tokens=2, regex="[01]",
                                                                    logprobs=False))
         return 1.0 if gen.text.strip().startswith("1") else 0.0
+
+    async def count(self, prompt: str) -> int | None:
+        """The judge model's N for a behaviour-count prompt (vigorl_core.behaviour.judge_prompt), its reply
+        constrained to `<count>N</count>`; None if it could not say."""
+        from vigorl_core.behaviour import parse_count
+
+        if self.judge_engine is None:
+            raise RuntimeError("this Critic hosts no LLM judge (start it with judge_engine={'model': ...})")
+        ids = self.judge_tokenizer.encode(prompt, add_special_tokens=False)
+        [gen] = await self.judge_engine.generate(ids, [], Sampling(temperature=0.0, max_tokens=12,
+                                                                   regex=r"<count>[0-9]{1,2}</count>", logprobs=False))
+        return parse_count(gen.text)
 
     def __del__(self):
         engine = getattr(self, "judge_engine", None)

@@ -59,6 +59,7 @@ class TraceInfo:
     box: Box | None = None  # ground truth, model frame
     benchmark: str | None = None
     category: str | None = None
+    question: str = ""
 
 
 # ------------------------------------------------------------------------------------------------- counts
@@ -143,12 +144,15 @@ def markdown_table(table: Mapping[str, Mapping[str, float | None]],
     return "\n".join(rows)
 
 
-def format_table(table: Mapping[str, Mapping[str, float | None]]) -> str:
+def format_table(table: Mapping[str, Mapping[str, float | None]],
+                 extra: Mapping[str, Mapping[str, float]] | None = None) -> str:
     """The same table as plain text for a terminal."""
     width = max(10, *(len(c) for c in table))
     lines = [f"{'':<30}" + "".join(f"{c:>{width + 2}}" for c in table)]
-    for key, name in LABELS.items():
-        lines.append(f"{name:<30}" + "".join(f"{_cell(key, table[c].get(key)):>{width + 2}}" for c in table))
+    rows = [(name, {c: table[c].get(key) for c in table}, key) for key, name in LABELS.items()]
+    rows += [(name, values, name) for name, values in (extra or {}).items()]
+    for name, values, key in rows:
+        lines.append(f"{name:<30}" + "".join(f"{_cell(key, values.get(c)):>{width + 2}}" for c in table))
     return "\n".join(lines)
 
 
@@ -158,7 +162,7 @@ def _from_prediction(obj: dict) -> TraceInfo:
     from vigorl_core.evaluation import Prediction
 
     p = Prediction.model_validate(obj)
-    return TraceInfo(p.id, p.trace, p.score >= 1, p.truth_box, p.benchmark, p.category)
+    return TraceInfo(p.id, p.trace, p.score >= 1, p.truth_box, p.benchmark, p.category, p.question)
 
 
 def _from_rollout(obj: dict) -> TraceInfo:

@@ -6,9 +6,9 @@
 Layout: the ORIGINAL image scaled by k so its longer side is `max_side`, then a strip of the zoom crops
 below it, each labelled Z1, Z2, ... as its window. Marks, at original-frame coordinates times k: zoom windows
 as orange rectangles, zoom points as orange squares, and every step's points as red dots labelled with the
-step's number (1-based over all steps, as the web page numbers them), drawn last so they stay on top. A point
-outside the image is drawn hollow on the nearest edge. The web page (services/web/view.js) draws the same
-marks in SVG.
+step's number (1-based over all steps, as the web page numbers them), drawn last so they stay on top; every
+label is drawn before the dots, so no label hides a dot's centre. A point outside the image is drawn hollow
+on the nearest edge. The web page (services/web/view.js) draws the same marks in SVG.
 """
 
 from __future__ import annotations
@@ -79,19 +79,24 @@ def draw_trace(original: Image.Image, response: dict[str, Any], crops: list[Imag
         at = (min(x + r + 2, w - 3 * r - 8), min(max(y - r - 2, 0), h - 2 * r - 6))
         draw.text(at, text, fill=colour, font=font, stroke_width=2, stroke_fill="white")
 
-    for mark in trace_marks(response, k):
+    marks = trace_marks(response, k)
+    for mark in marks:  # windows first; labels before dots, so no label hides a dot's centre
         if mark.kind == "window":
             draw.rectangle(mark.box, outline=WINDOW, width=2)
             draw.text((mark.box[0] + 3, mark.box[1] + 2), mark.label, fill=WINDOW, font=font, stroke_width=2,
                       stroke_fill="white")
-            continue
-        x, y, colour = mark.x, mark.y, POINT if mark.kind == "point" else ZOOM
-        on_image = 0 <= x < w and 0 <= y < h
-        x, y = (x, y) if on_image else (min(max(x, r + 1), w - r - 2), min(max(y, r + 1), h - r - 2))
-        shape = draw.ellipse if mark.kind == "point" else draw.rectangle
+    placed = []
+    for mark in marks:
+        if mark.kind != "window":
+            on_image = 0 <= mark.x < w and 0 <= mark.y < h
+            x, y = (mark.x, mark.y) if on_image else (min(max(mark.x, r + 1), w - r - 2), min(max(mark.y, r + 1), h - r - 2))
+            colour = POINT if mark.kind == "point" else ZOOM
+            label(x, y, mark.label, colour)
+            placed.append((mark.kind, x, y, on_image, colour))
+    for kind, x, y, on_image, colour in placed:
+        shape = draw.ellipse if kind == "point" else draw.rectangle
         shape([x - r, y - r, x + r, y + r], fill=colour if on_image else None,
               outline="white" if on_image else colour, width=2)
-        label(x, y, mark.label, colour)
     x = 0
     for i, thumb in enumerate(thumbs, start=1):
         draw.text((x + 2, h + 4), f"Z{i}", fill=ZOOM, font=ImageFont.load_default(size=16))

@@ -115,3 +115,36 @@ def test_files_of_each_format_and_the_cli(tmp_path: Path, capsys):
     assert saved["table"]["sft"]["traces"] == 1 and saved["table"]["rl"]["zooms"] == 1
     assert "| regions explored |" in (out / "behaviour.md").read_text()
     assert job.main(["--files", f"[{bad}]"]) == 2 and "bad.jsonl:1" in capsys.readouterr().err
+
+
+class FakeCritic:
+    """A Critic handle whose judge answers by prompt: 2 for backtracking, none for regions, else 1."""
+
+    class _Method:
+        def __init__(self):
+            self.prompts = []
+
+        def remote(self, prompt: str):
+            self.prompts.append(prompt)
+            reply = "<count>2</count>" if "(backtracking)" in prompt else "no" if "(regions" in prompt else "<count>1"
+
+            class Response:
+                def result(self):
+                    return B.parse_count(reply)
+
+            return Response()
+
+    def __init__(self):
+        self.count = self._Method()
+
+
+def test_judge_rows_ask_every_count_of_each_trace():
+    critic = FakeCritic()
+    traces = [info("<think> a (1, 1). b (2, 2). </think><answer>x</answer>") for _ in range(3)]
+    rows = job.judge_rows(critic, {"SFT": traces, "RL": traces[:1]}, limit=2)
+    assert len(critic.count.prompts) == 4 * (2 + 1)  # four questions, up to `limit` traces per column
+    assert "a (1, 1).\nb (2, 2)." in critic.count.prompts[0]
+    assert rows == {"judge: verification": {"SFT": 1.0, "RL": 1.0}, "judge: backtracking": {"SFT": 2.0, "RL": 2.0},
+                    "judge: subgoals": {"SFT": 1.0, "RL": 1.0}, "judge: regions": {}}
+    md = B.markdown_table(B.behaviour_table({"SFT": traces, "RL": traces[:1]}), rows)
+    assert "| judge: backtracking | 2.00 | 2.00 |" in md and "| judge: regions | - | - |" in md
