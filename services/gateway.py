@@ -7,6 +7,7 @@ Endpoints (README "HTTP endpoint" has curl and Python examples):
   zoom loop) and returns the answer, the steps with their points in the model AND the original frame,
   the zooms (optionally their crops) and, on request, an annotated PNG.
 - `POST /v1/score`: the reward of a response against a ground truth (the Critic).
+- `GET /`: a web page to ask about an image and see the answer drawn; `GET /browse`: a trace-file browser.
 - `GET /healthz` (200 while a PolicyServer replica is running, else 503), `GET /v1/models`. Serve's own
   metrics plus `vigorl_requests` / `vigorl_latency_ms` / `vigorl_replica_retries` reach Ray's Prometheus endpoint.
 
@@ -36,6 +37,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from services.grounded import grounded_response, run_grounded
+from services.pages import add_pages
 from services.policy import PolicyClient, is_replica_loss
 from services.schemas import (ApiError, ChatRequest, GatewaySettings, GroundedRequest, ScoreRequest,
                               validation_error)
@@ -45,6 +47,7 @@ from vigorl_core.images import ImageError, image_bytes
 from vigorl_core.rewards import Truth, reward_for
 
 app = FastAPI(title="vigorl", description="grounded visual reasoning: chat completions and the grounded loop")
+add_pages(app)  # GET / (demo page), /browse (trace files), /web/* (services/pages.py)
 _SPECIAL_TAIL = ("<|im_end|>", "<|endoftext|>")
 _metrics: dict[str, Any] = {}
 T = TypeVar("T")
