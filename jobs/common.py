@@ -99,7 +99,7 @@ class _Output:
     terminal_err: io.TextIOBase | None = None  # the terminal's stderr meanwhile
     saved: tuple[int, int, object] | None = None  # fd 1, fd 2 and sys.stdout to put back
     ray_started = False  # init_ray started or joined Ray in this job
-    worker_lines = False  # init_ray replaced Ray's printing of worker lines
+    ray_print = None  # Ray's own printing of worker lines, which init_ray replaces
 
 
 _output = _Output()
@@ -164,12 +164,6 @@ def _restore() -> None:
     """Put the process's output back where it was (the end of run_main)."""
     if _output.log is None:
         _output.ray_started = False
-    if _output.worker_lines:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher
-
-        global_worker_stdstream_dispatcher.remove_handler("vigorl")
-        _output.worker_lines = False
-    if _output.log is None:
         return
     if _output.ray_started:  # Ray's shutdown logs (its core worker's last lines) belong in the log too
         import ray
@@ -251,6 +245,7 @@ def init_ray(num_cpus: int = 8, *, reuses: str | None = None) -> None:
     # local Ray, to save memory and start-up time) because it cannot query the controller's state there, and
     # marks the lines of the `vigorl` loggers (training progress) for the terminal.
     quiet = {"worker_process_setup_hook": "jobs.common.quiet_worker_logs"}
+    _route_worker_lines()
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=quiet)
     elif reuses:
@@ -264,28 +259,26 @@ def init_ray(num_cpus: int = 8, *, reuses: str | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  runtime_env=quiet)
     _output.ray_started = True
-    _route_worker_lines()
 
 
 def _route_worker_lines() -> None:
-    """Replace Ray's printing of worker lines (a private hook of Ray 2.60: the driver's stdstream dispatcher;
-    ray.init(log_to_driver=False) would also drop the training progress lines)."""
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    """Replace, before ray.init, Ray's printing of the lines of workers, the raylet and the autoscaler (a private
+    function of Ray 2.60 that both its log thread and its error thread call; ray.init(log_to_driver=False) would
+    also drop the training progress lines, and the error thread prints regardless)."""
+    from ray._private import worker
 
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.remove_handler("vigorl")
-    dispatcher.add_handler("vigorl", _worker_lines)
-    _output.worker_lines = True
+    if worker.print_to_stdstream is not _worker_lines:
+        _output.ray_print = worker.print_to_stdstream
+        worker.print_to_stdstream = _worker_lines
 
 
-def _worker_lines(data: dict) -> None:
-    """One batch of a Ray worker's output lines: marked lines to the terminal (and log), the rest to job.log;
-    with --verbose (or no job.log), Ray's own printing with the mark removed."""
+def _worker_lines(data: dict, ignore_prefix: bool = False) -> None:
+    """One batch of lines from Ray (a worker's, the raylet's errors, the autoscaler's): marked lines to the
+    terminal (and log), the rest to job.log; with --verbose (or no job.log), Ray's own printing with the mark
+    removed."""
     lines = data.get("lines", [])
     if _output.log is None:
-        from ray._private.worker import print_to_stdstream
-
-        print_to_stdstream({**data, "lines": [line.replace(JOB_LINE, "", 1) for line in lines]}, ignore_prefix=False)
+        _output.ray_print({**data, "lines": [line.replace(JOB_LINE, "", 1) for line in lines]}, ignore_prefix)
         return
     if data.get("pid") == "autoscaler":  # its status every few seconds: only events, as Ray prints them
         from ray._private.worker import filter_autoscaler_events
