@@ -7,6 +7,8 @@
     serve.run(build_app({"model": "runs/models/tiny"}))          # tests, notebooks
 
 `args` are the fields of `ServeConfig`; configs/serve.yaml shows them with the autoscaling of the policy.
+The policy autoscales with `policy_autoscaling` (any way the app runs) or, in a Serve config file, with the
+PolicyServer entry of `deployments` (which overrides it).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from services.critic import Critic
 from services.gateway import Gateway
@@ -43,6 +45,29 @@ class EngineSettings(StageConfig):
     max_images_per_prompt: int = Field(8, description="images one prompt may carry (original + crops)")
 
 
+class PolicyAutoscaling(StageConfig):
+    """Serve autoscaling of the PolicyServer replicas on ongoing requests (Serve's `autoscaling_config`)."""
+
+    min_replicas: int = Field(1, ge=0, description="replicas kept when idle (0: none until a request comes)")
+    max_replicas: int = Field(ge=1, description="replicas at most (one vLLM engine each: GPUs / policy_gpus)")
+    target_ongoing_requests: float = Field(64, gt=0, description="ongoing requests per replica Serve aims for: "
+                                           "above it replicas are added, below it removed (the engine batches "
+                                           "hundreds; at most max_ongoing_requests, 256)")
+    upscale_delay_s: float = Field(30, ge=0, description="how long the load must ask for more replicas before "
+                                   "one is added (a 7B engine takes about a minute to start)")
+    downscale_delay_s: float = Field(600, ge=0, description="how long the load must ask for fewer replicas "
+                                     "before one is removed")
+    metrics_interval_s: float = Field(10, gt=0, description="how often the ongoing requests are reported")
+    look_back_period_s: float = Field(30, gt=0, description="the ongoing requests are averaged over this window")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PolicyAutoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"policy_autoscaling: min_replicas ({self.min_replicas}) > max_replicas "
+                             f"({self.max_replicas})")
+        return self
+
+
 class ServeConfig(StageConfig):
     """Serve a grounded model over HTTP (chat completions, the grounded loop, scoring)."""
 
@@ -52,11 +77,19 @@ class ServeConfig(StageConfig):
     port: int = Field(8000, description="HTTP port (vigorl serve)")
     engine: EngineSettings = Field(default_factory=EngineSettings)
     policy_gpus: float = Field(0.0, description="GPUs per PolicyServer replica (0 on CPU machines)")
-    policy_replicas: int = Field(1, ge=1, description="PolicyServer replicas (configs/serve.yaml autoscales)")
+    policy_replicas: int = Field(1, ge=1, description="PolicyServer replicas (fixed; see policy_autoscaling)")
+    policy_autoscaling: PolicyAutoscaling | None = Field(None, description="autoscale the PolicyServer replicas "
+                                                         "on ongoing requests instead of policy_replicas")
     policy_resources: RoleResources = Field(default_factory=dict, description="custom resources per PolicyServer "
                                             "replica, e.g. {policy_node: 0.01} on cluster.yaml's policy nodes")
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     judge_model: str | None = Field(None, description="model folder of an LLM judge hosted by the Critic")
+
+    @model_validator(mode="after")
+    def _one_replica_setting(self) -> ServeConfig:
+        if self.policy_autoscaling is not None and self.policy_replicas > 1:
+            raise ValueError("set policy_replicas or policy_autoscaling, not both")
+        return self
 
 
 def policy_app(model: str, engine: EngineSettings | None = None, replicas: int = 1, gpus: float = 0.0,
@@ -113,7 +146,9 @@ def build_app(args: dict[str, Any]):
         raise ValueError("engine.tensor_parallel_size > 1 needs policy_gpus")
     options: dict[str, Any] = {"ray_actor_options": {"num_cpus": 1, "num_gpus": cfg.policy_gpus,
                                                      "resources": cfg.policy_resources}}
-    if cfg.policy_replicas > 1:  # left unset otherwise, so a Serve config's autoscaling_config applies
+    if cfg.policy_autoscaling is not None:
+        options["autoscaling_config"] = cfg.policy_autoscaling.model_dump()
+    elif cfg.policy_replicas > 1:  # left unset otherwise, so a Serve config's autoscaling_config applies
         options["num_replicas"] = cfg.policy_replicas
     policy = PolicyServer.options(**options).bind(engine)
     limits = gateway.limits

@@ -1,0 +1,261 @@
+"""A multi-node Ray cluster on this machine (ray.cluster_utils.Cluster: a CPU-less head, one policy node and two
+env nodes with cluster.yaml's role resources) running the real Serve app and the real evaluation job:
+
+- evaluation spread over two node types (PolicyServer on the policy node, EvalActors on the env nodes) loses
+  an env node while its batch is in flight, and still writes every prediction exactly once: the lost batch
+  is run again on the other env node;
+- the PolicyServer deployment, autoscaled through `policy_autoscaling` of services.app.ServeConfig, adds a
+  replica under load and removes it once the load stops.
+
+    .venv/bin/python -m pytest tests/integration/test_cluster_multinode.py -q      (about 100 s)
+
+One cluster serves both tests (one scenario in a subprocess, run once per module): a driver connects to one
+cluster, and the test session may hold a local Ray. Cluster runs no `ray stop`: it ends the processes of its
+own nodes, and Ray's reaper ends them if the subprocess dies. RAY_TMPDIR keeps its sessions and address file
+apart from any other Ray on the machine. The delays and windows of the autoscaling are scaled down to seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BATCH_LOG = "VIGORL_TEST_BATCH_LOG"
+AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 6, "upscale_delay_s": 1,
+               "downscale_delay_s": 2, "metrics_interval_s": 0.5, "look_back_period_s": 2}
+LOAD = 24  # concurrent requests under load: 4x the target per replica, so Serve wants max_replicas
+# The eval asks for at most actors x concurrency = 4 at once, below the target: it does not scale the policy.
+
+
+def record_eval_batches() -> None:
+    """Worker setup hook (instrumentation, not a fake): every EvalActor batch appends to $VIGORL_TEST_BATCH_LOG
+    the node it runs on and its sample ids, when it starts and when it returns."""
+    import ray
+
+    from jobs import evaluate
+
+    call = evaluate.EvalActor.__call__
+
+    def append(entry: dict) -> None:
+        with open(os.environ[BATCH_LOG], "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def recorded(self, batch: dict) -> dict:
+        entry = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                 "ids": [json.loads(str(s))["id"] for s in batch["sample"]]}
+        append({**entry, "event": "start", "t": time.time()})
+        out = call(self, batch)
+        append({**entry, "event": "end", "t": time.time()})
+        return out
+
+    evaluate.EvalActor.__call__ = recorded
+
+
+def progress(what: str, started: float = time.perf_counter()) -> None:
+    print(f"[{time.perf_counter() - started:.0f} s] {what}", file=sys.stderr, flush=True)
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def policy_states() -> dict[str, int]:
+    from ray import serve
+
+    return dict(serve.status().applications["vigorl"].deployments["PolicyServer"].replica_states)
+
+
+def lose_an_env_node_during_eval(cluster, model: str, work: Path) -> dict:
+    """Evaluate 8 samples; the env node of the first batch to start is killed while that batch runs."""
+    from jobs import evaluate as job
+    from vigorl_core import evaluation as ev
+    from vigorl_core.synthetic import write_dataset
+
+    data = write_dataset("grounding", 8, 0, work / "data")
+    cfg = job.EvalConfig.model_validate({
+        "run_name": "node-loss", "runs_dir": str(work / "runs"), "model": model,
+        "benchmarks": [{"name": "synthetic_grounding", "path": str(data)}],
+        "sampling": {"max_tokens_per_turn": 100, "max_response_tokens": 512}, "policy": {"app": "vigorl"},
+        "actors": 2, "actor_cpus": 0.5, "actor_resources": {"env_node": 0.5}, "batch_size": 4, "concurrency": 2,
+        "examples": 0, "replica_retry_s": 30})
+    log, killed = Path(os.environ[BATCH_LOG]), {}
+
+    def kill_first_busy_node():
+        while not killed:
+            starts = [e for e in read_log(log) if e["event"] == "start"]
+            if starts:
+                [node] = [n for n in cluster.worker_nodes if n.node_id == starts[0]["node"]]
+                written = (work / "runs" / "eval" / "node-loss" / "predictions.jsonl")
+                killed.update(node=node.node_id, predictions_before=len(written.read_text().splitlines())
+                              if written.is_file() else 0)
+                cluster.remove_node(node, allow_graceful=False)
+                progress(f"killed env node {node.node_id[:8]} ({killed['predictions_before']} predictions written)")
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_first_busy_node, daemon=True)
+    killer.start()
+    stats = job.evaluate(cfg)
+    lines = (work / "runs" / "eval" / "node-loss" / "predictions.jsonl").read_text().splitlines()
+    return {"stats": stats, "killed": killed, "batches": read_log(log),
+            "keys": [list(ev.Prediction.model_validate_json(line).key) for line in lines]}
+
+
+def scale_under_load(model: str) -> dict:
+    """Keep LOAD requests in flight until a second PolicyServer replica runs and answers; then stop and wait
+    until Serve is back to one replica."""
+    import asyncio
+
+    import ray
+    from ray import serve
+
+    from services.policy import PolicyClient
+    from vigorl_core.chat_tokens import ChatTokens
+    from vigorl_core.engine import Sampling
+
+    handle = serve.get_deployment_handle("PolicyServer", "vigorl")
+    chat = ChatTokens.from_pretrained(model)
+    prompt = chat.encode(chat.prompt_text("You answer.", "Describe a red square.", 0))
+    result = {"before": policy_states(), "seen": [], "answered_by": []}
+    stop = threading.Event()
+
+    async def load():
+        client = PolicyClient(handle)
+
+        async def one_user():
+            while not stop.is_set():
+                await client.generate(prompt, [], Sampling(max_tokens=64, logprobs=False))
+
+        await asyncio.gather(*(one_user() for _ in range(LOAD)))
+
+    loader = threading.Thread(target=lambda: asyncio.run(load()), daemon=True)
+    loader.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and loader.is_alive():
+        states = policy_states()
+        if not result["seen"] or states != result["seen"][-1]:
+            result["seen"].append(states)
+            progress(f"under load: {states}")
+        if states.get("RUNNING", 0) == 2:  # the new replica answers too (the router prefers the idler one)
+            result["answered_by"] = sorted({handle.info.remote().result()["replica"] for _ in range(8)})
+            if len(result["answered_by"]) == 2:
+                break
+        time.sleep(0.5)
+    stop.set()
+    loader.join(timeout=60)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        states = policy_states()
+        if states != result["seen"][-1]:
+            result["seen"].append(states)
+            progress(f"load stopped: {states}")
+        if states == {"RUNNING": 1}:
+            break
+        time.sleep(0.5)
+    result["after"] = policy_states()
+    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    replicas = [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE"
+                and a["Name"].startswith("SERVE_REPLICA::vigorl#PolicyServer#")]
+    result["replica_nodes"] = [sorted(nodes[a["Address"]["NodeID"]]) for a in replicas]
+    return result
+
+
+def scenario(model: str, work: Path) -> dict:
+    """Start the cluster and the app, run both parts (each reports its error instead of stopping the other)."""
+    import traceback
+
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from services.app import build_app
+
+    fast_failure_detection = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": None,
+        "_system_config": fast_failure_detection})  # the machine's address: ray.init resolves 127.0.0.1 to it
+    progress("head up")
+    result = {}
+    try:
+        roles = {"policy": {"policy_node": 1}, "env-a": {"env_node": 1}, "env-b": {"env_node": 1}}
+        for resources in roles.values():
+            cluster.add_node(num_cpus=4, resources=resources)
+        progress("worker nodes up")
+        ray.init(address=cluster.address, log_to_driver=False, runtime_env={
+            "worker_process_setup_hook": "tests.integration.test_cluster_multinode.record_eval_batches",
+            "env_vars": {BATCH_LOG: os.environ[BATCH_LOG]}})
+        serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
+        serve.run(build_app({"model": model, "policy_resources": {"policy_node": 0.01},
+                             "policy_autoscaling": AUTOSCALING,
+                             "engine": {"max_model_len": 4096, "dtype": "float32", "enforce_eager": True}}),
+                  name="vigorl", route_prefix=None, logging_config={"enable_access_log": False})
+        progress("app up")
+        for part, run in (("eval", lambda: lose_an_env_node_during_eval(cluster, model, work)),
+                          ("autoscaling", lambda: scale_under_load(model))):
+            started = time.perf_counter()
+            try:
+                result[part] = run()
+            except Exception:
+                result[part] = {"error": traceback.format_exc()}
+            result[part]["seconds"] = round(time.perf_counter() - started, 1)
+            progress(f"{part} done")
+        return result
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster_run(subprocess_env, tiny_model_dir, tmp_path_factory) -> dict:
+    import shutil
+    import subprocess
+
+    work = tmp_path_factory.mktemp("multinode")
+    ray_tmp = tempfile.mkdtemp(prefix="vmn")  # short: Ray's socket paths live under it
+    env = {k: v for k, v in subprocess_env.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=ray_tmp, **{BATCH_LOG: str(work / "batches.jsonl")})
+    try:
+        run = subprocess.run([sys.executable, __file__, str(tiny_model_dir), str(work)], env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=540)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_eval_over_two_node_types_survives_losing_an_env_node(cluster_run):
+    part = cluster_run["eval"]
+    assert "error" not in part, part.get("error")
+    killed, batches = part["killed"]["node"], part["batches"]
+    assert part["killed"]["predictions_before"] < 8  # the node went down mid-run
+    lost = [b for b in batches if b["node"] == killed]
+    assert lost and all(b["event"] == "start" for b in lost)  # its batch never returned
+    lost_ids = {i for b in lost for i in b["ids"]}
+    redone = [b for b in batches if b["event"] == "end" and b["node"] != killed and set(b["ids"]) & lost_ids]
+    assert {i for b in redone for i in b["ids"]} >= lost_ids  # run again, to the end, on the other env node
+    keys = [tuple(k) for k in part["keys"]]
+    assert len(keys) == len(set(keys)) == 8 and {i for _, i in keys} >= lost_ids
+    assert part["stats"]["evaluated"] == 8 and part["stats"]["errors"] == 0
+
+
+@pytest.mark.slow
+def test_policy_server_scales_up_under_load_and_back_down(cluster_run):
+    part = cluster_run["autoscaling"]
+    assert "error" not in part, part.get("error")
+    assert part["before"] == {"RUNNING": 1}
+    assert {"RUNNING": 2} in part["seen"] and len(part["answered_by"]) == 2  # added, and serving
+    assert part["after"] == {"RUNNING": 1}
+    assert part["replica_nodes"] and all("policy_node" in r for r in part["replica_nodes"])
+
+
+if __name__ == "__main__":
+    print(json.dumps(scenario(sys.argv[1], Path(sys.argv[2]))))
