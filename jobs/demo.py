@@ -43,6 +43,7 @@ class DemoConfig(StageConfig):
     out: str = Field("trace.png", description="annotated PNG; .html and .json are written beside it")
     max_tokens: int = Field(512, ge=1, description="tokens per assistant turn")
     max_turns: int = Field(5, ge=1, description="assistant turns (multi-turn)")
+    max_images: int = Field(5, ge=1, description="images of a multi-turn conversation: the original + crops")
     temperature: float = Field(0.0, ge=0.0, description="sampling temperature (0: greedy)")
     seed: int | None = Field(None, description="sampling seed")
     max_model_len: int = Field(8192, description="engine context (prompt + images + response)")
@@ -54,6 +55,7 @@ def request_for(cfg: DemoConfig, image_url: str):
 
     return GroundedRequest(image=image_url, query=cfg.question, options=cfg.options, task=cfg.task,
                            mode="multi" if cfg.multiturn else "single", max_turns=cfg.max_turns,
+                           max_images=cfg.max_images,
                            sampling={"max_tokens": cfg.max_tokens, "temperature": cfg.temperature, "seed": cfg.seed},
                            return_crops=True)
 

@@ -59,6 +59,20 @@ def scale_for(size: tuple[int, int], max_side: int = MAX_SIDE) -> float:
     return max_side / max(size)
 
 
+def mark_radius(size: tuple[int, int]) -> int:
+    """Radius of a dot on a drawing of `size` (width, height)."""
+    return max(4, round(max(size) / 90))
+
+
+def place(mark: Mark, size: tuple[int, int]) -> tuple[float, float, bool]:
+    """Where a point mark is drawn on a drawing of `size`: (x, y, on the image); a point outside the image is
+    moved to the nearest edge (and drawn hollow there)."""
+    (w, h), r = size, mark_radius(size)
+    if 0 <= mark.x < w and 0 <= mark.y < h:
+        return mark.x, mark.y, True
+    return min(max(mark.x, r + 1), w - r - 2), min(max(mark.y, r + 1), h - r - 2), False
+
+
 def draw_trace(original: Image.Image, response: dict[str, Any], crops: list[Image.Image] | None = None,
                max_side: int = MAX_SIDE) -> Image.Image:
     """The original image with the trace drawn on it (scaled by scale_for(original.size)) and the crops
@@ -72,7 +86,7 @@ def draw_trace(original: Image.Image, response: dict[str, Any], crops: list[Imag
     canvas = Image.new("RGB", (max(w, strip_w), h + (STRIP_HEIGHT + label_h + 8 if thumbs else 0)), "white")
     canvas.paste(original.convert("RGB").resize((w, h), Image.Resampling.BILINEAR), (0, 0))
     draw = ImageDraw.Draw(canvas)
-    r = max(4, round(max(w, h) / 90))
+    r = mark_radius((w, h))
     font = ImageFont.load_default(size=2 * r + 2)
 
     def label(x: float, y: float, text: str, colour) -> None:
@@ -88,8 +102,7 @@ def draw_trace(original: Image.Image, response: dict[str, Any], crops: list[Imag
     placed = []
     for mark in marks:
         if mark.kind != "window":
-            on_image = 0 <= mark.x < w and 0 <= mark.y < h
-            x, y = (mark.x, mark.y) if on_image else (min(max(mark.x, r + 1), w - r - 2), min(max(mark.y, r + 1), h - r - 2))
+            x, y, on_image = place(mark, (w, h))
             colour = POINT if mark.kind == "point" else ZOOM
             label(x, y, mark.label, colour)
             placed.append((mark.kind, x, y, on_image, colour))

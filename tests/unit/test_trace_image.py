@@ -49,9 +49,16 @@ def test_drawn_png_has_the_marks_where_they_say_and_the_crop_strip():
     assert k == pytest.approx(768 / 400)
     image = T.draw_trace(original, response())
     assert image.size == (768, 576 + T.STRIP_HEIGHT + 30)
+    r = T.mark_radius((768, 576))
     for mark in T.trace_marks(response(), k):
-        if mark.kind == "point" and mark.x >= 0:
-            assert image.getpixel((round(mark.x), round(mark.y))) == T.POINT
+        if mark.kind == "point":
+            x, y, on_image = T.place(mark, (768, 576))
+            assert on_image == (mark.x >= 0)
+            # a dot inside is filled; one outside is a hollow ring on the nearest edge (x = -20 * k -> r + 1)
+            centre = image.getpixel((round(x), round(y)))
+            ring = [image.getpixel((round(x), round(y) - r + d)) for d in (-2, -1, 0, 1)]  # the dot's top edge
+            assert (centre == T.POINT) if on_image else (centre == (255, 255, 255) and T.POINT in ring)
+            assert on_image or (x, y) == (r + 1, mark.y)
     x1, y1, x2, y2 = T.trace_marks(response(), k)[0].box
     assert image.getpixel((round((x1 + x2) / 2), round(y1))) == T.WINDOW  # the window's top edge
     assert image.getpixel((round(x1 + 20), round(y1 + 20))) == (255, 255, 255)  # a window is not filled
