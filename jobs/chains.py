@@ -22,6 +22,7 @@ Outputs in runs/chains/<run_name>/ (or `out`):
   train_multiturn.json, val_multiturn.json   multi-turn, same format; crop images in crops/
   dataset_info.json                      LLaMA-Factory's registry of those files (dataset_dir = this folder)
   stats.json                             tree_stats, chain_stats, records per file; printed too
+  job.log                                library output (on the terminal with --verbose)
 Image paths in these files are relative to the folder (the readers resolve them against it), so the folder
 moves between machines with its crops and, by the same relative path, the samples' images; files are
 created with the usual mode (0644 under umask 022), readable on a shared runs folder.

@@ -16,7 +16,8 @@ What happens (the search itself is vigorl_core.mcts; docs/mcts.md describes both
    so the engine batches the requests of every tree (expansions are one n=3 call, rollouts one n=2 call);
 4. the driver appends each finished tree to trees.jsonl (flushed per tree, one line per id), prints
    progress with an ETA, and at the end writes stats.json (vigorl_core.linearize.tree_stats: root
-   correctness ratio, tree sizes, per-sample seconds, statuses) and prints it.
+   correctness ratio, tree sizes, per-sample seconds, statuses) and prints it. The engine's, Ray's and the
+   libraries' logs go to runs/mcts/<run_name>/job.log (`--verbose` shows them on the terminal).
 
 A sample's failure or its time limit (`mcts.time_limit_s`) gives a record with `status` error/timeout,
 `error` and the partial tree: nothing is dropped. Rewards: the task's rule judge in-process (`judge:
