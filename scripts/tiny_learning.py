@@ -10,8 +10,9 @@ held-out images every 100 steps (one JSON line each), and linear probes of the u
     .venv/bin/python scripts/tiny_learning.py probe --model /tmp/tiny
 
 Tasks: `colour` ("What colour is the square?", one square; chance 1/7) and `point` ("Point to the <colour>
-square.", answer (x, y); a hit is a point inside the square). `--background gradient` shades the background
-with x and y, so a patch's own pixels say where it is; `--system full` uses the project's grounded system
+square.", answer (x, y); a hit is a point inside the square; each evaluation line also says what answering the
+image's centre would score). `--side A,B` sizes the squares (SIZE/A to SIZE/B pixels). `--background gradient`
+shades the background with x and y, so a patch's own pixels say where it is (`through`: under the squares too); `--system full` uses the project's grounded system
 prompt (about 250 tokens, 5-10x slower per step) instead of a one-line one.
 
 Measured on 2 cores (2026-12-02, tiny preset, 16 samples a step, lr 2e-3): `colour` stays at chance for 800
@@ -39,11 +40,13 @@ SIZE = 112  # --size overrides
 SHORT_SYSTEM = "Point to the element. Answer (x, y)."
 
 
-def sample(rng: random.Random, squares: int, gradient: bool):
-    """(image, colour asked about, its box x1, y1, x2, y2) with `squares` squares of distinct colours."""
+def sample(rng: random.Random, squares: int, background: str, side=(7, 5)):
+    """(image, colour asked about, its box x1, y1, x2, y2) with `squares` squares of distinct colours, each
+    SIZE // side[0] to SIZE // side[1] pixels wide, on a `background` of "plain" grey, a "gradient" whose red and
+    blue channels follow x and y, or "through": that gradient also shows through the squares (60% colour)."""
     from PIL import Image, ImageDraw
 
-    if gradient:
+    if background != "plain":
         img = Image.new("RGB", (SIZE, SIZE))
         img.putdata([(90 + 150 * x // SIZE, 200, 90 + 150 * y // SIZE) for y in range(SIZE) for x in range(SIZE)])
     else:
@@ -52,13 +55,17 @@ def sample(rng: random.Random, squares: int, gradient: bool):
     colours, boxes = rng.sample(COLOURS, squares), []
     for colour in colours:
         for _ in range(100):
-            side = rng.randint(SIZE // 7, SIZE // 5)
-            x, y = rng.randint(2, SIZE - side - 2), rng.randint(2, SIZE - side - 2)
-            box = (x, y, x + side, y + side)
+            width = rng.randint(SIZE // side[0], SIZE // side[1])
+            x, y = rng.randint(2, SIZE - width - 2), rng.randint(2, SIZE - width - 2)
+            box = (x, y, x + width, y + width)
             if all(box[2] + 3 <= o[0] or o[2] + 3 <= box[0] or box[3] + 3 <= o[1] or o[3] + 3 <= box[1] for o in boxes):
                 break
         boxes.append(box)
-        draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=PALETTE[colour])
+        if background == "through":
+            square = Image.new("RGB", (box[2] - box[0], box[3] - box[1]), PALETTE[colour])
+            img.paste(Image.blend(square, img.crop(box), 0.4), box[:2])
+        else:
+            draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=PALETTE[colour])
     i = rng.randrange(squares)
     return img, colours[i], boxes[i]
 
@@ -131,7 +138,9 @@ def train(args) -> None:
 
     s = Setup(args)
     squares = 1 if args.task == "colour" else args.squares
-    held = [sample(random.Random(f"held{i}"), squares, args.background == "gradient") for i in range(64)]
+    held = [sample(random.Random(f"held{i}"), squares, args.background, args.side) for i in range(64)]
+    centre = SIZE // 2  # what answering the image's centre every time scores: the bar pointing must clear
+    centre_hits = sum(b[0] <= centre < b[2] and b[1] <= centre < b[3] for _, _, b in held) / len(held)
     rng = random.Random(args.seed)
     opt = torch.optim.AdamW(s.model.parameters(), lr=args.lr, weight_decay=0.0)
     started = time.perf_counter()
@@ -139,7 +148,7 @@ def train(args) -> None:
     for step in range(1, args.steps + 1):
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, step / 20)
-        loss = s.model(**s.batch([sample(rng, squares, args.background == "gradient")
+        loss = s.model(**s.batch([sample(rng, squares, args.background, args.side)
                                   for _ in range(args.batch)])).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(s.model.parameters(), 1.0)
@@ -148,6 +157,7 @@ def train(args) -> None:
         if step % 100 == 0 or step == args.steps:
             accuracy, last = s.evaluate(held)
             print(json.dumps({"step": step, "loss": round(loss.item(), 4), "heldout_accuracy": accuracy,
+                              **({"centre_answer_accuracy": centre_hits} if args.task == "point" else {}),
                               "seconds": round(time.perf_counter() - started), "last_output": last[:80]}), flush=True)
 
 
@@ -188,7 +198,7 @@ def probe(args) -> None:
     prompt = s.proc.apply_chat_template(s.messages("red"), tokenize=False, add_generation_prompt=True)
     last, own, every, colours, centres = [], [], [], [], []
     for _ in range(400):
-        img, colour, box = sample(rng, 1, args.background == "gradient")
+        img, colour, box = sample(rng, 1, args.background)
         enc = s.proc(text=[prompt], images=[[img]], return_tensors="pt")
         with torch.no_grad():
             out = s.model(**enc, output_hidden_states=True)
@@ -233,7 +243,9 @@ def main() -> None:
     parser.add_argument("--model", help="a tiny model folder (python -m jobs.tiny --out DIR)")
     parser.add_argument("--task", choices=["colour", "point"], default="colour")
     parser.add_argument("--squares", type=int, default=1, help="squares per image (point task)")
-    parser.add_argument("--background", choices=["plain", "gradient"], default="plain")
+    parser.add_argument("--side", type=lambda v: tuple(int(p) for p in v.split(",")), default=(7, 5),
+                        help="square side from SIZE/A to SIZE/B pixels, as A,B (default 7,5: 16-22 px at 112)")
+    parser.add_argument("--background", choices=["plain", "gradient", "through"], default="plain")
     parser.add_argument("--system", choices=["short", "full"], default="short")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--lr", type=float, default=2e-3)
