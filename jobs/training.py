@@ -178,6 +178,8 @@ class TrackerSettings(StageConfig):
         if value is not None and importlib.util.find_spec(package) is None:
             raise ValueError(f"needs the {package} package, which is not installed: pip install "
                              f"'vigorl[trackers]' (or {'mlflow-skinny' if package == 'mlflow' else package})")
+        if package == "mlflow" and value is not None and _is_folder(value):
+            return str(Path(value).resolve())  # rank 0 runs in Ray Train's working directory, not the caller's
         return value
 
 
@@ -206,8 +208,8 @@ class Trackers:
             from mlflow import MlflowClient
             from mlflow.entities import Param
 
-            if "://" not in settings.mlflow and settings.mlflow != "databricks":
-                # a local folder: MLflow 3's file store, which it opens only when asked
+            if _is_folder(settings.mlflow) or settings.mlflow.startswith("file:"):
+                # MLflow 3's file store, which it opens only when asked
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             client = MlflowClient(tracking_uri=settings.mlflow)
             if "mlflow" not in ids:
@@ -234,6 +236,10 @@ class Trackers:
         if self.mlflow is not None:
             client, run_id = self.mlflow
             client.set_terminated(run_id)
+
+
+def _is_folder(uri: str) -> bool:
+    return "://" not in uri and not uri.startswith(("databricks", "file:"))
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

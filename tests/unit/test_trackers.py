@@ -39,7 +39,9 @@ def test_mlflow_file_store_one_run_across_a_restart(run_dir, tmp_path, monkeypat
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "unset below")
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")  # a folder URI sets it (and the test leaves it as it was)
     store = str(tmp_path / "mlruns")
-    settings = TrackerSettings(mlflow=store)
+    monkeypatch.chdir(tmp_path)
+    settings = TrackerSettings(mlflow="mlruns")
+    assert settings.mlflow == store  # absolute: rank 0 runs in Ray Train's working directory
     _run(run_dir, settings, 0, [(1, 0.5), (2, 0.4)])
     _run(run_dir, settings, 1, [(2, 0.3), (3, 0.2)])  # a restart from step 1's checkpoint redoes step 2
 
