@@ -37,23 +37,32 @@ LOAD = 24  # concurrent requests under load: 4x the target per replica, so Serve
 
 def record_eval_batches() -> None:
     """Worker setup hook (instrumentation, not a fake): every EvalActor batch appends to $VIGORL_TEST_BATCH_LOG
-    the node it runs on and its sample ids, when it starts and when it returns."""
+    the node it runs on and its sample ids, when it starts and when it returns. The run's first batch, once
+    evaluated, waits before returning, so that its node is killed with its results in hand (no race with
+    the kill): the worst case, work done and lost."""
     import ray
 
     from jobs import evaluate
 
     call = evaluate.EvalActor.__call__
+    log = Path(os.environ[BATCH_LOG])
 
     def append(entry: dict) -> None:
-        with open(os.environ[BATCH_LOG], "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        with log.open("a") as f:
+            f.write(json.dumps({**entry, "t": time.time()}) + "\n")
 
     def recorded(self, batch: dict) -> dict:
         entry = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                  "ids": [json.loads(str(s))["id"] for s in batch["sample"]]}
-        append({**entry, "event": "start", "t": time.time()})
+        append({**entry, "event": "start"})
         out = call(self, batch)
-        append({**entry, "event": "end", "t": time.time()})
+        try:
+            os.close(os.open(log.with_suffix(".held"), os.O_CREAT | os.O_EXCL))
+            append({**entry, "event": "held"})
+            time.sleep(120)  # the test kills this node now; if it does not, the batch returns from it and fails
+        except FileExistsError:
+            pass
+        append({**entry, "event": "end"})
         return out
 
     evaluate.EvalActor.__call__ = recorded
@@ -74,7 +83,8 @@ def policy_states() -> dict[str, int]:
 
 
 def lose_an_env_node_during_eval(cluster, model: str, work: Path) -> dict:
-    """Evaluate 8 samples; the env node of the first batch to start is killed while that batch runs."""
+    """Evaluate 8 samples; the env node of the first batch is killed once that batch is evaluated, before it
+    returns (record_eval_batches holds it)."""
     from jobs import evaluate as job
     from vigorl_core import evaluation as ev
     from vigorl_core.synthetic import write_dataset
@@ -83,16 +93,16 @@ def lose_an_env_node_during_eval(cluster, model: str, work: Path) -> dict:
     cfg = job.EvalConfig.model_validate({
         "run_name": "node-loss", "runs_dir": str(work / "runs"), "model": model,
         "benchmarks": [{"name": "synthetic_grounding", "path": str(data)}],
-        "sampling": {"max_tokens_per_turn": 100, "max_response_tokens": 512}, "policy": {"app": "vigorl"},
+        "sampling": {"max_tokens_per_turn": 48, "max_response_tokens": 512}, "policy": {"app": "vigorl"},
         "actors": 2, "actor_cpus": 0.5, "actor_resources": {"env_node": 0.5}, "batch_size": 4, "concurrency": 2,
-        "examples": 0, "replica_retry_s": 30})
+        "examples": 0})
     log, killed = Path(os.environ[BATCH_LOG]), {}
 
-    def kill_first_busy_node():
+    def kill_held_node():
         while not killed:
-            starts = [e for e in read_log(log) if e["event"] == "start"]
-            if starts:
-                [node] = [n for n in cluster.worker_nodes if n.node_id == starts[0]["node"]]
+            held = [e for e in read_log(log) if e["event"] == "held"]
+            if held:
+                [node] = [n for n in cluster.worker_nodes if n.node_id == held[0]["node"]]
                 written = (work / "runs" / "eval" / "node-loss" / "predictions.jsonl")
                 killed.update(node=node.node_id, predictions_before=len(written.read_text().splitlines())
                               if written.is_file() else 0)
@@ -100,7 +110,7 @@ def lose_an_env_node_during_eval(cluster, model: str, work: Path) -> dict:
                 progress(f"killed env node {node.node_id[:8]} ({killed['predictions_before']} predictions written)")
             time.sleep(0.1)
 
-    killer = threading.Thread(target=kill_first_busy_node, daemon=True)
+    killer = threading.Thread(target=kill_held_node, daemon=True)
     killer.start()
     stats = job.evaluate(cfg)
     lines = (work / "runs" / "eval" / "node-loss" / "predictions.jsonl").read_text().splitlines()
@@ -238,7 +248,7 @@ def test_eval_over_two_node_types_survives_losing_an_env_node(cluster_run):
     killed, batches = part["killed"]["node"], part["batches"]
     assert part["killed"]["predictions_before"] < 8  # the node went down mid-run
     lost = [b for b in batches if b["node"] == killed]
-    assert lost and all(b["event"] == "start" for b in lost)  # its batch never returned
+    assert lost and {b["event"] for b in lost} == {"start", "held"}  # evaluated there, never returned
     lost_ids = {i for b in lost for i in b["ids"]}
     redone = [b for b in batches if b["event"] == "end" and b["node"] != killed and set(b["ids"]) & lost_ids]
     assert {i for b in redone for i in b["ids"]} >= lost_ids  # run again, to the end, on the other env node
