@@ -78,10 +78,12 @@
     if (typeof x.score === "number") meta.score = `${x.score} (score_original ${x.score_original})`;
     if (typeof x.reward === "number") meta.reward = x.reward;
     if (x.category) meta.category = x.category;
-    if (x.images && x.images[0]) meta.image = x.images[0] + (imageFor(x) ? "" : " (not loaded: choose its folder above)");
+    if (x.images && x.images[0]) meta["image file"] = x.images[0] + (imageFor(x) ? "" : " (not loaded: choose its folder above)");
     const file = imageFor(x);
     const draw = (src) => {
-      Vigorl.renderTrace($("view"), response, src, {meta, truthBox: x.bbox || null});
+      const answer = x.answer_point_original;
+      Vigorl.renderTrace($("view"), response, src, {meta, truthBox: x.bbox || null,
+                                                    answerPoint: answer ? [answer.x, answer.y] : null});
       $("view").scrollIntoView({block: "start"});
     };
     if (file) {

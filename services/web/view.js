@@ -1,11 +1,13 @@
 // The trace view: one /v1/grounded answer drawn over its image. Shared by the demo page (/), the file
 // browser (/browse) and the HTML that `vigorl demo` writes. No dependencies; works offline.
 //
-//   Vigorl.renderTrace(container, response, imageSrc, {meta: {label: value}, truthBox: [x1, y1, x2, y2]})
+//   Vigorl.renderTrace(container, response, imageSrc, {meta: {label: value}, truthBox: [x1, y1, x2, y2],
+//                      answerPoint: [x, y]})
 //
 // The SVG overlay's viewBox is the ORIGINAL image's size, so every mark sits at the answer's original-frame
 // coordinates: zoom windows (rect.window), zoom points (rect.zoom-point), and each step's points (g.point,
-// numbered with the step's 1-based number over all steps). Hovering a step highlights its points and the
+// numbered with the step's 1-based number over all steps; one outside the image sits hollow on the nearest edge),
+// the ground-truth box and the answer point when given (file browser). Hovering a step highlights its points and the
 // other way round; hovering a zoom highlights its window.
 (function () {
   "use strict";
@@ -36,7 +38,14 @@
     }
   }
 
-  function overlay(response, width, height, truthBox) {
+  // A point outside the image (random or wrong-frame models write those) is drawn hollow on the nearest edge,
+  // as the demo's PNG does (vigorl_core/trace_image.py place); its data-x/data-y keep the real coordinates.
+  function place(x, y, width, height, r) {
+    if (x >= 0 && x < width && y >= 0 && y < height) return [x, y, true];
+    return [Math.min(Math.max(x, r + 1), width - r - 2), Math.min(Math.max(y, r + 1), height - r - 2), false];
+  }
+
+  function overlay(response, width, height, truthBox, answerPoint) {
     const r = Math.max(width, height) / 90;
     const layer = svg("svg", {class: "overlay", viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: "none"});
     if (truthBox) {
@@ -56,12 +65,19 @@
     response.steps.forEach((step, i) => {
       for (const point of step.points) {
         const p = point.original;
-        const g = svg("g", {class: "point", "data-step": i, "data-x": p.x, "data-y": p.y});
-        g.append(svg("circle", {cx: p.x, cy: p.y, r: r}));
-        g.append(svg("text", {x: p.x + r * 1.2, y: p.y - r * 0.8, "font-size": r * 2.2}, String(i + 1)));
+        const [x, y, inside] = place(p.x, p.y, width, height, r);
+        const g = svg("g", {class: "point" + (inside ? "" : " outside"), "data-step": i, "data-x": p.x, "data-y": p.y});
+        g.append(svg("circle", {cx: x, cy: y, r: r}));
+        g.append(svg("text", {x: Math.min(x + r * 1.2, width - r * 2.5), y: Math.max(y - r * 0.8, r * 2),
+                              "font-size": r * 2.2}, String(i + 1)));
         layer.append(g);
       }
     });
+    if (answerPoint) {
+      const [x, y] = answerPoint, ring = r * 1.6;
+      layer.append(svg("circle", {class: "answer", cx: x, cy: y, r: ring}));
+      layer.append(svg("text", {class: "answer-label", x: x + ring * 1.1, y: y + ring, "font-size": r * 2.2}, "A"));
+    }
     return layer;
   }
 
@@ -154,7 +170,7 @@
       [bg, width, height] = placeholder(response);
       stage.append(bg);
     }
-    stage.append(overlay(response, width, height, opts.truthBox));
+    stage.append(overlay(response, width, height, opts.truthBox, opts.answerPoint));
     figure.append(stage);
     const side = el("div", {class: "turns"});
     side.append(summary(response, opts.meta), turns(response));
