@@ -2,8 +2,8 @@
 env nodes with cluster.yaml's role resources) running the real Serve app and the real evaluation job:
 
 - evaluation spread over two node types (PolicyServer on the policy node, EvalActors on the env nodes) loses
-  an env node while its batch is in flight, and still writes every prediction exactly once: the lost batch
-  is run again on the other env node;
+  an env node after a batch was evaluated there but before its results came back, and still writes every
+  prediction exactly once: the lost batch is run again on the other env node;
 - the PolicyServer deployment, autoscaled through `policy_autoscaling` of services.app.ServeConfig, adds a
   replica under load and removes it once the load stops.
 
@@ -76,6 +76,22 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+def roles_of_nodes() -> dict[str, list[str]]:
+    """Node id -> the role resources it offers (empty for the head)."""
+    import ray
+
+    return {n["NodeID"]: sorted(r for r in n["Resources"] if r.endswith("_node")) for n in ray.nodes()}
+
+
+def policy_replica_roles() -> list[list[str]]:
+    """The roles of the nodes that run a PolicyServer replica, one entry per replica."""
+    import ray
+
+    roles = roles_of_nodes()
+    return [roles[a["Address"]["NodeID"]] for a in ray._private.state.actors().values()
+            if a["State"] == "ALIVE" and a["Name"].startswith("SERVE_REPLICA::vigorl#PolicyServer#")]
+
+
 def policy_states() -> dict[str, int]:
     from ray import serve
 
@@ -96,7 +112,7 @@ def lose_an_env_node_during_eval(cluster, model: str, work: Path) -> dict:
         "sampling": {"max_tokens_per_turn": 48, "max_response_tokens": 512}, "policy": {"app": "vigorl"},
         "actors": 2, "actor_cpus": 0.5, "actor_resources": {"env_node": 0.5}, "batch_size": 4, "concurrency": 2,
         "examples": 0})
-    log, killed = Path(os.environ[BATCH_LOG]), {}
+    log, killed, roles = Path(os.environ[BATCH_LOG]), {}, roles_of_nodes()
 
     def kill_held_node():
         while not killed:
@@ -114,8 +130,9 @@ def lose_an_env_node_during_eval(cluster, model: str, work: Path) -> dict:
     killer.start()
     stats = job.evaluate(cfg)
     lines = (work / "runs" / "eval" / "node-loss" / "predictions.jsonl").read_text().splitlines()
-    return {"stats": stats, "killed": killed, "batches": read_log(log),
-            "keys": [list(ev.Prediction.model_validate_json(line).key) for line in lines]}
+    return {"stats": stats, "killed": killed, "batches": [{**b, "roles": roles[b["node"]]} for b in read_log(log)],
+            "keys": [list(ev.Prediction.model_validate_json(line).key) for line in lines],
+            "policy_roles": policy_replica_roles()}
 
 
 def scale_under_load(model: str) -> dict:
@@ -123,7 +140,6 @@ def scale_under_load(model: str) -> dict:
     until Serve is back to one replica."""
     import asyncio
 
-    import ray
     from ray import serve
 
     from services.policy import PolicyClient
@@ -136,16 +152,24 @@ def scale_under_load(model: str) -> dict:
     result = {"before": policy_states(), "seen": [], "answered_by": []}
     stop = threading.Event()
 
-    async def load():
+    def load():
         client = PolicyClient(handle)
 
         async def one_user():
             while not stop.is_set():
                 await client.generate(prompt, [], Sampling(max_tokens=64, logprobs=False))
 
-        await asyncio.gather(*(one_user() for _ in range(LOAD)))
+        async def users():
+            await asyncio.gather(*(one_user() for _ in range(LOAD)))
 
-    loader = threading.Thread(target=lambda: asyncio.run(load()), daemon=True)
+        try:
+            asyncio.run(users())
+        except Exception:
+            import traceback
+
+            result["load_error"] = traceback.format_exc()
+
+    loader = threading.Thread(target=load, daemon=True)
     loader.start()
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and loader.is_alive():
@@ -169,11 +193,7 @@ def scale_under_load(model: str) -> dict:
         if states == {"RUNNING": 1}:
             break
         time.sleep(0.5)
-    result["after"] = policy_states()
-    nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-    replicas = [a for a in ray._private.state.actors().values() if a["State"] == "ALIVE"
-                and a["Name"].startswith("SERVE_REPLICA::vigorl#PolicyServer#")]
-    result["replica_nodes"] = [sorted(nodes[a["Address"]["NodeID"]]) for a in replicas]
+    result["after"], result["policy_roles"] = policy_states(), policy_replica_roles()
     return result
 
 
@@ -246,6 +266,7 @@ def test_eval_over_two_node_types_survives_losing_an_env_node(cluster_run):
     part = cluster_run["eval"]
     assert "error" not in part, part.get("error")
     killed, batches = part["killed"]["node"], part["batches"]
+    assert part["policy_roles"] == [["policy_node"]] and all(b["roles"] == ["env_node"] for b in batches)
     assert part["killed"]["predictions_before"] < 8  # the node went down mid-run
     lost = [b for b in batches if b["node"] == killed]
     assert lost and {b["event"] for b in lost} == {"start", "held"}  # evaluated there, never returned
@@ -253,18 +274,18 @@ def test_eval_over_two_node_types_survives_losing_an_env_node(cluster_run):
     redone = [b for b in batches if b["event"] == "end" and b["node"] != killed and set(b["ids"]) & lost_ids]
     assert {i for b in redone for i in b["ids"]} >= lost_ids  # run again, to the end, on the other env node
     keys = [tuple(k) for k in part["keys"]]
-    assert len(keys) == len(set(keys)) == 8 and {i for _, i in keys} >= lost_ids
+    assert len(keys) == len(set(keys)) == 8
     assert part["stats"]["evaluated"] == 8 and part["stats"]["errors"] == 0
 
 
 @pytest.mark.slow
 def test_policy_server_scales_up_under_load_and_back_down(cluster_run):
     part = cluster_run["autoscaling"]
-    assert "error" not in part, part.get("error")
+    assert "error" not in part and "load_error" not in part, part.get("error") or part.get("load_error")
     assert part["before"] == {"RUNNING": 1}
     assert {"RUNNING": 2} in part["seen"] and len(part["answered_by"]) == 2  # added, and serving
     assert part["after"] == {"RUNNING": 1}
-    assert part["replica_nodes"] and all("policy_node" in r for r in part["replica_nodes"])
+    assert part["policy_roles"] == [["policy_node"]]
 
 
 if __name__ == "__main__":
