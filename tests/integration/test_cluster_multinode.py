@@ -265,6 +265,20 @@ def cluster_run(subprocess_env, tiny_model_dir, tmp_path_factory) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def test_policy_autoscaling_reaches_the_policy_server_deployment(tiny_model_dir):
+    from services.app import ServeConfig, build_app
+
+    app = build_app({"model": str(tiny_model_dir), "policy_autoscaling": AUTOSCALING})
+    [policy] = [a._bound_deployment for a in app._bound_deployment.init_args
+                if getattr(a, "_bound_deployment", None) and a._bound_deployment.name == "PolicyServer"]
+    config = policy._deployment_config.autoscaling_config  # what Serve deploys (no public accessor)
+    assert config.model_dump(include=set(AUTOSCALING)) == AUTOSCALING
+    with pytest.raises(ValueError, match="set policy_replicas or policy_autoscaling, not both"):
+        ServeConfig(model="m", policy_replicas=2, policy_autoscaling={"max_replicas": 2})
+    with pytest.raises(ValueError, match=r"min_replicas \(3\) > max_replicas \(2\)"):
+        ServeConfig(model="m", policy_autoscaling={"min_replicas": 3, "max_replicas": 2})
+
+
 @pytest.mark.slow
 def test_eval_over_two_node_types_survives_losing_an_env_node(cluster_run):
     part = cluster_run["eval"]
