@@ -104,6 +104,7 @@ class Gateway:
         self._max_model_len: int | None = None
         self.app_name = serve.get_replica_context().app_name
         self._replicas: tuple[float, dict[str, int] | None] = (0.0, None)  # (when read, PolicyServer replica states)
+        self._states_read: asyncio.Future | None = None
         from ray.serve.metrics import Counter
 
         self._retries = Counter("vigorl_replica_retries", "requests run again after their policy replica died",
@@ -118,10 +119,16 @@ class Gateway:
 
     async def _replica_states(self) -> dict[str, int] | None:
         """PolicyServer replicas by state ({"RUNNING": 1, "STARTING": 1}), read from the Serve controller at most once
-        a second; None when the controller cannot say (then requests are not held back)."""
+        a second, by one read that concurrent requests share; None when the controller cannot say (then requests
+        are not held back)."""
         read_at, states = self._replicas
         if time.monotonic() - read_at < 1.0:
             return states
+        if self._states_read is None or self._states_read.done():
+            self._states_read = asyncio.ensure_future(self._read_replica_states())
+        return await asyncio.shield(self._states_read)
+
+    async def _read_replica_states(self) -> dict[str, int] | None:
         try:
             status = await asyncio.wait_for(asyncio.to_thread(serve.status), timeout=5)
             replicas = status.applications[self.app_name].deployments["PolicyServer"].replica_states
