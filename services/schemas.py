@@ -122,7 +122,8 @@ class GroundedSampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int | None = Field(None, ge=1, description="tokens per assistant turn; default: 512 or the server limit")
+    max_tokens: int | None = Field(None, ge=1,
+                                   description="tokens per assistant turn; default: 512 or the server limit")
     seed: int | None = None
 
 

@@ -4,8 +4,8 @@ Decoding untrusted image bytes is CPU work that must not block the HTTP ingress,
 `decode` checks the limits (vigorl_core.images), decodes and resizes to the model frame, and keeps the
 result in a store keyed by the content hash of the bytes, so an image that comes again (a chat client
 re-sends the whole history with every turn; benchmarks ask several questions per image) is not decoded
-twice. `crop` cuts a zoom crop from a stored image with the core ZoomEnv geometry; `annotate` draws
-numbered points on the original image.
+twice. `annotate` draws numbered points on the original image. Zoom crops are cut where the conversation
+runs (vigorl_core.zoom.ZoomEnv in the rollout driver), not here.
 
     zoom = ZoomServer.bind(profile, limits)            # in an app builder
     decoded = await zoom_handle.decode.remote(data, "image")
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
@@ -23,7 +23,6 @@ from ray import serve
 
 from vigorl_core.frames import FrameMap, ModelProfile, resize_to_model
 from vigorl_core.images import ImageError, ImageLimits, annotate_points, decode_image, png_bytes
-from vigorl_core.zoom import Crop, ZoomSettings, point_crop
 
 
 @dataclass
@@ -41,7 +40,7 @@ class DecodedImage:
 
 @serve.deployment(name="ZoomServer", max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
 class ZoomServer:
-    """Image decoding, the content-addressed image store, zoom crops and annotations."""
+    """Image decoding, the content-addressed image store and annotations."""
 
     def __init__(self, profile: dict[str, Any], limits: dict[str, Any], store_bytes: int = 512 * 1024 * 1024):
         self.profile = ModelProfile(**profile)
@@ -74,17 +73,6 @@ class ZoomServer:
         self._remember(decoded)
         return decoded
 
-    def crop(self, sha256: str, x: float, y: float, settings: ZoomSettings) -> Crop:
-        """A zoom crop around model-frame (x, y) of a stored image (KeyError if not stored here)."""
-        try:
-            decoded = self._store[sha256]
-        except KeyError:
-            raise KeyError(f"image {sha256[:12]} is not in this replica's store; decode it first") from None
-        return point_crop(decoded.image, x, y, settings)
-
     def annotate(self, data: bytes, points: list[tuple[float, float]], field: str = "image") -> bytes:
         """PNG of the ORIGINAL image with numbered markers at `points` (original-frame pixels)."""
         return png_bytes(annotate_points(decode_image(data, self.limits, field), points))
-
-    def stats(self) -> dict[str, Any]:
-        return {"images": len(self._store), "bytes": self._stored_bytes, "limits": asdict(self.limits)}

@@ -4,7 +4,7 @@ Template and observation pieces are tokenized here; generated pieces are the eng
 Engine ids carry ONE `<|image_pad|>` per image (vLLM expands it); training ids expand each to the
 processor's count, grid_h * grid_w / merge^2 of the model-frame image (docs/method.md "Token contract").
 Every piece boundary sits on a special token, so tokenizing pieces separately equals tokenizing the
-whole text (checked against the HF processor in tests/integration/test_rollout_parity.py).
+whole text (checked against the HF processor in tests/integration/test_rollout.py).
 """
 
 from __future__ import annotations

@@ -45,8 +45,8 @@ CI_RULE = ("ci95 is [low, high], a 95% interval of the mean: Wilson score interv
 @dataclass(frozen=True)
 class Benchmark:
     """How one benchmark is evaluated. `data` is its file under the original release's DATA_ROOT
-    (paths as in docs/method.md "Data of the original release"; None: not in the release). `paper` holds published (mean %, 95%
-    half-width or None); the V* intervals in the paper are one standard error, not 95%."""
+    (paths as in docs/method.md "Data of the original release"; None: not in the release). `paper` holds
+    published (mean %, 95% half-width or None); the V* intervals in the paper are one standard error, not 95%."""
 
     task: str
     mode: str

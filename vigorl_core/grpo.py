@@ -103,7 +103,8 @@ def behaviour_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Te
 
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_low: float = 0.2,
                 clip_high: float = 0.28, dual_clip: float = 3.0, aggregation: str = "token_mean",
-                normalizer: float | None = None, token_weights: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+                normalizer: float | None = None,
+                token_weights: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """Dual-clip PPO policy loss (verl's compute_policy_loss) and its statistics.
 
     logprobs, old_logprobs, mask: [B, T]; advantages: [B], one per sequence, broadcast over its tokens.

@@ -232,7 +232,7 @@ def to_multiturn(chains: Sequence[Chain], profile: ModelProfile, crop_dir: str |
     settings = zoom_settings(chains[0].task, profile.name)
     out = []
     for chain in chains:
-        env = ZoomEnv(model_image, settings, max_images=max_images, max_turns=max_images)
+        env = ZoomEnv(model_image, settings, max_images=max_images)
         turns, images, pending, zoomed, inside = [], list(chain.images), [], set(), True
         for step in chain.steps:
             pending.append(step)

@@ -2,7 +2,7 @@
 the run folders the jobs wrote; jobs/quickstart.py calls it).
 
     write_quickstart_report(out_dir, {"sft": runs/eval/<run>-sft, ...}, {"grpo": runs/grpo/<run>, ...})
-    -> out_dir/report.md, out_dir/curves.png, out_dir/examples/*.png, out_dir/results.json
+    -> out_dir/report.md, out_dir/curves.{png,svg}, out_dir/examples/*.png, out_dir/results.json
 
 Per model and benchmark: accuracy (the strict judge) with its 95% Wilson score interval, the format rate (the
 share of answers whose reward format term is not 0, i.e. that pass the format gate) and, on pointing, the
@@ -18,12 +18,13 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from vigorl_core.charts import line_panels
 from vigorl_core.evaluation import Prediction, read_predictions, round_floats
 from vigorl_core.images import annotate_points
 from vigorl_core.rewards import ci95
 
-CURVE_KEYS = (("reward_mean", "reward", (200, 40, 40)), ("accuracy", "accuracy", (40, 90, 200)),
-              ("format_rate", "format rate", (40, 150, 60)))
+CURVE_KEYS = (("reward_mean", "reward", "#c82828"), ("accuracy", "accuracy", "#285ac8"),
+              ("format_rate", "format rate", "#28963c"))
 
 
 def model_results(predictions: Sequence[Prediction]) -> dict[str, dict[str, Any]]:
@@ -58,35 +59,6 @@ def grpo_curves(metrics_path: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
             steps[record["step"]] = record
     return [steps[s] for s in sorted(steps)]
-
-
-def line_chart_png(path: Path, title: str, series: Mapping[str, list[dict[str, Any]]], size=(760, 300)) -> None:
-    """One panel per run in `series` (name -> step records): reward, accuracy and format rate over steps, 0..1."""
-    names = [name for name, records in series.items() if records]
-    width, height = size[0], size[1] * max(1, len(names))
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((10, 4), title, fill="black")
-    for row, name in enumerate(names):
-        records = series[name]
-        top = row * size[1] + 24
-        left, right, bottom = 50, width - 130, top + size[1] - 54
-        draw.rectangle([left, top, right, bottom], outline=(160, 160, 160))
-        draw.text((left, bottom + 6), f"{name}: GRPO step 1..{records[-1]['step']}", fill="black")
-        for tick in (0.0, 0.5, 1.0):
-            y = bottom - tick * (bottom - top)
-            draw.line([left - 4, y, left, y], fill="black")
-            draw.text((8, y - 6), f"{tick:.1f}", fill="black")
-        span = max(1, len(records) - 1)
-        for index, (key, label, colour) in enumerate(CURVE_KEYS):
-            points = [(left + i * (right - left) / span, bottom - float(r.get(key) or 0.0) * (bottom - top))
-                      for i, r in enumerate(records)]
-            if len(points) > 1:
-                draw.line(points, fill=colour, width=2)
-            else:
-                draw.ellipse([points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2], fill=colour)
-            draw.text((right + 10, top + 14 * index), label, fill=colour)
-    img.save(path)
 
 
 def example_png(path: Path, before: Prediction, after: Prediction, labels: tuple[str, str]) -> bool:
@@ -126,11 +98,11 @@ def _cell(result: dict[str, Any] | None, key: str) -> str:
 
 def write_quickstart_report(out_dir: str | Path, eval_runs: Mapping[str, Path], grpo_runs: Mapping[str, Path], *,
                             fast: bool = False, examples: int = 3, header: str = "") -> Path:
-    """report.md, curves.png, examples/ and results.json in `out_dir`; returns the report's path."""
+    """report.md, curves.png and .svg, examples/ and results.json in `out_dir`; returns the report's path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    predictions = {model: read_predictions(run / "predictions.jsonl").predictions for model, run in eval_runs.items()
-                   if (run / "predictions.jsonl").is_file()}
+    predictions = {model: read_predictions(run / "predictions.jsonl").predictions
+                   for model, run in eval_runs.items() if (run / "predictions.jsonl").is_file()}
     results = {model: model_results(preds) for model, preds in predictions.items()}
     curves = {name: grpo_curves(run / "metrics.jsonl") for name, run in grpo_runs.items()}
     (out / "results.json").write_text(json.dumps(round_floats({"models": results, "grpo": curves}), indent=1) + "\n")
@@ -143,15 +115,17 @@ def write_quickstart_report(out_dir: str | Path, eval_runs: Mapping[str, Path], 
                "interval in brackets; format is the share of answers that pass the reward's format gate; "
                "grounding is the share of "
                "reasoning points inside the target's box (pointing task)."), "",
-              "| model | pointing accuracy | format | grounding | visual search accuracy | visual search mode (turns) |",
+              ("| model | pointing accuracy | format | grounding | visual search accuracy "
+               "| visual search mode (turns) |"),
               "|---|---|---|---|---|---|"]
     for model, result in results.items():
         point, search = result.get("synthetic_grounding"), result.get("synthetic_visual_search")
         mode = f"{search['mode']} ({search['turns']:.1f})" if search else "-"
-        lines.append(f"| {model} | {_cell(point, 'accuracy')} | {_cell(point, 'format_rate')} | {_cell(point, 'grounding')} "
-                     f"| {_cell(search, 'accuracy')} | {mode} |")
+        lines.append(f"| {model} | {_cell(point, 'accuracy')} | {_cell(point, 'format_rate')} "
+                     f"| {_cell(point, 'grounding')} | {_cell(search, 'accuracy')} | {mode} |")
     if any(curves.values()):
-        line_chart_png(out / "curves.png", "GRPO: mean reward, accuracy and format rate of each step's rollouts", curves)
+        line_panels(out / "curves", "GRPO: mean reward, accuracy and format rate of each step's rollouts", curves,
+                    CURVE_KEYS)
         lines += ["", "## GRPO curves", "", "![GRPO curves](curves.png)", ""]
         for name, records in curves.items():
             if records:

@@ -39,7 +39,8 @@ class Sample(Record):
     images: list[str] = Field(description="image paths; relative paths resolve against the data root")
     question: str = Field(description="user text without image placeholders")
     options: list[str] = Field(default_factory=list, description="answer options (option text, no letters)")
-    answer: str = Field(description="ground truth as the original data writes it: option text, '(x1, y1, x2, y2)', action")
+    answer: str = Field(
+        description="ground truth as the original data writes it: option text, '(x1, y1, x2, y2)', action")
     bbox: Box | None = Field(default=None, description="target box (x1, y1, x2, y2) in the original frame of images[0]")
     point: tuple[float, float] | None = Field(default=None, description="target point in the original frame")
     category: str | None = None

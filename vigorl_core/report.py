@@ -1,12 +1,12 @@
-"""Human-readable evaluation outputs: the summary table, report.md, SVG bar charts, annotated examples, and
+"""Human-readable evaluation outputs: the summary table, report.md, bar charts, annotated examples, and
 the grounding-behaviour table (vigorl_core.behaviour).
 
     from vigorl_core.report import format_summary, write_report
     print(format_summary(metrics))                      # metrics = evaluation.compute_metrics(predictions)
-    write_report(run_dir, predictions, metrics)         # run_dir/report.md, plots/*.svg, examples/*.png
+    write_report(run_dir, predictions, metrics)         # run_dir/report.md, plots/*.{svg,png}, examples/*.png
 
-Plots are SVG written by hand (no plotting dependency): per benchmark one bar per category and score, with
-the 95% interval as an error bar. Examples draw on the ORIGINAL image: the ground-truth box, the reasoning
+Charts (vigorl_core.charts, matplotlib, PNG + SVG): per benchmark one bar per category and score, with the
+95% interval as an error bar. Examples draw on the ORIGINAL image: the ground-truth box, the reasoning
 points numbered in order, zoom centres and the answer point.
 """
 
@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from vigorl_core.behaviour import DEFAULT_RADIUS, TraceInfo, behaviour_table, markdown_table
+from vigorl_core.charts import bar_chart
 from vigorl_core.evaluation import Prediction
 
 SERIES = (("score", "score (strict)", "#4c72b0"), ("score_original", "score_original", "#dd8452"))
@@ -53,58 +54,16 @@ def format_summary(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------------ SVG charts
+# -------------------------------------------------------------------------------------------------- charts
 
-def bar_chart_svg(title: str, groups: Sequence[tuple[str, Sequence[tuple[float, float]]]],
-                  series: Sequence[tuple[str, str]], y_max: float = 100.0) -> str:
-    """Grouped bar chart with error bars as a self-contained SVG document.
-
-    groups: (label, [(mean, low, high) per series]) in the units of the y axis (percent here);
-    series: (legend label, colour) per bar of a group."""
-    bar, gap, left, top, plot_h = 26, 26, 52, 44, 220
-    group_w = bar * len(series) + gap
-    width = max(left + group_w * len(groups) + 20, 360)
-    height = top + plot_h + 90
-
-    def y(v: float) -> float:
-        return top + plot_h * (1 - min(max(v, 0.0), y_max) / y_max)
-
-    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">'),
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{left}" y="18" font-size="13" font-weight="bold">{escape(title)}</text>']
-    for i, (label, colour) in enumerate(series):  # legend
-        lx = left + i * 130
-        out.append(f'<rect x="{lx}" y="26" width="10" height="10" fill="{colour}"/>'
-                   f'<text x="{lx + 14}" y="35">{escape(label)}</text>')
-    for tick in range(5):
-        v = y_max * tick / 4
-        out.append(f'<line x1="{left}" x2="{width - 10}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#ddd"/>'
-                   f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
-    for g, (label, values) in enumerate(groups):
-        x0 = left + gap / 2 + g * group_w
-        for s, ((mean, low, high), (name, colour)) in enumerate(zip(values, series)):
-            x = x0 + s * bar
-            tip = f"{escape(label)} {escape(name)}: {mean:.1f} [{low:.1f}, {high:.1f}]"
-            out.append(f'<rect x="{x:.1f}" y="{y(mean):.1f}" width="{bar - 4}" height="{y(0) - y(mean):.1f}" '
-                       f'fill="{colour}"><title>{tip}</title></rect>')
-            cx, lo, hi = x + (bar - 4) / 2, y(low), y(high)
-            out.append(f'<path d="M{cx:.1f} {lo:.1f}V{hi:.1f}M{cx - 4:.1f} {lo:.1f}h8M{cx - 4:.1f} {hi:.1f}h8" '
-                       f'stroke="black" stroke-width="1.2" fill="none"/>')
-        lx, ly = x0 + (group_w - gap) / 2, y(0) + 12
-        text = label if len(label) <= 18 else label[:17] + "…"
-        out.append(f'<text x="{lx:.1f}" y="{ly:.1f}" text-anchor="end" '
-                   f'transform="rotate(-35 {lx:.1f} {ly:.1f})">{escape(text)}</text>')
-    out.append(f'<line x1="{left}" x2="{width - 10}" y1="{y(0)}" y2="{y(0)}" stroke="black"/></svg>')
-    return "\n".join(out) + "\n"
-
-
-def benchmark_chart(name: str, entry: dict[str, Any]) -> str:
-    """The chart of one metrics.json benchmark entry: 'all' then each category, both scores, percent."""
+def benchmark_chart(stem: str | os.PathLike, name: str, entry: dict[str, Any]) -> tuple[Path, Path]:
+    """The chart of one metrics.json benchmark entry, stem.png and stem.svg: 'all' then each category, both
+    scores in percent with their 95% intervals as error bars."""
     groups = [("all", entry)] + list(entry["categories"].items())
-    bars = [(label, [(100 * s[key]["mean"], 100 * s[key]["ci95"][0], 100 * s[key]["ci95"][1]) for key, _, _ in SERIES])
+    bars = [(label, [(100 * s[key]["mean"], 100 * s[key]["ci95"][0], 100 * s[key]["ci95"][1])
+                     for key, _, _ in SERIES])
             for label, s in groups]
-    return bar_chart_svg(f"{name}: mean with 95% interval (percent)", bars, [(lab, col) for _, lab, col in SERIES])
+    return bar_chart(stem, f"{name}: mean with 95% interval (percent)", bars, [(lab, col) for _, lab, col in SERIES])
 
 
 # ------------------------------------------------------------------------------------- annotated examples
@@ -174,14 +133,14 @@ def _clip(text: str | None, n: int = 160) -> str:
 def write_report(out_dir: str | os.PathLike, predictions: Sequence[Prediction], metrics: dict[str, Any], *,
                  examples: int = 3, title: str = "Evaluation report") -> Path:
     """Write out_dir/report.md with a table per benchmark (overall and per category), a chart per benchmark
-    (plots/<benchmark>.svg) and up to `examples` correct and wrong annotated examples (examples/*.png)."""
+    (plots/<benchmark>.svg and .png) and up to `examples` correct and wrong annotated examples (examples/*.png)."""
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     policies = sorted({p.policy for p in predictions if p.policy})
     md = [f"# {title}", "",
           f"{metrics['n']} predictions" + (f" of {', '.join(policies)}" if policies else "") + ". Scores in percent, "
-          "with the 95% Wilson score interval in brackets (see docs/evaluation.md). `score` is the strict judge, `score_original` the "
-          "original project's eval judge (comparable with published numbers).", ""]
+          "with the 95% Wilson score interval in brackets (see docs/evaluation.md). `score` is the strict judge, "
+          "`score_original` the original project's eval judge (comparable with published numbers).", ""]
     for name, entry in metrics["benchmarks"].items():
         md += [f"## {name}", "",
                (f"Task `{entry['task']}`, mode {', '.join(f'`{m}`' for m in entry['modes'])}; judges "
@@ -192,12 +151,12 @@ def write_report(out_dir: str | os.PathLike, predictions: Sequence[Prediction], 
                for c, s in entry["categories"].items()]
         md.append("")
         if entry["published"]:
-            md.append("Published (paper, ± its Wald 95% half-width): " + "; ".join(f"{who} {m:.1f}" + (f" ± {ci:.1f}" if ci is not None else "")
-                                                         for who, (m, ci) in entry["published"].items()))
+            md.append("Published (paper, ± its Wald 95% half-width): " + "; ".join(
+                f"{who} {m:.1f}" + (f" ± {ci:.1f}" if ci is not None else "")
+                for who, (m, ci) in entry["published"].items()))
         md += ["Finish: " + ", ".join(f"{k} {v}" for k, v in sorted(entry["finish"].items())), ""]
-        chart = out / "plots" / f"{_SAFE.sub('_', name)}.svg"
-        chart.write_text(benchmark_chart(name, entry), encoding="utf-8")
-        md += [f"![{name} by category](plots/{chart.name})", ""]
+        _, svg = benchmark_chart(out / "plots" / _SAFE.sub("_", name), name, entry)
+        md += [f"![{name} by category](plots/{svg.name})", ""]
         if examples > 0:
             md += _examples_section(out, name, [p for p in predictions if p.benchmark == name], examples)
     md += behaviour_section(predictions)

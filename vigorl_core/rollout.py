@@ -132,7 +132,7 @@ class Conversation:
         p = self.prepared
         self.segments.append(_Segment("prompt", list(p.prompt_ids), ""))
         self.images = list(p.images)
-        self.env = ZoomEnv(p.images[0], self.zoom, max_images=self.config.max_images, max_turns=self.config.max_turns)
+        self.env = ZoomEnv(p.images[0], self.zoom, max_images=self.config.max_images)
         self.prompt_len = len(self.chat.expand(p.prompt_ids, p.images))
         self.response_len = 0
 
@@ -203,7 +203,8 @@ class Conversation:
             crop = self.env.crop(*call.coordinate)
             if crop.clamped:
                 self.errors.append(f"turn {self.turn - 1}: point {list(call.coordinate)} outside the "
-                                   f"{self.env.image.width}x{self.env.image.height} image, clamped to {list(crop.point)}")
+                                   f"{self.env.image.width}x{self.env.image.height} image, "
+                                   f"clamped to {list(crop.point)}")
             text = self.chat.observation_text(self.zoom.draw_dot)
             crop_image, visible = crop.image, observation_text(self.zoom.draw_dot) + OBSERVATION_TAIL
         obs_ids = self.chat.encode(text)

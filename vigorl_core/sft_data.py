@@ -11,7 +11,8 @@ Bad records raise `DataError` naming file, line and field.
 `encode_conversation` lays the conversation out exactly as the rollout driver does (chat_tokens.py):
 
     <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{image}{question}<|im_end|>\\n<|im_start|>assistant\\n
-    {turn 1}<|im_end|>  \\n<|im_start|>user\\n<observation>\\n...{crop}\\n</observation><|im_end|>\\n<|im_start|>assistant\\n
+    {turn 1}<|im_end|>  \\n<|im_start|>user\\n<observation>\\n...{crop}\\n</observation><|im_end|>\\n
+    <|im_start|>assistant\\n
     {turn 2}<|im_end|>  \\n
 
 Labels are the ids of the assistant turns (their text and their `<|im_end|>`) and -100 everywhere else:
@@ -218,7 +219,8 @@ class SFTDataset:
         import torch
 
         ex = self.examples[index]
-        item = {"input_ids": torch.tensor(ex.input_ids, dtype=torch.long), "labels": torch.tensor(ex.labels, dtype=torch.long)}
+        item = {"input_ids": torch.tensor(ex.input_ids, dtype=torch.long),
+                "labels": torch.tensor(ex.labels, dtype=torch.long)}
         if ex.images:
             images = []
             for p in ex.images:
@@ -229,7 +231,8 @@ class SFTDataset:
             got = (grid.prod(-1) // self.profile.merge_size ** 2).tolist()
             if got != ex.image_tokens:
                 raise ValueError(f"example {ex.id}: the image processor gives {got} tokens per image, the "
-                                 f"encoding expanded {ex.image_tokens} (processor size settings differ from the profile?)")
+                                 f"encoding expanded {ex.image_tokens} "
+                                 "(processor size settings differ from the profile?)")
             item["pixel_values"], item["image_grid_thw"] = vision["pixel_values"], grid
         return item
 

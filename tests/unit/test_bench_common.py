@@ -16,7 +16,8 @@ def test_write_result_default_folder_a_chosen_folder_or_a_file(tmp_path, monkeyp
     monkeypatch.setattr(common, "DEFAULT_OUT", tmp_path / "default")
     monkeypatch.setattr(common, "_gpu_name", lambda: None)
     assert common.write_result("mcts", "expansions", {"ratio": 2.0}) == tmp_path / "default" / "mcts_expansions.json"
-    assert common.write_result("mcts", "expansions", {"ratio": 2.0}, tmp_path / "b") == tmp_path / "b/mcts_expansions.json"
+    in_b = common.write_result("mcts", "expansions", {"ratio": 2.0}, tmp_path / "b")
+    assert in_b == tmp_path / "b/mcts_expansions.json"
     path = common.write_result("mcts", "expansions", {"ratio": 3.0}, str(tmp_path / "x.json"))
     assert path == tmp_path / "x.json" and json.loads(path.read_text())["ratio"] == 3.0
     assert "commit" in json.loads(path.read_text())

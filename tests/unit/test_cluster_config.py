@@ -45,7 +45,7 @@ def test_cluster_yaml_passes_rays_validator():
     assert "GPU" not in types["env"]["resources"]
     assert sum(types[n]["max_workers"] for n in ROLES.values()) <= config["max_workers"]
     assert config["idle_timeout_minutes"] > 0
-    assert any('vigorl[gpu]' in c for c in config["setup_commands"])
+    assert any('vigorl[gpu,train]' in c for c in config["setup_commands"])
     assert config["file_mounts"]["~/vigorl"] == "."
     # shared storage: mounted on the host and handed to the container at the path the configs use
     assert any("/mnt/shared" in c and "mount" in c for c in config["initialization_commands"])
@@ -111,7 +111,8 @@ def test_every_piece_of_a_cluster_config_lands_on_a_node_type_that_fits_it(path)
         assert node == expected.get(piece, "env"), f"{path}: {piece} asks for the {node} role"
         offered = types[node]["resources"]
         for resource, amount in request.items():
-            assert amount <= offered.get(resource, 0), f"{path}: {piece} needs {resource}={amount}, {node} has {offered}"
+            assert amount <= offered.get(resource, 0), \
+                f"{path}: {piece} needs {resource}={amount}, {node} has {offered}"
 
 
 @pytest.mark.parametrize("path", ["grpo_tiny.yaml", "sft_tiny.yaml", "eval_tiny.yaml", "mcts_tiny.yaml"])

@@ -163,7 +163,7 @@ def test_every_pod_runs_the_image_of_the_dockerfile():
     dockerfile = (KUBERAY / "Dockerfile").read_text()
     assert f"FROM rayproject/ray:{RAY_VERSION}-py311-gpu" in dockerfile
     assert f"COPY --chown=ray:users . {IMAGE_ROOT}" in dockerfile
-    assert f'pip install --no-cache-dir -e "{IMAGE_ROOT}[gpu]"' in dockerfile
+    assert f'pip install --no-cache-dir -e "{IMAGE_ROOT}[gpu,train]"' in dockerfile
 
 
 # ------------------------------------------------------------------------------------------- docs/cluster.md
@@ -193,7 +193,8 @@ def test_every_ray_job_submit_in_docs_cluster_md_runs_a_stage_that_parses():
 
 def test_every_file_docs_cluster_md_names_exists():
     text = (REPO / "docs" / "cluster.md").read_text()
-    named = set(re.findall(r"\b((?:configs|deploy/kuberay|docs|jobs|services|tests/\w+)/[\w./-]+\.(?:yaml|py|md))", text))
+    named = set(re.findall(r"\b((?:configs|deploy/kuberay|docs|jobs|services|tests/\w+)/[\w./-]+\.(?:yaml|py|md))",
+                           text))
     named |= {"cluster.yaml"}
     assert len(named) > 5
     for path in named:

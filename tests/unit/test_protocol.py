@@ -108,7 +108,8 @@ def test_tool_call_parsing(body, coord, error):
 
 
 def test_unclosed_tool_call_is_not_executable():
-    t = P.parse_response('<think>t</think><tool_call>{"name": "search_coordinate", "arguments": {"coordinate": [1, 2]}}')
+    t = P.parse_response('<think>t</think><tool_call>{"name": "search_coordinate", '
+                         '"arguments": {"coordinate": [1, 2]}}')
     (call,) = t.tool_calls
     assert call.coordinate is None and call.error == "unclosed <tool_call>"
 

@@ -58,12 +58,13 @@ def test_report_has_a_row_per_model_the_curves_and_before_after_examples(pointin
     grpo = tmp_path / "grpo"
     grpo.mkdir()
     (grpo / "metrics.jsonl").write_text("".join(
-        json.dumps({"step": s, "reward_mean": 0.1 * s, "accuracy": 0.05 * s, "format_rate": 0.9}) + "\n" for s in (1, 2, 3)))
+        json.dumps({"step": s, "reward_mean": 0.1 * s, "accuracy": 0.05 * s, "format_rate": 0.9}) + "\n"
+        for s in (1, 2, 3)))
     report = write_quickstart_report(tmp_path / "out", evals, {"grpo": grpo, "grpo_zoom": tmp_path / "none"})
     text = report.read_text()
     assert "| sft | 25% [5%, 70%] | 100% | 25% |" in text and "| grpo | 100% [51%, 100%] | 100% | 100% |" in text
     assert "grpo: 3 steps; reward 0.10 -> 0.30, accuracy 5% -> 15%" in text
-    assert (tmp_path / "out" / "curves.png").is_file()
+    assert (tmp_path / "out" / "curves.png").is_file() and (tmp_path / "out" / "curves.svg").is_file()
     examples = sorted((tmp_path / "out" / "examples").glob("*.png"))
     assert len(examples) == 3 and text.count("![grounding-") == 3  # RL's fixes first: three of the four
     saved = json.loads((tmp_path / "out" / "results.json").read_text())

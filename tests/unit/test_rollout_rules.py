@@ -94,7 +94,8 @@ def test_a_turn_that_fills_the_budget_gets_no_eos_past_it(chat, case):
 def test_a_response_that_just_stops(chat, mode, finish):
     """Single-turn has no tool to call: stopping without `</answer>` is `no_answer`; in multi-turn a turn with
     neither a tool call nor an answer is `no_tool_call`. An answer is `answer` in every mode."""
-    conv = _run(_conversation(chat, mode=mode, max_response_tokens=4096), [_gen(chat, "<think> hmm </think>", eos=True)])
+    conv = _run(_conversation(chat, mode=mode, max_response_tokens=4096),
+                [_gen(chat, "<think> hmm </think>", eos=True)])
     assert conv.finish == finish and conv.to_rollout().record.finish == finish
     assert _run(_conversation(chat, mode=mode, max_response_tokens=4096), [_answer(chat)]).finish == "answer"
 

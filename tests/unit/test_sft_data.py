@@ -115,7 +115,8 @@ def test_multiturn_mask_only_assistant_tokens_carry_loss(multiturn, chat, proces
     # Labelled tokens are exactly the three assistant turns, each with its <|im_end|>, in three runs.
     labelled = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
     assert chat.decode(labelled) == f"{TURN_1}<|im_end|>{TURN_2}<|im_end|>{TURN_3}<|im_end|>"
-    runs = sum(1 for i, label in enumerate(labels) if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX))
+    runs = sum(1 for i, label in enumerate(labels)
+               if label != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX))
     assert runs == 3
     masked_ids = {t for t, label in zip(ids, labels) if label == IGNORE_INDEX}
     for token in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>"):
@@ -195,7 +196,8 @@ def _write(tmp_path: Path, records, name="c.jsonl") -> Path:
 
 
 def _rec(**kw):
-    rec = {"messages": [{"role": "user", "content": "<image>Where?"}, {"role": "assistant", "content": "<answer> x </answer>"}],
+    rec = {"messages": [{"role": "user", "content": "<image>Where?"},
+                        {"role": "assistant", "content": "<answer> x </answer>"}],
            "images": ["a.png"]}
     rec.update(kw)
     return rec

@@ -86,5 +86,6 @@ def test_trackers_are_off_by_default_and_need_their_package(run_dir):
     _run(run_dir, TrackerSettings(), 0, [(1, 0.5)])
     assert not (run_dir / "trackers.json").exists()
     if importlib.util.find_spec("wandb") is None:
-        with pytest.raises(ValidationError, match=r"wandb\n.*needs the wandb package.*pip install 'vigorl\[trackers\]'"):
+        needs_the_package = r"wandb\n.*needs the wandb package.*pip install 'vigorl\[trackers\]'"
+        with pytest.raises(ValidationError, match=needs_the_package):
             TrackerSettings(wandb="proj")

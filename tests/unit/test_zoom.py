@@ -149,8 +149,7 @@ def test_budget_five_images_is_four_crops():
 
 
 def test_budget_custom_and_invalid():
-    env = ZoomEnv(gradient(), NO_DOT, max_images=2, max_turns=3)
-    assert env.max_turns == 3
+    env = ZoomEnv(gradient(), NO_DOT, max_images=2)
     env.crop(1, 1)
     assert env.needs_forced_final and not env.can_zoom
     one = ZoomEnv(gradient(), NO_DOT, max_images=1)
