@@ -11,7 +11,8 @@ synchronised around every phase:
   frozen tower is recomputed and backpropagated; its window attention is one call per window);
 - vigorl: `vigorl_core.sft_train.prepare_for_training` as the SFT job does it (tower out of autograd,
   batched window attention, cuDNN attention off);
-- deepspeed: the vigorl model in a single-rank DeepSpeed ZeRO-2 engine (the job's config): its overhead.
+- deepspeed: the vigorl model in a single-rank DeepSpeed engine with the job's config (one bf16 rank: the
+  BF16 optimizer); deepspeed_zero2: the same with ZeRO-2 forced (what the job ran before): their overheads.
 ratio = vigorl / stock tokens/s (plain loops) -> runs/bench/sft_step_<gpu|cpu>.json (--out). `vision_nograd`
 times the tower's forward alone (not part of the step). `--trace` prints torch.profiler's top operators.
 """
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--micro-steps", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=1344)
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--micro-batch", type=int, default=1, help="examples per micro-step")
     parser.add_argument("--trace", action="store_true")
     parser.add_argument("--arms", default="stock,vigorl,deepspeed")
     from bench.common import add_out_argument
@@ -131,7 +133,8 @@ def main() -> None:
     device = "cpu" if args.cpu else "cuda"
     work = Path(tempfile.mkdtemp(prefix="vigorl-sft-profile-"))
     chat = ChatTokens.from_pretrained(args.model)
-    chains = write_synthetic_chains(work / "chains", 8, 0, chat.profile, image_size=(args.image_size,) * 2)
+    chains = write_synthetic_chains(work / "chains", 4 * args.micro_batch, 0, chat.profile,
+                                    image_size=(args.image_size,) * 2)
     cfg = SFTConfig(model=args.model, data=str(chains), runs_dir=str(work))
     data = _prepare_data(cfg, Path(args.model))
     processor = AutoProcessor.from_pretrained(args.model)
@@ -140,8 +143,8 @@ def main() -> None:
     batches = []
     for i in range(args.micro_steps):
         t = time.perf_counter()
-        batches.append(collate([dataset[i * 2 % len(dataset)]], pad_id=chat.tokenizer.pad_token_id,
-                               image_pad_id=chat.image_pad_id))
+        examples = [dataset[(i * args.micro_batch + j) % len(dataset)] for j in range(args.micro_batch)]
+        batches.append(collate(examples, pad_id=chat.tokenizer.pad_token_id, image_pad_id=chat.image_pad_id))
         fetch.append(time.perf_counter() - t)
     report = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "args": vars(args),
               "data_seconds_per_example": statistics.median(fetch),
@@ -165,17 +168,26 @@ def main() -> None:
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
-    if "deepspeed" in arms:
+    for arm in ("deepspeed", "deepspeed_zero2"):
+        if arm not in arms:
+            continue
         import deepspeed
 
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
         model = _model(args.model, device, bf16, checkpointing, stock=False)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(
-            2, 1, 1, 1, bf16, 1.0, gpu=device == "cuda"))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6,
+                                      fused=device == "cuda" or None)
+        config = deepspeed_config(2, args.micro_batch, 1, 1, bf16, 1.0, gpu=device == "cuda")
+        if arm == "deepspeed_zero2":
+            config["zero_optimization"]["stage"] = 2
+            config.pop("data_types", None)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         engine.train()
-        report["deepspeed"] = _profile_arm("deepspeed", engine, engine.step, engine.backward, batches, device,
-                                           args.trace)
+        report[arm] = _profile_arm(arm, engine, engine.step, engine.backward, batches, device, args.trace)
+        del model, optimizer, engine
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     print(json.dumps(report, indent=2))
     if "stock" in report and "vigorl" in report:
         from bench.common import write_result
@@ -183,13 +195,12 @@ def main() -> None:
         result = {"ratio": report["vigorl"]["tokens_per_s"] / report["stock"]["tokens_per_s"],
                   "metric": "training tokens/s of one micro-step (copy + forward + backward + AdamW), plain "
                             "loop, vigorl's model preparation / stock transformers recipe",
-                  **report, "config": {"model": args.model, "micro_batch": 1, "image_size": args.image_size,
+                  **report, "config": {"model": args.model, "micro_batch": args.micro_batch,
+                                       "image_size": args.image_size,
                                        "gradient_checkpointing": checkpointing, "precision": "bf16" if bf16 else "fp32",
                                        "steady_micro_steps": max(1, args.micro_steps - 1)}}
         path = write_result("sft", f"step_{'cpu' if args.cpu else 'gpu'}", result, args.out)
         print("ratio", result["ratio"], "->", path)
-
-
 
 
 if __name__ == "__main__":

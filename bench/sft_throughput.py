@@ -81,14 +81,16 @@ def baseline(config_path: str, out_path: str, pure_bf16: bool = False) -> None:
     trainable = prepare_for_training(model, freeze_vision_tower=cfg.freeze_vision_tower,
                                      freeze_projector=cfg.freeze_projector,
                                      gradient_checkpointing=cfg.gradient_checkpointing)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
+                                  fused=cfg.use_gpu or None)  # what HF Trainer picks on a GPU (adamw_torch_fused)
     chat = ChatTokens.from_pretrained(cfg.model)
     processor = AutoProcessor.from_pretrained(cfg.model)
     plan = BatchPlan([e.length for e in data["train"]], cfg.global_batch_size, cfg.micro_batch_size, 1, cfg.seed)
     loader = torch.utils.data.DataLoader(
         SFTDataset(data["train"], processor.image_processor, chat.profile),
         batch_sampler=plan.rank_batches(0, 0, cfg.max_steps), num_workers=cfg.dataloader_workers,
-        collate_fn=partial(collate, pad_id=chat.tokenizer.pad_token_id, image_pad_id=chat.image_pad_id))
+        collate_fn=partial(collate, pad_id=chat.tokenizer.pad_token_id, image_pad_id=chat.image_pad_id),
+        pin_memory=cfg.use_gpu)
     batches = iter(loader)
     records = []
     model.train()
@@ -99,7 +101,7 @@ def baseline(config_path: str, out_path: str, pure_bf16: bool = False) -> None:
         labels = sum(data["train"][i].label_tokens for i in plan.step_batch(step))
         loss = tokens = 0.0
         for _ in range(plan.accumulation):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             with autocast():
                 nll, _ = _forward(model, batch)
             (nll / labels).backward()
@@ -132,6 +134,12 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder (default: build tiny, or 3b with --gpu)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per arm (default 30 CPU, 12 GPU)")
     parser.add_argument("--warmup", type=int, default=None, help="steps left out of the rate (default 5 CPU, 3 GPU)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="examples per forward (default 2 CPU and GPU)")
+    parser.add_argument("--global-batch", type=int, default=None, help="examples per step (default 16 CPU, 16 GPU)")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (GPU default: off; "
+                        "an H200 holds a 3B model's activations at micro-batch 2 of ~3k tokens)")
+    parser.add_argument("--zero-stage", type=int, default=2, help="the job's zero_stage (one bf16 rank at 1 or 2 "
+                        "runs DeepSpeed's BF16 optimizer)")
     parser.add_argument("--baseline", default=None, help=argparse.SUPPRESS)  # internal: run the plain loop
     parser.add_argument("--baseline-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--pure-bf16", action="store_true", help=argparse.SUPPRESS)
@@ -178,11 +186,11 @@ def _measure(args, work: Path) -> dict:
     workers = 1 if gpu else 2
     config = {
         "run_name": "vigorl", "runs_dir": str(work / "runs"), "model": str(model), "data": str(chains),
-        "max_length": 8192, "max_steps": steps, "global_batch_size": 8 if gpu else 16,
-        "micro_batch_size": 1 if gpu else 2, "lr": 1e-5, "warmup_ratio": 0.0, "freeze_vision_tower": gpu,
-        "num_workers": workers, "use_gpu": gpu, "cpus_per_worker": 4 if gpu else 1, "zero_stage": 2,
-        "precision": "bf16" if gpu else "fp32", "gradient_checkpointing": gpu, "attn_implementation": "sdpa",
-        "dataloader_workers": 2 if gpu else 0, "save_every": 10 ** 6, "save_at_end": False,
+        "max_length": 8192, "max_steps": steps, "global_batch_size": args.global_batch or 16,
+        "micro_batch_size": args.micro_batch or 2, "lr": 1e-5, "warmup_ratio": 0.0, "freeze_vision_tower": gpu,
+        "num_workers": workers, "use_gpu": gpu, "cpus_per_worker": 8 if gpu else 1, "zero_stage": args.zero_stage,
+        "precision": "bf16" if gpu else "fp32", "gradient_checkpointing": args.checkpointing,
+        "attn_implementation": "sdpa", "dataloader_workers": 4 if gpu else 0, "save_every": 10 ** 6, "save_at_end": False,
         "eval_every": 10 ** 6, "log_every": 5,
     }
     config_path = work / "sft.yaml"

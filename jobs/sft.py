@@ -226,7 +226,8 @@ def train_worker(config: dict) -> None:
     train_set = SFTDataset(data["train"], processor.image_processor, chat.profile)
     val_set = SFTDataset(data["val"], processor.image_processor, chat.profile)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=plan.rank_batches(rank, start, total),
-                                         collate_fn=collate_fn, num_workers=cfg.dataloader_workers)
+                                         collate_fn=collate_fn, num_workers=cfg.dataloader_workers,
+                                         pin_memory=cfg.use_gpu)  # pinned: the copy below does not block
     batches = iter(loader)
     label_tokens = [e.label_tokens for e in data["train"]]
     device = engine.device
@@ -241,7 +242,7 @@ def train_worker(config: dict) -> None:
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, examples (NCCL: on GPU)
         engine.train()
         for _ in range(plan.accumulation):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
             nll, _ = _forward(engine, batch)
             # DeepSpeed divides by the accumulation steps and averages over ranks: scaled so, the update
             # follows the mean loss per labelled token of the whole global batch, however lengths fall.

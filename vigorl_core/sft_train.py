@@ -3,7 +3,8 @@
 - `cosine_lr`: the learning rate of an optimizer step (linear warmup, cosine decay), a function of the
   step alone, so a resumed run continues the schedule without scheduler state;
 - `loss_positions` / `token_nll`: next-token loss summed over labelled tokens;
-- `deepspeed_config`: the ZeRO config for a stage, batch split and precision;
+- `deepspeed_config`: the ZeRO config for a stage, batch split and precision (one bf16 rank: the
+  BF16 optimizer, no ZeRO buckets);
 - `prepare_for_training`: which parameters train (vision tower frozen by default), gradient checkpointing,
   the vision tower's batched window attention and the attention backend;
 - `set_system_template` / `save_hf_checkpoint`: a standard Hugging Face folder (weights, processor,
@@ -61,7 +62,14 @@ def deepspeed_config(stage: int, micro_batch: int, accumulation: int, world_size
                      max_grad_norm: float, offload_optimizer: bool = False, gpu: bool = False) -> dict[str, Any]:
     """DeepSpeed config for ZeRO `stage` with a client (torch) optimizer: DeepSpeed's own Adam variants
     JIT-compile C++/CUDA ops on first use (20-30 s each), torch's AdamW needs nothing built. Gradient
-    communication overlaps backward on GPUs (CUDA streams); gloo on CPU has no streams to overlap on."""
+    communication overlaps backward on GPUs (CUDA streams); gloo on CPU has no streams to overlap on.
+
+    One rank with bf16 and stage 1 or 2 (`uses_bf16_optimizer`): ZeRO has nothing to partition, and stage 2's
+    gradient buckets cost a 3B micro-step 0.23 s of backward and 0.17 s of optimizer on an H100
+    (bench/sft_profile.py), so the config asks for DeepSpeed's BF16 optimizer instead (stage 1 with fp32
+    gradient accumulation): the same fp32 master weights, AdamW state and fp32 gradient sums, no buckets."""
+    bf16_optimizer = uses_bf16_optimizer(stage, world_size, bf16, offload_optimizer)
+    stage = 1 if bf16_optimizer else stage
     zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": gpu,
                             "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
     if stage == 3:
@@ -70,7 +78,7 @@ def deepspeed_config(stage: int, micro_batch: int, accumulation: int, world_size
                     stage3_param_persistence_threshold=1e5)
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": micro_batch * accumulation * world_size,
@@ -82,6 +90,15 @@ def deepspeed_config(stage: int, micro_batch: int, accumulation: int, world_size
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
+    if bf16_optimizer:  # bf16 weights + fp32 gradient sums at stage 1 = DeepSpeed's BF16_Optimizer
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
+
+
+def uses_bf16_optimizer(stage: int, world_size: int, bf16: bool, offload_optimizer: bool = False) -> bool:
+    """Whether a run gets DeepSpeed's BF16 optimizer instead of ZeRO: bf16, one rank, stage 1 or 2 (stage 3
+    and optimizer offload are asked for memory, not speed, and keep ZeRO)."""
+    return world_size == 1 and bf16 and stage in (1, 2) and not offload_optimizer
 
 
 def prepare_for_training(model: Any, *, freeze_vision_tower: bool = True, freeze_projector: bool = False,
