@@ -1,6 +1,6 @@
-"""One bf16 trainer rank runs DeepSpeed's BF16 optimizer instead of ZeRO buckets (vigorl_core.sft_train.deepspeed_config):
-the config, and a real DeepSpeed engine on CPU that steps, clips, reports its gradient norm and resumes exactly from a
-checkpoint (what the SFT and GRPO jobs rely on when they restart from one)."""
+"""One bf16 trainer rank runs DeepSpeed's BF16 optimizer instead of ZeRO buckets
+(vigorl_core.sft_train.deepspeed_config): the config, and a real DeepSpeed engine on CPU that steps, clips, reports
+its gradient norm and resumes exactly from a checkpoint (what the SFT and GRPO jobs rely on when they restart)."""
 
 from __future__ import annotations
 
