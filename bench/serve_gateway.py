@@ -11,6 +11,11 @@ generate the same tokens) and shape the answer.
 Concurrency 1 and 16; arms alternate per round, `repeats` rounds after a warm-up. Latency p50/p99 and
 requests/s per arm and concurrency. `ratio` = direct p50 / gateway p50 at concurrency 1 (> 1 would mean
 the gateway is faster; overhead = 1/ratio - 1). Writes runs/bench/serve_gateway_overhead.json (--out).
+
+`hops_ms` splits the median request at concurrency 1 by hop: for the gateway from its `Server-Timing` header
+(image decode in the ZoomServer, PolicyServer calls, the time the engine reported, the handler's total; the rest of
+the client's latency is HTTP and the Serve proxy), for the direct arm from the same timing wrapper around its
+engine (`vigorl_core.engine.TimedPolicy`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,17 @@ import time
 from jobs.common import REPO_ROOT, set_runtime_env
 
 
+def _hops(requests: list[dict[str, float]]) -> dict[str, float]:
+    """Median milliseconds per hop over requests; `client_minus_total` is HTTP, the Serve proxy and (direct arm)
+    nothing but the bench's own bookkeeping, `total_minus_policy` the handler's own work (prompt, response)
+    plus the image hop, `policy_minus_engine` what reaching the engine costs (Serve handle, image protocol)."""
+    split = {name: statistics.median(r[name] for r in requests) for name in requests[0]}
+    split.update(client_minus_total=statistics.median(r["client"] - r["total"] for r in requests),
+                 total_minus_policy=statistics.median(r["total"] - r["policy"] for r in requests),
+                 policy_minus_engine=statistics.median(r["policy"] - r["engine"] for r in requests))
+    return {k: round(v, 2) for k, v in split.items()}
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -37,7 +53,7 @@ async def _main(args) -> dict:
     from jobs.serve import start
     from services.app import ServeConfig
     from vigorl_core.chat_tokens import ChatTokens
-    from vigorl_core.engine import EngineConfig, VLLMEngine
+    from vigorl_core.engine import EngineConfig, TimedPolicy, VLLMEngine
     from vigorl_core.images import ImageLimits, decode_image
     from vigorl_core.records import Sample
     from vigorl_core.rollout import RolloutConfig, RolloutDriver
@@ -51,14 +67,13 @@ async def _main(args) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # Both arms' engines share the machine (and the GPU on a GPU host: each takes a share of its memory).
-    engine_settings = {"dtype": args.dtype, "enforce_eager": not args.compile,
+    engine_settings = {"dtype": args.dtype, "enforce_eager": True if args.eager else None,
                        "gpu_memory_utilization": args.gpu_memory_utilization}
     url = start(ServeConfig(model=model, port=port, engine=engine_settings, policy_gpus=args.policy_gpus))
     engine = await VLLMEngine.create(EngineConfig(model=model, **engine_settings))
     chat = ChatTokens.from_pretrained(model)
     config = RolloutConfig(mode="grounded", temperature=0.0, max_turns=1, max_tokens_per_turn=args.max_tokens,
                            score=False)
-    driver = RolloutDriver(engine, chat, config)
 
     requests = []
     for sample, image in generate("grounding", args.requests, seed=1):
@@ -66,35 +81,46 @@ async def _main(args) -> dict:
         image.save(buffer, format="PNG")
         requests.append((sample.question, buffer.getvalue()))
 
-    async def direct(query: str, png: bytes) -> int:
+    async def direct(query: str, png: bytes) -> tuple[int, dict[str, float]]:
+        started = time.perf_counter()
         image = decode_image(png, ImageLimits(), "image")
+        decoded = time.perf_counter()
+        timed = TimedPolicy(engine)
+        driver = RolloutDriver(timed, chat, config)
         sample = Sample(id="b", task="grounding", source="bench", images=[], question=query, answer="")
         [rollout] = await driver.rollout_group(driver.prepare(sample, [image]))
-        return sum(rollout.record.loss_mask)
+        hops = {"image": decoded - started, "policy": timed.seconds, "engine": timed.engine_seconds,
+                "total": time.perf_counter() - started}
+        return sum(rollout.record.loss_mask), {k: 1000 * v for k, v in hops.items()}
 
     client = httpx.AsyncClient(base_url=url, timeout=600)
 
-    async def gateway(query: str, png: bytes) -> int:
+    async def gateway(query: str, png: bytes) -> tuple[int, dict[str, float]]:
         body = {"image": "data:image/png;base64," + base64.b64encode(png).decode(), "query": query,
                 "task": "grounding", "sampling": {"temperature": 0.0, "max_tokens": args.max_tokens}}
         response = await client.post("/v1/grounded", json=body)
         response.raise_for_status()
-        return response.json()["usage"]["completion_tokens"]
+        hops = {name: float(dur.split("=")[1]) for name, dur in
+                (part.strip().split(";") for part in response.headers["Server-Timing"].split(","))}
+        return response.json()["usage"]["completion_tokens"], hops
 
     async def measure(arm, concurrency: int) -> dict:
         gate = asyncio.Semaphore(concurrency)
         latencies: list[float] = []
         tokens: list[int] = []
+        hops: list[dict[str, float]] = []
 
         async def one(query, png):
             async with gate:
                 t0 = time.perf_counter()
-                tokens.append(await arm(query, png))
+                generated, request_hops = await arm(query, png)
                 latencies.append(time.perf_counter() - t0)
+                tokens.append(generated)
+                hops.append({**request_hops, "client": 1000 * latencies[-1]})
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one(q, p) for q, p in requests))
-        return {"seconds": time.perf_counter() - t0, "latencies": latencies, "tokens": sum(tokens)}
+        return {"seconds": time.perf_counter() - t0, "latencies": latencies, "tokens": sum(tokens), "hops": hops}
 
     arms = {"direct": direct, "gateway": gateway}
     for arm in arms.values():  # warm-up
@@ -114,6 +140,7 @@ async def _main(args) -> dict:
             "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * _percentile(latencies, 0.99),
             "requests_per_s": statistics.median(len(r["latencies"]) / r["seconds"] for r in rounds),
             "generated_tokens_per_round": [r["tokens"] for r in rounds],
+            "hops_ms": _hops([h for r in rounds for h in r["hops"]]),
         }
     d1, g1 = summary["direct"]["concurrency_1"], summary["gateway"]["concurrency_1"]
     d16, g16 = summary["direct"]["concurrency_16"], summary["gateway"]["concurrency_16"]
@@ -127,8 +154,9 @@ async def _main(args) -> dict:
         "config": {"model": "tiny (random weights)" if args.model is None else args.model,
                    "requests_per_round": args.requests, "repeats": args.repeats, "max_tokens": args.max_tokens,
                    "task": "grounding (400x300 synthetic PNGs, distinct per request)", "temperature": 0.0,
-                   "engine": f"vLLM AsyncLLM, {args.dtype}, {'compiled' if args.compile else 'eager'}; gateway arm "
-                             "in a Serve replica, direct arm in-process",
+                   "engine": "vLLM AsyncLLM, " + args.dtype + (", eager" if args.eager else ", EngineConfig's "
+                             "defaults (compiled on a GPU, eager on CPU)") + "; gateway arm in a Serve replica, "
+                             "direct arm in-process",
                    "gpu_memory_utilization": args.gpu_memory_utilization, "policy_gpus": args.policy_gpus},
     }
 
@@ -140,7 +168,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32", help="bfloat16 on GPUs")
-    parser.add_argument("--compile", action="store_true", help="CUDA graphs / torch.compile (GPU)")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs on a GPU (the default compiles there)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="per engine (two share a GPU)")
     parser.add_argument("--policy-gpus", type=float, default=0.0, help="GPUs of the Serve replica (1 on a GPU host)")
     parser.add_argument("--name", default="gateway_overhead", help="result file serve_<name>.json in --out")
@@ -157,6 +185,8 @@ def main() -> None:
         d, g = result["direct"][f"concurrency_{c}"], result["gateway"][f"concurrency_{c}"]
         print(f"concurrency {c:>2}: direct p50 {d['p50_ms']:.0f} ms p99 {d['p99_ms']:.0f} ms {d['requests_per_s']:.1f} "
               f"req/s | gateway p50 {g['p50_ms']:.0f} ms p99 {g['p99_ms']:.0f} ms {g['requests_per_s']:.1f} req/s")
+    for name in ("direct", "gateway"):
+        print(f"{name} hops at c=1 (median ms): {result[name]['concurrency_1']['hops_ms']}")
     print(f"gateway overhead at p50: {100 * result['overhead_p50_c1']:.1f}% (c=1), "
           f"{100 * result['overhead_p50_c16']:.1f}% (c=16); ratio {result['ratio']:.3f} -> {path}")
 

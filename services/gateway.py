@@ -42,7 +42,7 @@ from services.policy import PolicyClient, is_replica_loss
 from services.schemas import (ApiError, ChatRequest, GatewaySettings, GroundedRequest, ScoreRequest,
                               validation_error)
 from vigorl_core.chat_tokens import ChatTokens
-from vigorl_core.engine import Sampling
+from vigorl_core.engine import Sampling, TimedPolicy
 from vigorl_core.images import ImageError, image_bytes
 from vigorl_core.rewards import Truth, reward_for
 
@@ -79,6 +79,14 @@ async def _count(request: Request, call_next):
     _metrics["requests"].inc(tags={"path": request.url.path, "status": str(response.status_code)})
     _metrics["latency"].observe((time.perf_counter() - start) * 1000, tags={"path": request.url.path})
     return response
+
+
+def server_timing(**milliseconds: float) -> str:
+    """A `Server-Timing` header value (W3C): where a request's time went on the server, e.g. `image;dur=3.1,
+    policy;dur=850.2, engine;dur=842.0, total;dur=856.4` (image = fetch + decode in the ZoomServer, policy = the
+    calls to PolicyServer replicas, engine = the time their engines reported, total = the whole handler). Browsers'
+    developer tools show it; bench/serve_gateway.py reads it to split the gateway's overhead by hop."""
+    return ", ".join(f"{name};dur={value:.1f}" for name, value in milliseconds.items())
 
 
 def _visible(text: str) -> str:
@@ -273,6 +281,7 @@ class Gateway:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request, response: Response):
+        start = time.perf_counter()
         body: ChatRequest = await self._body(request, ChatRequest)
         if body.model not in (None, self.settings.model_name):
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves "
@@ -294,7 +303,9 @@ class Gateway:
                     parts.append({"type": "image"})
             messages.append({"role": message.role, "content": parts})
         self._check(len(refs), self.limits.max_images, "messages (images)")
+        decoding = time.perf_counter()
         images = [decoded.image for _, decoded in await asyncio.gather(*(self._image(u, f) for u, f in refs))]
+        image_seconds = time.perf_counter() - decoding
         prompt_ids = self.chat.encode(self.chat.chat_prompt_text(messages))
         prompt_len = len(self.chat.expand(prompt_ids, images))
         room = await self._max_len() - prompt_len
@@ -314,8 +325,12 @@ class Gateway:
             await self._await_replica()
             return StreamingResponse(self._sse(request_id, prompt_ids, images, sampling),
                                      media_type="text/event-stream")
-        generations = await self._on_policy(lambda: self.policy.generate(prompt_ids, images, sampling, request_id),
+        policy = TimedPolicy(self.policy)
+        generations = await self._on_policy(lambda: policy.generate(prompt_ids, images, sampling, request_id),
                                             response, "/v1/chat/completions")
+        response.headers["Server-Timing"] = server_timing(
+            image=1000 * image_seconds, policy=1000 * policy.seconds, engine=1000 * policy.engine_seconds,
+            total=1000 * (time.perf_counter() - start))
         completion_tokens = sum(len(g.token_ids) for g in generations)
         return {
             "id": request_id, "object": "chat.completion", "created": int(time.time()),
@@ -360,10 +375,13 @@ class Gateway:
             if getattr(holder, name) is None:
                 setattr(holder, name, min(usual, limit))
             self._check(getattr(holder, name), limit, name if holder is body else f"sampling.{name}")
+        decoding = time.perf_counter()
         data, decoded = await self._image(body.image, "image")
+        image_seconds = time.perf_counter() - decoding
         request_id = f"grd-{uuid.uuid4().hex[:20]}"
         max_len = await self._max_len()
-        rollout = await self._on_policy(lambda: run_grounded(body, decoded.image, decoded.frame, self.policy, self.chat,
+        policy = TimedPolicy(self.policy)
+        rollout = await self._on_policy(lambda: run_grounded(body, decoded.image, decoded.frame, policy, self.chat,
                                                              max_len, request_id, self.settings.planned_zooms),
                                         response, "/v1/grounded")
         answer = grounded_response(rollout, decoded.frame, body, request_id=request_id,
@@ -374,6 +392,9 @@ class Gateway:
             png = await self.zoom.annotate.remote(data, points)
             answer["annotated_png"] = base64.b64encode(png).decode()
         answer["latency_ms"] = round((time.perf_counter() - start) * 1000, 1)
+        response.headers["Server-Timing"] = server_timing(
+            image=1000 * image_seconds, policy=1000 * policy.seconds, engine=1000 * policy.engine_seconds,
+            total=answer["latency_ms"])
         return answer
 
     @app.post("/v1/score")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ class Generation:
     finish_reason: str  # "stop" (EOS, stop string or stop token), "length" or "abort"
     stop_reason: str | int | None = None
     policy_version: int = 0
+    engine_seconds: float = 0.0  # from the request's admission to its last token, inside the engine's process
 
 
 class PolicyEngine(Protocol):
@@ -69,6 +71,34 @@ class PolicyEngine(Protocol):
     async def abort(self, request_id: str) -> None: ...
 
     async def update_weights(self, state_dict: Mapping[str, Any], version: int) -> int: ...
+
+
+class TimedPolicy:
+    """A PolicyEngine that adds up, over the generate calls of one request, their wall time (`seconds`) and the
+    time the engine itself reported (`engine_seconds`, the longest of a call's samples, which run together): the
+    difference is what the hops to the engine cost (a Serve handle, the image protocol). Used to time requests."""
+
+    def __init__(self, engine: PolicyEngine):
+        self.engine, self.calls, self.seconds, self.engine_seconds = engine, 0, 0.0, 0.0
+
+    @property
+    def version(self) -> int:
+        return self.engine.version
+
+    async def generate(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
+                       request_id: str | None = None) -> list[Generation]:
+        started = time.perf_counter()
+        generations = await self.engine.generate(prompt_ids, images, sampling, request_id)
+        self.seconds += time.perf_counter() - started
+        self.engine_seconds += max((g.engine_seconds for g in generations), default=0.0)
+        self.calls += 1
+        return generations
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine.abort(request_id)
+
+    async def update_weights(self, state_dict: Mapping[str, Any], version: int) -> int:
+        return await self.engine.update_weights(state_dict, version)
 
 
 @dataclass
@@ -194,10 +224,12 @@ class VLLMEngine:
     async def generate(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
                        request_id: str | None = None) -> list[Generation]:
         version = await self._admit()
+        started = time.perf_counter()
         try:
             final = await self._final_output(prompt_ids, images, self._sampling_params(sampling), request_id or "gen")
         finally:
             self._release()
+        seconds = time.perf_counter() - started
         if final is None:
             return []
         generations = []
@@ -208,7 +240,7 @@ class VLLMEngine:
             generations.append(Generation(
                 token_ids=list(completion.token_ids), text=completion.text, logprobs=logprobs,
                 finish_reason=completion.finish_reason or "abort", stop_reason=completion.stop_reason,
-                policy_version=version,
+                policy_version=version, engine_seconds=seconds,
             ))
         return generations
 
