@@ -86,6 +86,9 @@ BENCHMARKS: dict[str, Benchmark] = {
     "synthetic_visual_search": Benchmark("visual_search", "multiturn", "synthetic"),
     "synthetic_grounding": Benchmark("grounding", "grounded", "synthetic"),
     "synthetic_spatial": Benchmark("spatial", "grounded", "synthetic"),
+    # The quickstart's tasks (vigorl_core.synthetic.QUICKSTART_TASKS): colour questions, their own sources.
+    "synthetic_colour": Benchmark("visual_search", "grounded", "synthetic_colour"),
+    "synthetic_zoom_colour": Benchmark("visual_search", "multiturn", "synthetic_zoom_colour"),
 }
 
 
