@@ -1,5 +1,5 @@
 """What every job needs before it starts: the process environment, the error style, where its output goes,
-and the run folders of the stages before it.
+the model folder, the resume check and the run folders of the stages before it.
 
 The environment defaults are the ones measured to work for vLLM on CPU and Ray on small machines; a variable
 the user already set is left alone.
@@ -59,6 +59,43 @@ def local_model(model: str) -> str:
     workers run in their own working directory, so a relative path from the command line would not resolve
     there."""
     return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def model_folder(model: str, runs_dir: str | Path) -> str:
+    """The model a stage loads: 'tiny' is the tiny model in <runs_dir>/models/tiny (built when missing); a
+    local folder becomes its absolute path (local_model); a hub id stays as it is. Raises ConfigError when its
+    tokenizer and processor do not load, before anything starts."""
+    from vigorl_core.chat_tokens import ChatTokens
+
+    if model == "tiny":
+        from vigorl_core.tiny import build_tiny_model
+
+        path = (Path(runs_dir) / "models" / "tiny").resolve()
+        if not (path / "vigorl_model.json").is_file():
+            build_tiny_model(path)
+        model = str(path)
+    try:
+        ChatTokens.from_pretrained(model)
+    except OSError as err:
+        raise ConfigError(f"model: cannot load {model!r} (a model folder or hub id): {err}") from None
+    return local_model(model)
+
+
+def check_resume(run_dir: Path, config: dict, fixed: Callable[[dict], dict], made: str = "made") -> None:
+    """Rerunning a run folder continues it, so what decides its results must not change: `fixed(config)`
+    (settings by name) must equal `fixed` of the config.yaml saved there (a setting the old file lacks is
+    not compared). Raises ConfigError naming the changed settings; then saves `config` as config.yaml."""
+    import yaml
+
+    saved = Path(run_dir) / "config.yaml"
+    if saved.is_file():
+        before, now = fixed(yaml.safe_load(saved.read_text()) or {}), fixed(config)
+        changed = [k for k in now if k in before and before[k] != now[k]]
+        if changed:
+            raise ConfigError(f"run {run_dir} was {made} with different {', '.join(changed)}; use a new "
+                              f"--run_name (or the settings in {saved})")
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 # ------------------------------------------------------------------------------------- the pipeline's inputs

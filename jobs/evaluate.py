@@ -46,10 +46,11 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, field_validator, model_validator
 
-from jobs.common import REPO_ROOT, init_ray, local_model, log_to_run_folder, previous_output, run_main
+from jobs.common import (REPO_ROOT, check_resume, init_ray, log_to_run_folder, model_folder,
+                         previous_output, run_main)
+from jobs.progress import Progress
 from services.app import EngineSettings, kill_one_replica
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 
@@ -189,39 +190,13 @@ def rollout_config(cfg: EvalConfig, entry: BenchmarkEntry):
 
 # ------------------------------------------------------------------------------------------------ inputs
 
-def _check_resume(cfg: EvalConfig, run_dir: Path) -> None:
-    """A run folder keeps one model and one sampling; benchmarks may be added or their limits raised."""
-    path = run_dir / "config.yaml"
-    if path.is_file():
-        old = yaml.safe_load(path.read_text()) or {}
-        new = cfg.model_dump()
-        changed = [k for k in RESUME_FIXED if k in old and old[k] != new[k]]
-        old_entries = {e["name"]: e for e in old.get("benchmarks", [])}
-        changed += [f"benchmarks[{e['name']}].{k}" for e in new["benchmarks"] if e["name"] in old_entries
-                    for k in ("mode", "sampling") if old_entries[e["name"]].get(k) != e[k]]
-        if changed:
-            raise ConfigError(f"run {run_dir} was evaluated with different {', '.join(changed)}; "
-                              "use a new --run_name (or delete the run folder)")
-    path.write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-
-
-def _model_dir(cfg: EvalConfig) -> str:
-    """The model folder (building the tiny model if asked); its tokenizer and processor must load."""
-    from vigorl_core.chat_tokens import ChatTokens
-
-    model = cfg.model
-    if model == "tiny":
-        from vigorl_core.tiny import build_tiny_model
-
-        path = Path(cfg.runs_dir) / "models" / "tiny"
-        if not (path / "vigorl_model.json").is_file():
-            build_tiny_model(path)
-        model = str(path)
-    try:
-        ChatTokens.from_pretrained(model)
-    except OSError as err:
-        raise FileNotFoundError(f"model: cannot load {model!r} (a model folder or hub id): {err}") from None
-    return local_model(model)
+def _fixed(config: dict) -> dict:
+    """What a resumed run must keep: the model, the sampling, and each benchmark's mode and sampling (benchmarks
+    may be added or their limits raised)."""
+    fixed = {k: config[k] for k in RESUME_FIXED if k in config}
+    for entry in config.get("benchmarks", []):
+        fixed |= {f"benchmarks[{entry['name']}].{k}": entry.get(k) for k in ("mode", "sampling")}
+    return fixed
 
 
 def load_benchmarks(cfg: EvalConfig) -> list[tuple[BenchmarkEntry, list]]:
@@ -263,15 +238,6 @@ def _is_infrastructure(err: BaseException) -> bool:
         or (isinstance(err, EndpointError) and err.fatal)
 
 
-def _open_images(sample, profile):
-    """Decode and resize a sample's images to the model frame (run in a thread: large screenshots take time)."""
-    from vigorl_core.frames import resize_to_model
-    from vigorl_core.images import open_images
-
-    resized = [resize_to_model(im, profile) for im in open_images(sample.images)]
-    return [im for im, _ in resized], resized[0][1]
-
-
 def failed_prediction(sample, mode: str, frame, error: str, seconds: float, policy: str):
     """The prediction of a sample whose rollout failed: no response, scores 0, the error in metadata."""
     from vigorl_core import evaluation as ev
@@ -296,12 +262,13 @@ async def predict_sample(driver, sample, profile, policy: str, retry):
     the conversation again from its start after a lost replica. A failed rollout becomes a finish="error"
     prediction; infrastructure errors propagate."""
     from vigorl_core import evaluation as ev
+    from vigorl_core.images import model_frame_images
 
     started, frame = time.perf_counter(), None
 
     async def conversation():
-        nonlocal frame
-        images, frame = await asyncio.to_thread(_open_images, sample, profile)
+        nonlocal frame  # decoding large screenshots takes time: off the event loop
+        images, frame = await asyncio.to_thread(model_frame_images, sample.images, profile)
         [rollout] = await driver.rollout_group(driver.prepare(sample, images, frame))
         return rollout
 
@@ -384,37 +351,6 @@ def start_policy(cfg: EvalConfig, model: str) -> tuple[str, bool]:
     return app, started
 
 
-class Progress:
-    """A tqdm bar on a terminal; otherwise (job logs) a line every `every` seconds. Both show rate and ETA."""
-
-    def __init__(self, total: int, every: float = 10.0):
-        self.total, self.done, self.every, self.started = total, 0, every, time.perf_counter()
-        self.last, self.bar = self.started, None
-        if sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, desc="eval", unit="sample", dynamic_ncols=True)
-            except ImportError:
-                pass
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.perf_counter()
-        if now - self.last >= self.every or self.done == self.total:
-            self.last, rate = now, self.done / max(now - self.started, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            print(f"eval {self.done}/{self.total} ({100 * self.done / self.total:.0f}%), {rate:.2f} samples/s, "
-                  f"ETA {eta:.0f} s", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 # -------------------------------------------------------------------------------------------------- the run
 
 def run_dataset(cfg: EvalConfig, model: str, app: str, todo: list[tuple[str, object]], writer,
@@ -440,7 +376,7 @@ def run_dataset(cfg: EvalConfig, model: str, app: str, todo: list[tuple[str, obj
     # No retry options passed: Ray Data's actor pool already restarts a dead actor and re-runs its batch
     # (max_restarts=-1, max_task_retries=-1 in ActorPoolMapOperator._apply_default_remote_args), and
     # passing them as **ray_remote_args is deprecated in Ray 2.60.
-    progress = Progress(len(rows))
+    progress = Progress(len(rows), "eval", unit="sample")
     stats = {"evaluated": 0, "errors": 0, "duplicates": 0, "replica_retries": 0}
     started = time.perf_counter()
     first = None  # (time, count) when the first batch was written: the steady rate starts there
@@ -475,7 +411,7 @@ def run_endpoint(cfg: EvalConfig, model: str, todo: list[tuple[str, object]], wr
 
     p, chat = cfg.policy, ChatTokens.from_pretrained(model)
     stats = {"evaluated": 0, "errors": 0, "duplicates": 0, "endpoint": p.endpoint}
-    progress, started = Progress(len(todo)), time.perf_counter()
+    progress, started = Progress(len(todo), "eval", unit="sample"), time.perf_counter()
 
     async def run_all() -> int:
         async with OpenAIPolicy(p.endpoint, chat, api_key=p.api_key or os.environ.get("OPENAI_API_KEY"),
@@ -529,11 +465,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     run_dir = Path(cfg.runs_dir) / "eval" / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     benchmarks = load_benchmarks(cfg)
-    model = _model_dir(cfg)
+    model = model_folder(cfg.model, cfg.runs_dir)
     keys = {ev.sample_key(s) for _, samples in benchmarks for s in samples}
     stats = {"evaluated": 0, "errors": 0, "duplicates": 0, "seconds": 0.0}
     with ev.PredictionWriter(run_dir / "predictions.jsonl") as writer:  # locks the run against a second job
-        _check_resume(cfg, run_dir)
+        check_resume(run_dir, cfg.model_dump(), _fixed, made="evaluated")
         if writer.repaired:
             print(f"note: {writer.repaired}")
         todo = [(e.name, s) for e, samples in benchmarks for s in samples if ev.sample_key(s) not in writer.keys]

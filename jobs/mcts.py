@@ -14,10 +14,11 @@ What happens (the search itself is vigorl_core.mcts; docs/mcts.md describes both
    TreeSearcher actors (CPU). Each actor loads and resizes images itself and runs up to
    `trees_per_actor` searches at once (asyncio), all against PolicyClient over the PolicyServer handle,
    so the engine batches the requests of every tree (expansions are one n=3 call, rollouts one n=2 call);
-4. the driver appends each finished tree to trees.jsonl (flushed per tree, one line per id), prints
-   progress with an ETA, and at the end writes stats.json (vigorl_core.linearize.tree_stats: root
-   correctness ratio, tree sizes, per-sample seconds, statuses) and prints it. The engine's, Ray's and the
-   libraries' logs go to runs/mcts/<run_name>/job.log (`--verbose` shows them on the terminal).
+4. the driver appends each finished tree to trees.jsonl (flushed per tree, one line per id), prints a
+   line per tree and a progress bar with an ETA (jobs/progress.py), and at the end writes stats.json
+   (vigorl_core.linearize.tree_stats: root correctness ratio, tree sizes, per-sample seconds, statuses) and
+   prints it. The engine's, Ray's and the libraries' logs go to runs/mcts/<run_name>/job.log (`--verbose`
+   shows them on the terminal).
 
 A sample's failure or its time limit (`mcts.time_limit_s`) gives a record with `status` error/timeout,
 `error` and the partial tree: nothing is dropped. Rewards: the task's rule judge in-process (`judge:
@@ -37,10 +38,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field
 
-from jobs.common import REPO_ROOT, init_ray, local_model, log_to_run_folder, run_main
+from jobs.common import REPO_ROOT, check_resume, init_ray, log_to_run_folder, model_folder, run_main
+from jobs.progress import Progress
 from services.app import EngineSettings, kill_one_replica
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 from vigorl_core.mcts import ASSISTANT_TAIL, FORCED_FINAL_USER, MCTSConfig
@@ -237,11 +238,11 @@ def _start_teacher(cfg: MCTSJobConfig, started: list[str]) -> tuple[str, str, st
     if not t.app and not t.model:
         raise ConfigError("teacher.model: required unless teacher.app names a running Serve app")
     name = f"mcts-{cfg.run_name}"
+    model = model_folder(t.model, cfg.runs_dir) if t.model and not t.app else t.model
     if not t.app:
         started.append(name)  # before it deploys, so a failed start is cleaned up too
     try:
-        app, model, _ = start_policy_app(name, local_model(t.model) if t.model and not t.app else t.model,
-                                         engine=t.engine, replicas=t.replicas, gpus=t.gpus, reuse=t.app,
+        app, model, _ = start_policy_app(name, model, engine=t.engine, replicas=t.replicas, gpus=t.gpus, reuse=t.app,
                                          resources=t.resources)
     except ValueError as err:
         raise ConfigError(f"teacher.app: {err}") from None
@@ -314,18 +315,6 @@ def _finished(path: Path, retry_errors: bool) -> tuple[set[str], list[str]]:
     return ids, notes
 
 
-def _check_resume(cfg: MCTSJobConfig, run_dir: Path) -> None:
-    saved = run_dir / "config.yaml"
-    if saved.exists():
-        before, now = _fixed(yaml.safe_load(saved.read_text()) or {}), _fixed(cfg.model_dump(mode="json"))
-        changed = [k for k in now if before.get(k) != now[k]]
-        if changed:
-            raise ConfigError(f"{run_dir} holds trees made with other {', '.join(changed)}; use a new run_name "
-                              f"(or the settings in {saved})")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-
-
 def _without_texts(record):
     """The tree without its texts (tree_stats reads none), so a big run's trees fit in memory at once."""
     for node in record.nodes():
@@ -333,11 +322,6 @@ def _without_texts(record):
         for rollout in node.rollouts:
             rollout.ephemeral_texts = []
     return record
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _search(cfg: MCTSJobConfig, todo: list, out: Path, done: set[str], app: str, model: str,
@@ -363,7 +347,7 @@ def _search(cfg: MCTSJobConfig, todo: list, out: Path, done: set[str], app: str,
                                "run_dir": str(out.parent)})
     started, n = time.perf_counter(), 0
     totals = dict.fromkeys(("trees", "expansions", "generated_tokens", "search_seconds", "replica_retries"), 0.0)
-    with out.open("a", encoding="utf-8") as f:
+    with out.open("a", encoding="utf-8") as f, Progress(len(todo), "mcts", unit="tree") as progress:
         for row in ds.iter_rows():
             if row["id"] in done:  # a retried Ray Data task can deliver a tree twice
                 continue
@@ -377,11 +361,10 @@ def _search(cfg: MCTSJobConfig, todo: list, out: Path, done: set[str], app: str,
             for key, stat in (("expansions", "expansions"), ("generated_tokens", "generated_tokens"),
                               ("search_seconds", "seconds")):
                 totals[key] += stats.get(stat, 0.0)
-            elapsed = time.perf_counter() - started
-            eta = elapsed / n * (len(todo) - n)
-            print(f"[{n}/{len(todo)}] {rec['id']} {rec['status']} nodes={stats.get('nodes', 0):.0f} "
-                  f"{rec['global_search_time']:.1f}s | elapsed {_clock(elapsed)} eta {_clock(eta)}"
-                  + (f" | {rec['error'][:160]}" if rec.get("error") else ""), flush=True)
+            error = f" | {rec['error'][:160]}" if rec.get("error") else ""
+            progress.write(f"{rec['id']} {rec['status']} nodes={stats.get('nodes', 0):.0f} "
+                           f"{rec['global_search_time']:.1f}s{error}")
+            progress.update(1)
     totals["trees"], totals["wall_seconds"] = n, time.perf_counter() - started
     totals["expansions_per_s"] = totals["expansions"] / max(totals["wall_seconds"], 1e-9)
     return totals
@@ -399,7 +382,7 @@ def _run(argv: list[str]) -> int:
     run_dir = Path(cfg.runs_dir) / "mcts" / cfg.run_name
     trees = run_dir / "trees.jsonl"
     samples = _load_samples(cfg)
-    _check_resume(cfg, run_dir)
+    check_resume(run_dir, cfg.model_dump(mode="json"), _fixed, made="searched")
     log_to_run_folder(run_dir)
     done, notes = _finished(trees, cfg.retry_errors)
     for note in notes:

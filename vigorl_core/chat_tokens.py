@@ -17,9 +17,9 @@ from PIL import Image
 from vigorl_core.frames import ModelProfile
 from vigorl_core.prompts import observation_text
 from vigorl_core.protocol import FORCED_FINAL_PREFIX
+from vigorl_core.zoom import OBSERVATION_TAIL
 
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-OBSERVATION_TAIL = "\n</observation>"
 
 
 @dataclass

@@ -217,14 +217,13 @@ def original_format_ok(turns: Sequence[str]) -> bool:
 
 
 def truth_for(target: Sample | Prediction, frame: FrameMap | None, task: str) -> Truth:
-    """Ground truth in the model frame: the original-frame box/point rescaled with `frame`, as rollout.py
-    does. Grounding needs the frame; other tasks drop a box they cannot map (their judges never read it)."""
+    """Ground truth in the model frame (rewards.Truth.in_model_frame, as rollouts and MCTS build it), also
+    without a frame: grounding needs the frame; other tasks drop a box they cannot map (their judges never read it)."""
     if frame is None:
         if task == "grounding" and (target.bbox or target.point):
             raise ValueError(f"sample {target.id!r}: grounding needs the model frame (FrameMap) to rescale its box")
         return Truth(answer=target.answer)
-    return Truth(answer=target.answer, box=frame.box_to_model(target.bbox) if target.bbox else None,
-                 point=frame.to_model(*target.point) if target.point else None)
+    return Truth.in_model_frame(target, frame)
 
 
 def _judges(task: str, truth: Truth) -> tuple[str, str]:

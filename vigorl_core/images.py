@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from PIL import Image
+
+from vigorl_core.frames import FrameMap, ModelProfile, resize_to_model
 
 DEFAULT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
@@ -110,6 +114,24 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def image_hash(image: Image.Image) -> str:
+    """sha256 of a decoded image's mode, size and pixels: an image's name wherever it travels (rollout records,
+    the replay buffer, the PolicyServer's image cache, content-addressed crop files). Only the ZoomServer hashes
+    raw upload bytes instead, to find a re-sent upload before decoding it."""
+    digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def model_frame_images(images: Sequence[Image.Image] | Sequence[str], profile: ModelProfile
+                       ) -> tuple[list[Image.Image], FrameMap]:
+    """A sample's images (decoded ones, or dataset paths decoded here) resized to the model frame
+    (frames.resize_to_model), and the frame map of the first: the one the sample's points and boxes use."""
+    decoded = open_images(list(images)) if images and isinstance(images[0], str) else images
+    resized = [resize_to_model(im, profile) for im in decoded]
+    return [im for im, _ in resized], resized[0][1]
 
 
 def open_images(paths: list[str]) -> list[Image.Image]:

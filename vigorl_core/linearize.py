@@ -48,7 +48,7 @@ from pydantic import Field
 from vigorl_core.config import StageConfig
 from vigorl_core.data import IMAGE_TOKEN, atomic_write
 from vigorl_core.frames import FrameMap, ModelProfile, resize_to_model
-from vigorl_core.images import open_images
+from vigorl_core.images import image_hash, open_images
 from vigorl_core.mcts import TreeNode, TreeRecord
 from vigorl_core.prompts import system_prompt, user_text
 from vigorl_core.protocol import (
@@ -209,7 +209,7 @@ def to_sharegpt(chain: Chain) -> dict:
 
 def _save_png(image: Image.Image, folder: Path) -> str:
     """Content-addressed PNG (a crop shared by chains of one sample is written once); atomic rename."""
-    digest = hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()[:24]
+    digest = image_hash(image)[:24]
     path = (folder / f"{digest}.png").resolve()
     if not path.exists():
         with atomic_write(path, binary=True) as f:

@@ -47,8 +47,8 @@ from vigorl_core.chat_tokens import ChatTokens
 from vigorl_core.config import StageConfig
 from vigorl_core.data import DataError, read_jsonl
 from vigorl_core.engine import Generation, PolicyEngine, Sampling
-from vigorl_core.frames import FrameMap, resize_to_model
-from vigorl_core.images import open_images
+from vigorl_core.frames import FrameMap
+from vigorl_core.images import model_frame_images
 from vigorl_core.prompts import system_prompt, user_text
 from vigorl_core.protocol import POINT_RE, format_point, parse_response
 from vigorl_core.records import Record, Sample, Task
@@ -296,12 +296,8 @@ class MCTS:
 
     def prepare(self, sample: Sample, images: Sequence[Image.Image] | None = None) -> TreeInput:
         """Decode (unless given) and resize the images to the model frame; build the prompt head."""
-        if images is None:
-            images = open_images(sample.images)
-        resized, frames = zip(*(resize_to_model(im, self.chat.profile) for im in images))
-        frame = frames[0]
-        truth = Truth(answer=sample.answer, box=frame.box_to_model(sample.bbox) if sample.bbox else None,
-                      point=frame.to_model(*sample.point) if sample.point else None)
+        resized, frame = model_frame_images(sample.images if images is None else images, self.chat.profile)
+        truth = Truth.in_model_frame(sample, frame)
         min_thoughts = None
         if self.config.min_thoughts is not None:
             lo, hi = self.config.min_thoughts

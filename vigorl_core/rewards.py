@@ -61,6 +61,12 @@ class Truth:
     box: tuple[float, float, float, float] | None = None
     point: tuple[float, float] | None = None
 
+    @classmethod
+    def in_model_frame(cls, target, frame) -> Truth:
+        """`target`'s truth (Sample or Prediction) with its original-frame box and point mapped by `frame`."""
+        return cls(answer=target.answer, box=frame.box_to_model(target.bbox) if target.bbox else None,
+                   point=frame.to_model(*target.point) if target.point else None)
+
 
 class RewardFn(Protocol):
     """Every registered reward takes `zoom_points` so callers pass it uniformly; single-turn ones ignore it."""

@@ -31,7 +31,6 @@ Multi-turn rules (the original's zoom protocol, docs/method.md, with these diffe
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -40,15 +39,15 @@ from typing import Literal
 
 from PIL import Image
 
-from vigorl_core.chat_tokens import OBSERVATION_TAIL, ChatTokens
+from vigorl_core.chat_tokens import ChatTokens
 from vigorl_core.engine import Generation, PolicyEngine, Sampling
-from vigorl_core.frames import FrameMap, resize_to_model
-from vigorl_core.images import open_images
+from vigorl_core.frames import FrameMap
+from vigorl_core.images import image_hash, model_frame_images
 from vigorl_core.prompts import observation_text, system_prompt, user_text
 from vigorl_core.protocol import FORCED_FINAL_PREFIX, parse_conversation, parse_response
 from vigorl_core.records import RolloutRecord, Sample, Trace
 from vigorl_core.rewards import Truth, reward_for
-from vigorl_core.zoom import Crop, ZoomEnv, ZoomSettings, zoom_settings
+from vigorl_core.zoom import OBSERVATION_TAIL, Crop, ZoomEnv, ZoomSettings, zoom_settings
 
 
 @dataclass(frozen=True)
@@ -93,12 +92,6 @@ class PreparedSample:
     image_hashes: list[str]
     prompt_ids: list[int]
     truth: Truth
-
-
-def image_hash(image: Image.Image) -> str:
-    digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
-    digest.update(image.tobytes())
-    return digest.hexdigest()
 
 
 @dataclass
@@ -289,20 +282,15 @@ class RolloutDriver:
                 frame: FrameMap | None = None) -> PreparedSample:
         """Decode and resize the sample's images once. Pass `images` to reuse decoded originals, or
         model-frame images plus the `frame` of the first (images that were resized elsewhere)."""
-        if images is None:
-            images = open_images(sample.images)
         if frame is None:
-            resized, frames = zip(*(resize_to_model(im, self.chat.profile) for im in images))
-            frame = frames[0]
+            resized, frame = model_frame_images(sample.images if images is None else images, self.chat.profile)
         else:
-            resized = tuple(images)
-        truth = Truth(answer=sample.answer,
-                      box=frame.box_to_model(sample.bbox) if sample.bbox else None,
-                      point=frame.to_model(*sample.point) if sample.point else None)
+            resized = list(images)
+        truth = Truth.in_model_frame(sample, frame)
         system = system_prompt(sample.task, self.config.mode)
         prompt_ids = self.chat.encode(self.chat.prompt_text(system, user_text(sample.question, sample.options),
                                                             len(resized)))
-        return PreparedSample(sample, list(resized), frame, [image_hash(im) for im in resized], prompt_ids, truth)
+        return PreparedSample(sample, resized, frame, [image_hash(im) for im in resized], prompt_ids, truth)
 
     def conversations(self, prepared: PreparedSample) -> list[Conversation]:
         zoom = self.config.zoom or zoom_settings(prepared.sample.task, self.profile)

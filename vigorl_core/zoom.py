@@ -67,7 +67,7 @@ DOT_RADIUS = 7
 DOT_OUTLINE = 2
 
 # Closes the observation turn (SFT/eval convention of the original: a newline before </observation>);
-# the opening text is prompts.observation_text(draw_dot).
+# the opening text is prompts.observation_text(draw_dot). The one definition: chat_tokens lays turns out with it.
 OBSERVATION_TAIL = "\n</observation>"
 
 
@@ -130,17 +130,15 @@ class ZoomEnv:
 
     `max_images` counts the original plus crops (5 -> at most 4 crops, as the original RL). When a crop
     fills the budget, `needs_forced_final` turns True: the caller appends protocol.FORCED_FINAL_PREFIX
-    after that observation so the model must answer. `max_turns` caps assistant turns (tool call or not);
-    the rollout driver counts turns and reads it from here, so both budgets live in one place.
+    after that observation so the model must answer. Turns are the caller's budget (RolloutConfig.max_turns).
     """
 
-    def __init__(self, image: Image.Image, settings: ZoomSettings, *, max_images: int = 5, max_turns: int = 5):
-        if max_images < 1 or max_turns < 1:
-            raise ValueError(f"max_images and max_turns must be >= 1, got {max_images}, {max_turns}")
+    def __init__(self, image: Image.Image, settings: ZoomSettings, *, max_images: int = 5):
+        if max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {max_images}")
         self.image = image.convert("RGB")
         self.settings = settings
         self.max_images = max_images
-        self.max_turns = max_turns
         self.crops: list[Crop] = []
 
     @property

@@ -11,7 +11,9 @@ import zlib
 import pytest
 from PIL import Image
 
-from vigorl_core.images import ImageError, ImageLimits, annotate_points, decode_image, image_bytes, png_bytes
+from vigorl_core.frames import FrameMap, get_profile
+from vigorl_core.images import (ImageError, ImageLimits, annotate_points, decode_image, image_bytes, image_hash,
+                                model_frame_images, png_bytes)
 
 
 def encoded(image: Image.Image, fmt: str) -> bytes:
@@ -77,3 +79,27 @@ def test_annotate_points_marks_each_point():
     assert any(abs(x - 30) <= 8 and abs(y - 40) <= 8 for x, y in changed)
     assert any(abs(x - 90) <= 8 and abs(y - 20) <= 8 for x, y in changed)
     assert Image.open(io.BytesIO(png_bytes(marked))).size == (120, 80)
+
+
+def test_model_frame_images_decode_paths_or_take_images_and_give_the_first_frame(tmp_path):
+    tiny = get_profile("tiny")
+    first, second = Image.new("RGB", (400, 300), "red"), Image.new("RGB", (90, 500), "blue")
+    paths = []
+    for i, image in enumerate((first, second)):
+        paths.append(str(tmp_path / f"{i}.png"))
+        image.save(paths[-1])
+    from_paths, frame = model_frame_images(paths, tiny)
+    from_images, same = model_frame_images([first, second], tiny)
+    assert frame == same == FrameMap.for_image(400, 300, tiny)
+    assert [im.size for im in from_paths] == [im.size for im in from_images] == [
+        FrameMap.for_image(400, 300, tiny).model_size, FrameMap.for_image(90, 500, tiny).model_size]
+    assert [image_hash(im) for im in from_paths] == [image_hash(im) for im in from_images]
+
+
+def test_image_hash_names_mode_size_and_pixels():
+    base = Image.new("RGB", (4, 4), "red")
+    changed = base.copy()
+    changed.putpixel((3, 3), (254, 0, 0))
+    hashes = {image_hash(base), image_hash(changed), image_hash(base.convert("RGBA")),
+              image_hash(Image.new("RGB", (2, 8), "red"))}
+    assert len(hashes) == 4 and image_hash(base.copy()) == image_hash(base)

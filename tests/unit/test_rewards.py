@@ -328,3 +328,17 @@ def test_ci95_wilson_at_large_n_matches_the_papers_wald():
     assert (m - lo) * 100 == pytest.approx(1.5495, abs=1e-3) and (hi - m) * 100 == pytest.approx(1.5495, abs=1e-3)
     with pytest.raises(ValueError):
         R.ci95([])
+
+
+def test_truth_in_model_frame_maps_box_and_point_of_a_sample():
+    from vigorl_core.frames import FrameMap
+    from vigorl_core.records import Sample
+
+    frame = FrameMap((400, 300), (200, 150))  # the model sees the image at half size
+    sample = Sample(id="s", source="synthetic", task="grounding", question="q", images=["a.png"],
+                    answer="(40, 30, 80, 60)",
+                    bbox=(40, 30, 80, 60), point=(100, 50))
+    truth = R.Truth.in_model_frame(sample, frame)
+    assert truth == R.Truth(answer="(40, 30, 80, 60)", box=(20, 15, 40, 30), point=(50, 25))
+    plain = R.Truth.in_model_frame(sample.model_copy(update={"bbox": None, "point": None}), frame)
+    assert plain.box is None and plain.point is None

@@ -1,0 +1,47 @@
+"""The helpers every job shares: the resume check, the model folder, the progress bar (jobs/common.py,
+jobs/progress.py)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from jobs.common import check_resume, model_folder
+from jobs.progress import Progress
+from vigorl_core.config import ConfigError
+
+
+def _fixed(config: dict) -> dict:
+    return {k: config.get(k) for k in ("model", "sampling")}
+
+
+def test_check_resume_saves_the_config_and_names_each_changed_setting(tmp_path):
+    run = tmp_path / "run"
+    check_resume(run, {"model": "m", "sampling": {"t": 0}, "limit": 4}, _fixed)
+    assert yaml.safe_load((run / "config.yaml").read_text())["limit"] == 4
+    check_resume(run, {"model": "m", "sampling": {"t": 0}, "limit": 8}, _fixed)  # not fixed: may change
+    assert yaml.safe_load((run / "config.yaml").read_text())["limit"] == 8
+    with pytest.raises(ConfigError, match=r"was evaluated with different model, sampling; use a new --run_name"):
+        check_resume(run, {"model": "other", "sampling": {"t": 1}, "limit": 8}, _fixed, made="evaluated")
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"] == "m"  # a refused run saves nothing
+
+
+def test_check_resume_ignores_settings_the_old_config_lacks(tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": "m"}))
+    check_resume(tmp_path, {"model": "m", "sampling": {"t": 1}}, lambda c: {k: c[k] for k in c if k != "limit"})
+
+
+def test_model_folder_fails_early_naming_the_model(tmp_path):
+    with pytest.raises(ConfigError, match="model: cannot load 'no/such-model'"):
+        model_folder("no/such-model", tmp_path)  # HF_HUB_OFFLINE=1 (tests/conftest.py): no download tried
+
+
+def test_progress_prints_lines_with_count_rate_and_eta_off_a_terminal(capsys):
+    with Progress(4, "eval", unit="sample", every=0) as progress:
+        progress.update(1)
+        progress.write("s1 done")
+        progress.update(3)
+    lines = capsys.readouterr().out.splitlines()
+    assert "s1 done" in lines and "\r" not in "".join(lines)
+    assert any("eval:  25%" in line and "1/4 [00:00<" in line for line in lines)  # elapsed<ETA
+    assert lines[-1].startswith("eval: 100%") and "4/4 [" in lines[-1] and "sample/s]" in lines[-1]
