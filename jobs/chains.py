@@ -106,7 +106,7 @@ def _linearize_all(cfg: ChainsConfig, files: list[Path], profile) -> tuple[list,
     """(chains, every tree stripped of its texts (for tree_stats), duplicate ids), streaming one tree at
     a time so a big run's trees need not fit in memory."""
     from vigorl_core.linearize import linearize
-    from vigorl_core.mcts import iter_trees
+    from vigorl_core.trees import iter_trees
 
     chains, records, seen, duplicates = [], [], set(), 0
     for file in files:

@@ -52,6 +52,7 @@ from jobs.common import (REPO_ROOT, check_resume, init_ray, log_to_run_folder, m
                          previous_output, run_main)
 from jobs.progress import Progress
 from services.app import EngineSettings, kill_one_replica
+from vigorl_core.benchmarks import get_benchmark
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 
 RESUME_FIXED = ("model", "sampling", "planned_zooms")  # settings a resumed run must keep
@@ -75,7 +76,7 @@ class SamplingSettings(StageConfig):
 class BenchmarkEntry(StageConfig):
     """One benchmark file of the run."""
 
-    name: str = Field(description="a key of vigorl_core.evaluation.BENCHMARKS (docs/evaluation.md)")
+    name: str = Field(description="a key of vigorl_core.benchmarks.BENCHMARKS (docs/evaluation.md)")
     path: str | None = Field(None, description="data file in any schema load_samples reads; may be omitted for "
                                                "synthetic_* (then written under <runs_dir>/data)")
     data_root: str | None = Field(None, description="root of relative image paths (default: the file's folder)")
@@ -87,8 +88,6 @@ class BenchmarkEntry(StageConfig):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        from vigorl_core.evaluation import get_benchmark
-
         get_benchmark(name)
         return name
 
@@ -175,7 +174,6 @@ class EvalConfig(StageConfig):
 
 def rollout_config(cfg: EvalConfig, entry: BenchmarkEntry):
     """The RolloutConfig of one benchmark: the run's sampling, the entry's overrides, the benchmark's defaults."""
-    from vigorl_core.evaluation import get_benchmark
     from vigorl_core.rollout import RolloutConfig
 
     spec = get_benchmark(entry.name)
@@ -208,7 +206,7 @@ def load_benchmarks(cfg: EvalConfig) -> list[tuple[BenchmarkEntry, list]]:
 
     out = []
     for entry in cfg.benchmarks:
-        spec = ev.get_benchmark(entry.name)
+        spec = get_benchmark(entry.name)
         path = entry.path
         if path is None:  # a synthetic benchmark the job generates (deterministic: task, n, seed 0)
             n = entry.limit or 16
@@ -247,7 +245,7 @@ def failed_prediction(sample, mode: str, frame, error: str, seconds: float, poli
         pred = ev.make_prediction(sample, "", mode=mode, frame=frame, finish="error", num_turns=0,
                                   timing={"seconds": seconds}, policy=policy)
     else:  # the image could not be read: no frame, so the ground truth cannot be put into the model frame
-        judge, judge_original = ev.get_benchmark(ev.benchmark_of(sample)).judges
+        judge, judge_original = get_benchmark(ev.benchmark_of(sample)).judges
         pred = ev.Prediction(id=sample.id, benchmark=ev.benchmark_of(sample), source=sample.source, task=sample.task,
                              mode=mode, category=ev.category_of(sample), question=sample.question,
                              options=sample.options, answer=sample.answer, bbox=sample.bbox, point=sample.point,

@@ -377,7 +377,7 @@ def _run(argv: list[str]) -> int:
 
     from vigorl_core.evaluation import round_floats
     from vigorl_core.linearize import tree_stats
-    from vigorl_core.mcts import iter_trees
+    from vigorl_core.trees import iter_trees
 
     run_dir = Path(cfg.runs_dir) / "mcts" / cfg.run_name
     trees = run_dir / "trees.jsonl"

@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import Field
 
 from jobs.common import run_main
+from vigorl_core.benchmarks import BENCHMARKS, get_benchmark
 from vigorl_core.config import ConfigError, StageConfig, parse_config
 
 
@@ -42,7 +43,7 @@ class ScoreConfig(StageConfig):
 def _samples(cfg: ScoreConfig, ev) -> dict[tuple[str, str], object]:
     from vigorl_core.data import load_samples
 
-    spec = ev.get_benchmark(cfg.benchmark) if cfg.benchmark else None
+    spec = get_benchmark(cfg.benchmark) if cfg.benchmark else None
     samples = load_samples(cfg.samples, data_root=cfg.data_root, task=spec.task if spec else None,
                            source=spec.source if spec else None, check_images=False)
     return {ev.sample_key(s): s for s in samples}
@@ -63,7 +64,7 @@ def _run(argv: list[str]) -> int:
     from vigorl_core.report import format_summary, write_report
 
     if cfg.benchmark is not None:
-        ev.get_benchmark(cfg.benchmark)
+        get_benchmark(cfg.benchmark)
     path = Path(cfg.predictions)
     fmt = original_eval.detect_format(path)
     samples = _samples(cfg, ev) if cfg.samples else {}
@@ -72,7 +73,7 @@ def _run(argv: list[str]) -> int:
     if fmt == "vlmsearch":
         if cfg.benchmark is None:
             raise ConfigError("--benchmark is required for the original project's files; one of "
-                              + ", ".join(ev.BENCHMARKS))
+                              + ", ".join(BENCHMARKS))
         by_id = {sid: s for (bench, sid), s in samples.items() if bench == cfg.benchmark}
         rescored, notes = original_eval.read_original_rollouts(path, cfg.benchmark, samples=by_id)
         stored = [float(p.metadata["judge_score"] or 0.0) for p in rescored]

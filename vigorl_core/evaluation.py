@@ -8,7 +8,7 @@ Pure: no Ray, no engine. Formats and rules are documented in docs/evaluation.md.
   strict judge (rewards.judge_for), `score_original` the original eval judge behind the original harness's
   format gate, so it reproduces the published-style number. Ground-truth boxes are rescaled into the model
   frame with the sample's FrameMap, as rollout.py does.
-- `BENCHMARKS`: benchmark -> task family, default mode, sampling, data file of the original release.
+- The benchmarks (task family, mode, sampling, data file, published numbers) are vigorl_core.benchmarks.
 - `compute_metrics`: per benchmark and per category, mean and 95% interval (Wilson for 0/1 scores) of both
   scores; floats rounded to 6 significant digits (`round_floats`).
 - `PredictionWriter` / `read_predictions`: append-only JSONL, one line per key; a partial last line left by a
@@ -24,12 +24,14 @@ import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
 
 from pydantic import Field, ValidationError
 
+from vigorl_core.benchmarks import BENCHMARKS, benchmark_of, category_of
+from vigorl_core.benchmarks import get_benchmark  # noqa: F401 - until tests/integration/test_evaluate.py imports it from benchmarks
 from vigorl_core.data import DataError
 from vigorl_core.frames import FrameMap
 from vigorl_core.protocol import parse_conversation, parse_int_pair, parse_response
@@ -38,92 +40,6 @@ from vigorl_core.rewards import JUDGES, REWARDS, Truth, ci95, judge_for
 
 CI_RULE = ("ci95 is [low, high], a 95% interval of the mean: Wilson score interval for 0/1 scores, "
            "mean +- 1.96*s/sqrt(n) otherwise; means are fractions in [0, 1]")
-
-
-# ------------------------------------------------------------------------------------------- benchmarks
-
-@dataclass(frozen=True)
-class Benchmark:
-    """How one benchmark is evaluated. `data` is its file under the original release's DATA_ROOT
-    (paths as in docs/method.md "Data of the original release"; None: not in the release). `paper` holds
-    published (mean %, 95% half-width or None); the V* intervals in the paper are one standard error, not 95%."""
-
-    task: str
-    mode: str
-    source: str
-    data: str | None = None
-    temperature: float = 0.5
-    top_p: float = 1.0
-    paper: dict[str, tuple[float, float | None]] = field(default_factory=dict)
-
-    @property
-    def judges(self) -> tuple[str, str]:
-        return judge_for(self.task)
-
-
-# Sampling of the original eval scripts: one sample at T=0.5, top_p 1.0; multi-turn top_p 0.99.
-BENCHMARKS: dict[str, Benchmark] = {
-    "sat2": Benchmark("spatial", "grounded", "sat2", "spatial_reasoning/sat2_test/sat2_test.jsonl",
-                      paper={"Qwen2.5-VL-7B": (52.6, 1.6), "ViGoRL-3B": (62.9, 1.5), "ViGoRL-7B": (67.5, 1.5)}),
-    "blink": Benchmark("spatial", "grounded", "blink", "spatial_reasoning/blink/blink_validation.jsonl",
-                       paper={"Qwen2.5-VL-7B": (52.9, 2.3), "ViGoRL-3B": (48.5, 2.3), "ViGoRL-7B": (54.1, 2.3)}),
-    "robospatial": Benchmark("spatial", "grounded", "robospatial", None,
-                             paper={"Qwen2.5-VL-7B": (46.7, 9.5), "ViGoRL-3B": (67.1, 6.1), "ViGoRL-7B": (76.4, 7.5)}),
-    "vstar": Benchmark("visual_search", "multiturn", "vstar", "visual_search/vstar/vstarbench_test.jsonl", top_p=0.99,
-                       paper={"Qwen2.5-VL-7B": (78.0, 3.0), "ViGoRL-3B multi-turn": (81.2, 2.8),
-                              "ViGoRL-7B multi-turn": (86.4, 2.7)}),
-    "screenspot_v2": Benchmark("grounding", "grounded", "screenspot_v2",
-                               "web_grounding/ScreenSpot-V2/screenspot_v2_test.jsonl",
-                               paper={"Qwen2.5-VL-7B": (73.6, 2.4), "ViGoRL-3B": (86.5, 1.9),
-                                      "ViGoRL-7B": (91.0, 1.6)}),
-    "screenspot_pro": Benchmark("grounding", "grounded", "screenspot_pro",
-                                "web_grounding/ScreenSpot-Pro/screenspot_pro_test.jsonl",
-                                paper={"Qwen2.5-VL-7B": (29.0, None), "ViGoRL-3B": (31.1, 2.3),
-                                       "ViGoRL-7B": (33.1, 2.3)}),
-    "osatlas": Benchmark("grounding", "grounded", "osatlas", "web_grounding/vigorl_osatlas_val_RL.jsonl"),
-    "vwa": Benchmark("web_action", "grounded", "vwa", None,
-                     paper={"Qwen2.5-VL-7B": (5.5, 1.5), "ViGoRL-3B": (6.4, 1.5), "ViGoRL-7B": (11.2, 2.1)}),
-    "synthetic_visual_search": Benchmark("visual_search", "multiturn", "synthetic"),
-    "synthetic_grounding": Benchmark("grounding", "grounded", "synthetic"),
-    "synthetic_spatial": Benchmark("spatial", "grounded", "synthetic"),
-    # The quickstart's tasks (vigorl_core.synthetic.QUICKSTART_TASKS): colour questions, their own sources.
-    "synthetic_colour": Benchmark("visual_search", "grounded", "synthetic_colour"),
-    "synthetic_zoom_colour": Benchmark("visual_search", "multiturn", "synthetic_zoom_colour"),
-}
-
-
-def get_benchmark(name: str) -> Benchmark:
-    try:
-        return BENCHMARKS[name]
-    except KeyError:
-        raise ValueError(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}") from None
-
-
-def benchmark_of(sample: Sample) -> str:
-    """Benchmark name of a sample: its source, or synthetic_<task> for our synthetic tasks."""
-    name = f"synthetic_{sample.task}" if sample.source == "synthetic" else sample.source
-    get_benchmark(name)
-    return name
-
-
-CATEGORY_KEYS = ("category", "question_type", "type", "data_type", "ui_type", "platform")
-
-
-def path_category(images: Sequence[str]) -> str | None:
-    # V*Bench keeps its two categories as folder names (as vigorl_core.data does for samples).
-    return next((c for c in ("direct_attributes", "relative_position") if any(c in p for p in images)), None)
-
-
-def category_of(sample: Sample) -> str | None:
-    """`sample.category`, else the first of CATEGORY_KEYS in the metadata (extra keys of the original
-    records), else a V* folder name in the image path."""
-    if sample.category:
-        return sample.category
-    for key in CATEGORY_KEYS:
-        value = sample.metadata.get(key)
-        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value):
-            return str(value)
-    return path_category(sample.images)
 
 
 # ------------------------------------------------------------------------------------------- the record

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from vigorl_core.benchmarks import Benchmark, category_of, get_benchmark, path_category
 from vigorl_core.data import DataError
-from vigorl_core.evaluation import (Benchmark, Prediction, category_of, get_benchmark, path_category,
-                                    scan_jsonl, score_prediction, scored_fields)
+from vigorl_core.evaluation import Prediction, scan_jsonl, score_prediction, scored_fields
 from vigorl_core.protocol import parse_conversation
 from vigorl_core.records import Sample
 from vigorl_core.rewards import Truth

@@ -9,6 +9,7 @@ import pytest
 
 from vigorl_core import evaluation as E
 from vigorl_core import original_eval
+from vigorl_core.benchmarks import BENCHMARKS, get_benchmark
 from vigorl_core.data import DataError
 from vigorl_core.frames import FrameMap
 from vigorl_core.records import SOURCES, RolloutRecord, Sample
@@ -46,14 +47,14 @@ OBS = "\n<observation>\nHere is the crop of the image centered on the coordinate
 
 
 def test_benchmarks_cover_every_source_and_synthetic_task():
-    assert set(SOURCES) - {"synthetic"} <= set(E.BENCHMARKS)
-    assert {"synthetic_visual_search", "synthetic_grounding", "synthetic_spatial"} <= set(E.BENCHMARKS)
-    for name, b in E.BENCHMARKS.items():
+    assert set(SOURCES) - {"synthetic"} <= set(BENCHMARKS)
+    assert {"synthetic_visual_search", "synthetic_grounding", "synthetic_spatial"} <= set(BENCHMARKS)
+    for name, b in BENCHMARKS.items():
         assert (b.task, b.mode) in REWARDS, name
         assert all(j in JUDGES for j in b.judges), name
-    assert E.BENCHMARKS["vstar"].mode == "multiturn" and E.BENCHMARKS["sat2"].paper["ViGoRL-7B"] == (67.5, 1.5)
+    assert BENCHMARKS["vstar"].mode == "multiturn" and BENCHMARKS["sat2"].paper["ViGoRL-7B"] == (67.5, 1.5)
     with pytest.raises(ValueError, match="unknown benchmark 'nope'; expected one of sat2"):
-        E.get_benchmark("nope")
+        get_benchmark("nope")
 
 
 def test_benchmark_and_category_of_samples():

@@ -18,7 +18,7 @@ from vigorl_core.linearize import (
     CORRECTION, Chain, LinearizeConfig, chain_stats, linearize, split_of, to_multiturn, to_sharegpt, tree_stats,
     write_json,
 )
-from vigorl_core.mcts import TreeNode, TreeRecord, TreeRollout
+from vigorl_core.trees import TreeNode, TreeRecord, TreeRollout
 from vigorl_core.protocol import FORCED_FINAL_PREFIX, render_tool_call
 from vigorl_core.zoom import point_crop, zoom_settings
 

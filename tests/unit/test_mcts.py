@@ -20,7 +20,8 @@ from vigorl_core.chat_tokens import ChatTokens
 from vigorl_core.data import DataError
 from vigorl_core.engine import Generation
 from vigorl_core.frames import PROFILES
-from vigorl_core.mcts import FORCED_FINAL_USER, MCTS, MCTSConfig, TreeRecord, load_trees
+from vigorl_core.mcts import FORCED_FINAL_USER, MCTS, MCTSConfig
+from vigorl_core.trees import TreeRecord, load_trees
 from vigorl_core.records import Sample
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
