@@ -7,15 +7,18 @@
 Stages, in order; each is the real job (`python -m jobs.<stage>`), run as its own process against ONE local
 Ray that the quickstart starts, with its config written to runs/quickstart/<run>/configs/<stage>.yaml, so
 any stage can be rerun by hand with the same command (the stage's log names it):
-1. data        synthetic pointing (grounding) and visual-search samples, a train and a held-out split;
-2. teacher     the tiny model after a short SFT on programmatically written grounded chains
+1. data        the two quickstart tasks (vigorl_core.synthetic.QUICKSTART_TASKS), a train and a held-out split:
+               `colour` (the colour of a square that spans several vision tokens; single-turn, grounded) and
+               `zoom_colour` (the colour of a small square in a named quadrant: near chance in the full view,
+               readable after one zoom into the quadrant; multi-turn);
+2. teacher     the tiny model after a short SFT on programmatically written grounded chains of other images
                (vigorl_core.sft_synthetic): a weak, noisy stand-in for the paper's Qwen2.5-VL-72B;
 3. mcts        tree search over the teacher's reasoning steps on the train split; the rule reward keeps the
                branches that reach the right answer;
 4. chains      the trees linearized into SFT chains (single-turn and multi-turn zoom);
 5. sft         the random tiny model fine-tuned on those chains (the warm start);
-6. grpo        single-turn grounded GRPO from the SFT checkpoint on the pointing task;
-7. grpo_zoom   multi-turn GRPO with the zoom tool on visual search, from the GRPO checkpoint;
+6. grpo        single-turn grounded GRPO from the SFT checkpoint on `colour`;
+7. grpo_zoom   multi-turn GRPO with the zoom tool on `zoom_colour`, from the GRPO checkpoint;
 8. eval_*      every model (random, teacher, sft, grpo, grpo_zoom) on the held-out split;
 9. report      runs/quickstart/<run>/report.md with the table, reward curves and annotated examples.
 
@@ -46,6 +49,7 @@ from jobs.common import REPO_ROOT, is_verbose, run_main
 from vigorl_core.config import StageConfig, parse_config
 
 MODELS = ("random", "teacher", "sft", "grpo", "grpo_zoom")
+SINGLE, SEARCH = "colour", "zoom_colour"  # the single-turn and the multi-turn (zoom) task
 
 
 class QuickstartConfig(StageConfig):
@@ -58,13 +62,13 @@ class QuickstartConfig(StageConfig):
     num_cpus: int = Field(8, ge=1, description="logical CPUs of the local Ray it starts (stages schedule fractions); with RAY_ADDRESS set, the stages join that Ray instead")
 
 
-# What each stage does at each size. The full sizes are chosen for learning on 2 cores; --fast keeps every
-# kind of stage with a few samples, steps and tokens, and evaluates the last model only (grpo_zoom: grounded on
-# pointing and multi-turn on visual search, so both evaluation modes run).
+# What each stage does at each size. The full sizes are chosen for learning on 2 cores (docs/tiny_learning.md);
+# --fast keeps every kind of stage with a few samples, steps and tokens, and evaluates the last model only
+# (grpo_zoom: grounded on colour and multi-turn on zoom_colour, so both evaluation modes run).
 SIZES: dict[str, dict[str, Any]] = {
-    "full": {"train_n": 256, "heldout_n": 64, "teacher_steps": 300, "mcts_n": 48, "sft_steps": 400,
-             "grpo_steps": 30, "grpo_zoom_steps": 20, "rollout_batch": 8, "group": 8, "mcts_simulations": 4,
-             "turn_tokens": 96, "response_tokens": 512, "eval_models": MODELS,
+    "full": {"train_n": 256, "heldout_n": 64, "teacher_steps": 200, "mcts_n": 32, "sft_steps": 150,
+             "grpo_steps": 24, "grpo_zoom_steps": 16, "rollout_batch": 8, "group": 8, "mcts_simulations": 4,
+             "turn_tokens": 96, "response_tokens": 384, "eval_models": MODELS,
              "mcts": {"children": 3, "rollouts_per_child": 2, "max_depth": 4, "time_limit_s": 120}},
     "fast": {"train_n": 8, "heldout_n": 4, "teacher_steps": 4, "mcts_n": 2, "sft_steps": 4,
              "grpo_steps": 2, "grpo_zoom_steps": 2, "rollout_batch": 2, "group": 2, "mcts_simulations": 1,
@@ -127,19 +131,21 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
     s = SIZES["fast" if cfg.fast else "full"]
     common = {"runs_dir": str(p.runs), "seed": cfg.seed}
     engine = {"max_model_len": 4096, "dtype": "float32", "enforce_eager": True}
-    stages = [Stage("data", "synthetic data: train and held-out splits", p.split("visual_search", "heldout"),
+    stages = [Stage("data", "synthetic data: train and held-out splits", p.split(SEARCH, "heldout"),
                     call=lambda: _write_data(p, s, cfg.seed))]
+    # Its own seed: the written chains are of other images than the train and held-out splits.
+    teacher_data = p.data / "teacher-chains" / "chains.jsonl"
+    stages.append(Stage("teacher_data", "teacher data: written grounded chains", teacher_data,
+                        call=lambda: _write_teacher_chains(teacher_data.parent, s["train_n"], cfg.seed + 2000)))
     stages.append(Stage(
         "teacher", "teacher: tiny model, short SFT on written grounded chains", p.model("teacher"), module="jobs.sft",
-        # Its own seed: the written chains are of other images than the train and held-out splits.
-        config={**common, "seed": cfg.seed + 2000, "run_name": p.name + "-teacher", "model": str(p.random_model),
-                "data": "synthetic",
-                "synthetic_n": s["train_n"], "max_steps": s["teacher_steps"], "global_batch_size": 8,
+        config={**common, "run_name": p.name + "-teacher", "model": str(p.random_model),
+                "data": str(teacher_data), "val_fraction": 0.05, "max_steps": s["teacher_steps"], "global_batch_size": 8,
                 "micro_batch_size": 4, "num_workers": 1, "lr": 2e-3, "warmup_ratio": 0.05, "precision": "fp32",
                 "freeze_vision_tower": False, "save_every": s["teacher_steps"], "eval_every": s["teacher_steps"],
                 "log_every": 10, "keep_checkpoints": 1, "max_length": 2048},
         progress=_steps_progress(p.run("sft", "-teacher") / "log.jsonl", s["teacher_steps"])))
-    mcts_data = [{"path": str(p.split(task, "train")), "limit": s["mcts_n"]} for task in ("grounding", "visual_search")]
+    mcts_data = [{"path": str(p.split(task, "train")), "limit": s["mcts_n"]} for task in (SINGLE, SEARCH)]
     stages.append(Stage(
         "mcts", "MCTS with the teacher on the train split", p.run("mcts") / "stats.json", module="jobs.mcts",
         config={"runs_dir": str(p.runs), "run_name": p.name, "data": mcts_data,
@@ -172,24 +178,23 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
             "num_workers": 1, "precision": "fp32", "keep_checkpoints": 1, "log_every": 1,
             "policy": {"engine": engine}}
     stages.append(Stage(
-        "grpo", "GRPO single-turn (grounded pointing) from the SFT checkpoint", p.model("grpo"), module="jobs.grpo",
-        config={**grpo, "run_name": p.name, "data": str(p.split("grounding", "train")),  # model: sft's latest
-                "task": "grounding", "mode": "grounded", "max_steps": s["grpo_steps"], "save_every": s["grpo_steps"],
+        "grpo", "GRPO single-turn (grounded, colour) from the SFT checkpoint", p.model("grpo"), module="jobs.grpo",
+        config={**grpo, "run_name": p.name, "data": str(p.split(SINGLE, "train")),  # model: sft's latest
+                "task": "visual_search", "mode": "grounded", "max_steps": s["grpo_steps"], "save_every": s["grpo_steps"],
                 "max_tokens_per_turn": s["turn_tokens"], "max_response_tokens": s["turn_tokens"]},
         progress=_steps_progress(p.run("grpo") / "metrics.jsonl", s["grpo_steps"])))
     stages.append(Stage(
-        "grpo_zoom", "GRPO multi-turn with zoom (visual search) from the GRPO checkpoint", p.model("grpo_zoom"),
+        "grpo_zoom", "GRPO multi-turn with zoom (zoom_colour) from the GRPO checkpoint", p.model("grpo_zoom"),
         module="jobs.grpo",
         config={**grpo, "run_name": p.name + "-zoom", "model": str(p.model("grpo")),
-                "data": str(p.split("visual_search", "train")), "task": "visual_search", "mode": "multiturn",
+                "data": str(p.split(SEARCH, "train")), "task": "visual_search", "mode": "multiturn",
                 "max_steps": s["grpo_zoom_steps"], "save_every": s["grpo_zoom_steps"],
                 "max_tokens_per_turn": s["turn_tokens"], "max_response_tokens": s["response_tokens"]},
         progress=_steps_progress(p.run("grpo", "-zoom") / "metrics.jsonl", s["grpo_zoom_steps"])))
     for model in s["eval_models"]:
         zoom = "multiturn" if model == "grpo_zoom" else "grounded"
-        benchmarks = [{"name": "synthetic_grounding", "path": str(p.split("grounding", "heldout")), "mode": "grounded"},
-                      {"name": "synthetic_visual_search", "path": str(p.split("visual_search", "heldout")),
-                       "mode": zoom}]
+        benchmarks = [{"name": f"synthetic_{SINGLE}", "path": str(p.split(SINGLE, "heldout")), "mode": "grounded"},
+                      {"name": f"synthetic_{SEARCH}", "path": str(p.split(SEARCH, "heldout")), "mode": zoom}]
         run_dir = p.run("eval", f"-{model}")
         stages.append(Stage(
             f"eval_{model}", f"evaluation of {model} on the held-out split", run_dir / "metrics.json",
@@ -210,10 +215,17 @@ def _write_data(p: Paths, sizes: dict[str, int], seed: int) -> None:
 
     if not (p.random_model / "vigorl_model.json").is_file():
         build_tiny_model(p.random_model)
-    for task in ("grounding", "visual_search"):
+    for task in (SINGLE, SEARCH):
         write_dataset(task, sizes["train_n"], seed, p.split(task, "train").parent)
         # Held-out samples come from another seed: no image of the train split repeats.
         write_dataset(task, sizes["heldout_n"], seed + 1000, p.split(task, "heldout").parent)
+
+
+def _write_teacher_chains(folder: Path, n: int, seed: int) -> None:
+    from vigorl_core.frames import get_profile
+    from vigorl_core.sft_synthetic import write_synthetic_chains
+
+    write_synthetic_chains(folder, n, seed, get_profile("tiny"), tasks=(SINGLE, SEARCH))
 
 
 def _merge_chains(p: Paths, out: Path, n: int, seed: int, fast: bool) -> None:
@@ -226,7 +238,8 @@ def _merge_chains(p: Paths, out: Path, n: int, seed: int, fast: bool) -> None:
 
     files = [p.run("chains") / name for name in ("train.json", "train_multiturn.json")]
     if fast:
-        files.append(write_synthetic_chains(p.data / "fast-filler", n, seed + 2000, get_profile("tiny")))
+        files.append(write_synthetic_chains(p.data / "fast-filler", n, seed + 2000, get_profile("tiny"),
+                                            tasks=(SINGLE, SEARCH)))
     records = []
     for path in files:
         if path.is_file() and path.read_text().strip() not in ("", "[]"):

@@ -5,8 +5,10 @@ the run folders the jobs wrote; jobs/quickstart.py calls it).
     -> out_dir/report.md, out_dir/curves.{png,svg}, out_dir/examples/*.png, out_dir/results.json
 
 Per model and benchmark: accuracy (the strict judge) with its 95% Wilson score interval, the format rate (the
-share of answers whose reward format term is not 0, i.e. that pass the format gate) and, on pointing, the
-grounding rate: the share of reasoning points inside the target.
+share of answers whose reward format term is not 0, i.e. that pass the format gate) and the grounding rate: the
+share of reasoning points inside the target's box. The benchmarks are the quickstart's two tasks
+(vigorl_core.synthetic.QUICKSTART_TASKS): `synthetic_colour` (single-turn) and `synthetic_zoom_colour`
+(answered from the full view, or with zooms in multi-turn mode).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from vigorl_core.evaluation import Prediction, read_predictions, round_floats
 from vigorl_core.images import annotate_points
 from vigorl_core.rewards import ci95
 
+SINGLE, SEARCH = "synthetic_colour", "synthetic_zoom_colour"
 CURVE_KEYS = (("reward_mean", "reward", "#c82828"), ("accuracy", "accuracy", "#285ac8"),
               ("format_rate", "format rate", "#28963c"))
 
@@ -113,16 +116,19 @@ def write_quickstart_report(out_dir: str | Path, eval_runs: Mapping[str, Path], 
         lines += ["**--fast run**: a few samples and steps per stage; it checks the plumbing, not the learning.", ""]
     lines += [("Held-out synthetic samples, greedy decoding. Accuracy is the strict judge with its 95% Wilson score "
                "interval in brackets; format is the share of answers that pass the reward's format gate; "
-               "grounding is the share of "
-               "reasoning points inside the target's box (pointing task)."), "",
-              ("| model | pointing accuracy | format | grounding | visual search accuracy "
-               "| visual search mode (turns) |"),
-              "|---|---|---|---|---|---|"]
+               "grounding is the share of reasoning points inside the target's box. colour: the colour of a "
+               "square 37-56 px wide in a 112-px image (4 options). zoom: the colour of an 18-24 px square in "
+               "a named quadrant (4 options, one per quadrant), from the full view (grounded) or with zooms "
+               "(multiturn)."), "",
+              ("| model | colour accuracy | format | grounding | zoom accuracy | format | grounding "
+               "| zoom mode (turns) |"),
+              "|---|---|---|---|---|---|---|---|"]
     for model, result in results.items():
-        point, search = result.get("synthetic_grounding"), result.get("synthetic_visual_search")
+        single, search = result.get(SINGLE), result.get(SEARCH)
         mode = f"{search['mode']} ({search['turns']:.1f})" if search else "-"
-        lines.append(f"| {model} | {_cell(point, 'accuracy')} | {_cell(point, 'format_rate')} "
-                     f"| {_cell(point, 'grounding')} | {_cell(search, 'accuracy')} | {mode} |")
+        lines.append(f"| {model} | {_cell(single, 'accuracy')} | {_cell(single, 'format_rate')} "
+                     f"| {_cell(single, 'grounding')} | {_cell(search, 'accuracy')} "
+                     f"| {_cell(search, 'format_rate')} | {_cell(search, 'grounding')} | {mode} |")
     if any(curves.values()):
         line_panels(out / "curves", "GRPO: mean reward, accuracy and format rate of each step's rollouts", curves,
                     CURVE_KEYS)
@@ -139,11 +145,11 @@ def write_quickstart_report(out_dir: str | Path, eval_runs: Mapping[str, Path], 
 
 
 def _examples(out: Path, predictions: Mapping[str, list[Prediction]], k: int) -> list[str]:
-    """Before and after RL on the same held-out pointing images: the SFT model against the GRPO model."""
+    """Before and after RL on the same held-out colour images: the SFT model against the GRPO model."""
     if "sft" not in predictions or "grpo" not in predictions:
         return []
-    after = {p.id: p for p in predictions["grpo"] if p.benchmark == "synthetic_grounding"}
-    pairs = [(p, after[p.id]) for p in predictions["sft"] if p.benchmark == "synthetic_grounding" and p.id in after]
+    after = {p.id: p for p in predictions["grpo"] if p.benchmark == SINGLE}
+    pairs = [(p, after[p.id]) for p in predictions["sft"] if p.benchmark == SINGLE and p.id in after]
     pairs.sort(key=lambda pair: (pair[1].score - pair[0].score), reverse=True)  # RL's fixes first
     lines = ["", "## Examples: before (SFT) and after (GRPO) RL", ""]
     for before, later in pairs[:k]:

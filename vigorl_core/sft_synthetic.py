@@ -3,7 +3,9 @@
 Grounding samples become single-turn grounded chains (`<think>` steps naming the target's point, then
 `<answer> (x, y) </answer>`); visual-search samples become multi-turn zoom chains: a turn that zooms on
 the target with a `search_coordinate` tool call, the observation turn with the real crop (zoom.point_crop,
-the task's zoom settings), and a final turn that answers the colour. Points are in the model frame of
+the task's zoom settings), and a final turn that answers the colour. The quickstart's `colour` samples
+become single-turn chains whose steps name the square's centre, and its `zoom_colour` samples zoom chains
+that zoom into the quadrant the question names. Points are in the model frame of
 `profile` (frames.resize_to_model), as MCTS chains are. Records are sharegpt lines with a `task` key,
 readable by sft_data.read_conversations and by LLaMA-Factory.
 
@@ -19,7 +21,7 @@ from vigorl_core.data import IMAGE_TOKEN
 from vigorl_core.frames import ModelProfile, resize_to_model
 from vigorl_core.prompts import observation_text, system_prompt, user_text
 from vigorl_core.protocol import format_point, render_single_turn, render_turn
-from vigorl_core.synthetic import generate
+from vigorl_core.synthetic import generate, quadrant_box
 from vigorl_core.zoom import OBSERVATION_TAIL, point_crop, zoom_settings
 
 
@@ -55,7 +57,40 @@ def _visual_search(sample, image, profile: ModelProfile) -> tuple[dict, list]:
     return {"messages": messages}, [image, crop.image]
 
 
-_BUILDERS = {"grounding": _grounding, "visual_search": _visual_search}
+def _colour(sample, image, profile: ModelProfile) -> tuple[dict, list]:
+    _, frame = resize_to_model(image, profile)
+    x, y = (round(v) for v in frame.to_model(*sample.point))
+    chain = render_single_turn([f"The square is at {format_point(x, y)}.",
+                                f"The square at {format_point(x, y)} is {sample.answer}."], sample.answer)
+    messages = [{"role": "system", "content": system_prompt("visual_search", "grounded")},
+                {"role": "user", "content": IMAGE_TOKEN + user_text(sample.question, sample.options)},
+                {"role": "assistant", "content": chain}]
+    return {"messages": messages}, [image]
+
+
+def _zoom_colour(sample, image, profile: ModelProfile) -> tuple[dict, list]:
+    """Zoom at the centre of the quadrant the question names: its window is the quadrant, so the crop shows
+    the small square several vision tokens wide wherever it lies in the quadrant."""
+    model_image, frame = resize_to_model(image, profile)
+    x1, y1, x2, y2 = quadrant_box(sample.metadata["quadrant"], image.size)
+    x, y = (round(v) for v in frame.to_model((x1 + x2) / 2, (y1 + y2) / 2))
+    quadrant, colour = sample.metadata["quadrant"], sample.answer
+    crop = point_crop(model_image, x, y, zoom_settings("visual_search", profile.name))
+    messages = [
+        {"role": "system", "content": system_prompt("visual_search", "multiturn")},
+        {"role": "user", "content": IMAGE_TOKEN + user_text(sample.question, sample.options)},
+        {"role": "assistant", "content": render_turn(
+            f"The small square in the {quadrant} quadrant is too small to see; I zoom into the quadrant at "
+            f"{format_point(x, y)}.", tool_call=(x, y))},
+        {"role": "user", "content": observation_text(False) + IMAGE_TOKEN + OBSERVATION_TAIL},
+        {"role": "assistant", "content": render_turn(f"The crop shows the small square: it is {colour}.",
+                                                     answer=colour)},
+    ]
+    return {"messages": messages}, [image, crop.image]
+
+
+_BUILDERS = {"grounding": _grounding, "visual_search": _visual_search, "colour": _colour,
+             "zoom_colour": _zoom_colour}
 
 
 def write_synthetic_chains(out_dir: str | Path, n: int, seed: int, profile: ModelProfile,
@@ -73,7 +108,7 @@ def write_synthetic_chains(out_dir: str | Path, n: int, seed: int, profile: Mode
             names = [f"images/{sample.id}_{i}.png" for i in range(len(images))]
             for name, im in zip(names, images):
                 im.save(out / name, format="PNG", optimize=False, compress_level=6)
-            lines.append(json.dumps({"id": sample.id, "task": task, **record, "images": names}))
+            lines.append(json.dumps({"id": sample.id, "task": sample.task, **record, "images": names}))
     path = out / "chains.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -9,6 +9,18 @@ Three task families mirror the real benchmarks at toy scale:
 - `spatial` (SAT-like): two objects; left/right or above/below with options ["left", "right"] or
   ["above", "below"].
 
+Two more, sized for what the tiny model learns on 2 CPU cores (docs/tiny_learning.md), for the quickstart.
+Both are multiple-choice colour questions (Sample.task `visual_search`: its prompts, string-match reward and
+zoom settings) with their own source, so they are benchmarks of their own (`synthetic_colour`,
+`synthetic_zoom_colour`):
+- `colour`: one square 37-56 px wide on a 112x112 image (it spans several of the tiny model's 28-px vision
+  tokens); "What is the colour of the square?" with 4 options. The box is the square, so the points of the
+  reasoning can be scored as a grounding rate, but the answer needs only what is seen in a large region.
+- `zoom_colour`: four small squares (18-24 px, below one vision token), one per quadrant, in four colours;
+  "What is the colour of the small square in the top-left quadrant?" with the four colours as options. The
+  full view is near chance; a zoom at the quadrant's centre (the tiny profile's 56-px window, magnified 2x)
+  shows the square 36-48 px wide, which the tiny model reads.
+
 Same (task, n, seed, image_size) gives byte-identical PNGs and JSONL: every sample draws from its own
 `random.Random` seeded with a string (seeded via sha512, independent of PYTHONHASHSEED), PIL draws without
 anti-aliasing, and PNGs are saved with fixed parameters and no metadata. Sample i does not depend on n.
@@ -44,9 +56,12 @@ PALETTE: dict[str, Rgb] = {
 COLOURS: tuple[str, ...] = tuple(PALETTE)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 SYNTHETIC_TASKS: tuple[str, ...] = ("visual_search", "grounding", "spatial")
+QUICKSTART_TASKS: tuple[str, ...] = ("colour", "zoom_colour")  # Sample.task visual_search, source synthetic_<name>
 DEFAULT_SIZES: dict[str, tuple[int, int]] = {
     "visual_search": (448, 448), "grounding": (400, 300), "spatial": (336, 336),
+    "colour": (112, 112), "zoom_colour": (112, 112),
 }
+QUADRANTS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: IntBox, fill: Rgb) -> None:
@@ -186,8 +201,52 @@ def _spatial(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, di
                      metadata={"a_bbox": list(a), "b_bbox": list(b)})
 
 
+def _options(rng: random.Random, colour: str, others: list[str]) -> list[str]:
+    options = [colour, *others]
+    rng.shuffle(options)
+    return options
+
+
+def _colour(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, dict]:
+    img = Image.new("RGB", size, _grey(rng, 200, 240))
+    colour = rng.choice(COLOURS)
+    side = rng.randint(size[0] // 3, size[0] // 2)  # 37-56 px at 112: several 28-px vision tokens
+    box = _place(rng, size, side, [], 0, border=2)
+    assert box is not None
+    draw_shape(ImageDraw.Draw(img), "square", box, PALETTE[colour])
+    options = _options(rng, colour, rng.sample([c for c in COLOURS if c != colour], 3))
+    return img, dict(question="What is the colour of the square?", options=options, answer=colour, bbox=box,
+                     category="colour", metadata={"shape": "square", "colour": colour})
+
+
+def quadrant_box(quadrant: str, size: tuple[int, int]) -> IntBox:
+    """The quadrant's box (x2/y2 exclusive) in an image of `size`."""
+    w, h = size
+    right, bottom = quadrant.endswith("right"), quadrant.startswith("bottom")
+    return (w // 2 if right else 0, h // 2 if bottom else 0, w if right else w // 2, h if bottom else h // 2)
+
+
+def _zoom_colour(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, dict]:
+    img = Image.new("RGB", size, _grey(rng, 200, 240))
+    draw = ImageDraw.Draw(img)
+    colours = rng.sample(COLOURS, 4)
+    boxes = []
+    for quadrant, colour in zip(QUADRANTS, colours):
+        qx, qy, qx2, qy2 = quadrant_box(quadrant, size)
+        side = rng.randint(size[0] * 9 // 56, size[0] * 12 // 56)  # 18-24 px at 112: below one vision token
+        x, y = rng.randint(qx + 3, qx2 - 3 - side), rng.randint(qy + 3, qy2 - 3 - side)
+        boxes.append((x, y, x + side, y + side))
+        draw_shape(draw, "square", boxes[-1], PALETTE[colour])
+    k = rng.randrange(4)
+    return img, dict(question=f"What is the colour of the small square in the {QUADRANTS[k]} quadrant?",
+                     options=_options(rng, colours[k], [c for i, c in enumerate(colours) if i != k]),
+                     answer=colours[k], bbox=boxes[k], category="zoom_colour",
+                     metadata={"shape": "square", "colour": colours[k], "quadrant": QUADRANTS[k]})
+
+
 _GENERATORS: dict[str, Callable[[random.Random, tuple[int, int]], tuple[Image.Image, dict]]] = {
     "visual_search": _visual_search, "grounding": _grounding, "spatial": _spatial,
+    "colour": _colour, "zoom_colour": _zoom_colour,
 }
 
 
@@ -195,12 +254,13 @@ def generate(task: str, n: int, seed: int, *, image_size: tuple[int, int] | None
              ) -> list[tuple[Sample, Image.Image]]:
     """n samples of `task` with their images (original frame). `image_size` = (width, height)."""
     if task not in _GENERATORS:
-        raise ValueError(f"unknown synthetic task {task!r}; expected one of {list(SYNTHETIC_TASKS)}")
+        raise ValueError(f"unknown synthetic task {task!r}; expected one of {[*SYNTHETIC_TASKS, *QUICKSTART_TASKS]}")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     size = tuple(image_size) if image_size is not None else DEFAULT_SIZES[task]
-    if len(size) != 2 or min(size) < 160:
-        raise ValueError(f"image_size must be (width, height) with both sides >= 160, got {image_size!r}")
+    smallest = 112 if task in QUICKSTART_TASKS else 160
+    if len(size) != 2 or min(size) < smallest:
+        raise ValueError(f"image_size must be (width, height) with both sides >= {smallest}, got {image_size!r}")
     out = []
     for i in range(n):
         rng = random.Random(f"vigorl-synthetic/{task}/{seed}/{i}")
@@ -211,7 +271,8 @@ def generate(task: str, n: int, seed: int, *, image_size: tuple[int, int] | None
             fields["bbox"] = tuple(float(v) for v in box)
             fields["point"] = _centre(box)
         fields["metadata"] = {"image_size": list(size), **fields["metadata"]}
-        sample = Sample(id=sid, task=task, source="synthetic", images=[f"images/{sid}.png"], **fields)
+        family, source = ("visual_search", f"synthetic_{task}") if task in QUICKSTART_TASKS else (task, "synthetic")
+        sample = Sample(id=sid, task=family, source=source, images=[f"images/{sid}.png"], **fields)
         out.append((sample, img))
     return out
 

@@ -78,13 +78,13 @@ def test_quickstart_fast_runs_every_stage_and_a_rerun_skips_them(tmp_path, subpr
     assert grpo["model"] == str((root / runs["sft"] / "latest").resolve())
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"grpo_zoom"}
-    assert results["models"]["grpo_zoom"]["synthetic_grounding"]["n"] == 4
-    assert results["models"]["grpo_zoom"]["synthetic_grounding"]["mode"] == "grounded"
-    assert results["models"]["grpo_zoom"]["synthetic_visual_search"]["mode"] == "multiturn"
+    assert results["models"]["grpo_zoom"]["synthetic_colour"]["n"] == 4
+    assert results["models"]["grpo_zoom"]["synthetic_colour"]["mode"] == "grounded"
+    assert results["models"]["grpo_zoom"]["synthetic_zoom_colour"]["mode"] == "multiturn"
     assert [r["step"] for r in results["grpo"]["grpo"]] == [1, 2]
     assert "| grpo_zoom |" in (out / "report.md").read_text()
     rerun = _vigorl(["quickstart", "--fast", "--runs_dir", str(tmp_path)], env)
-    assert rerun.returncode == 0 and rerun.stdout.count("done before, skipped") == 10
+    assert rerun.returncode == 0 and rerun.stdout.count("done before, skipped") == 11
 
 
 def test_every_command_has_help(subprocess_env):

@@ -1,0 +1,68 @@
+"""The quickstart's synthetic tasks (`colour`, `zoom_colour`): determinism, sizes in vision tokens, and that a
+zoom into the named quadrant shows the target large while the full view holds it below one vision token."""
+
+import hashlib
+
+import pytest
+
+from vigorl_core.evaluation import benchmark_of
+from vigorl_core.frames import get_profile
+from vigorl_core.sft_data import read_conversations
+from vigorl_core.sft_synthetic import write_synthetic_chains
+from vigorl_core.synthetic import PALETTE, QUADRANTS, QUICKSTART_TASKS, generate, quadrant_box, write_dataset
+from vigorl_core.zoom import point_crop, zoom_settings
+
+
+def _pixels(img, colour, box=None, tolerance=0) -> int:
+    """Pixels of `colour` (each channel within `tolerance`: a resized crop blends the edges)."""
+    x1, y1, x2, y2 = box or (0, 0, img.width, img.height)
+    return sum(max(abs(a - b) for a, b in zip(img.getpixel((x, y)), colour)) <= tolerance
+               for x in range(x1, x2) for y in range(y1, y2))
+
+
+@pytest.mark.parametrize("task", QUICKSTART_TASKS)
+def test_same_seed_same_bytes_and_own_benchmark(task, tmp_path):
+    a = write_dataset(task, 4, seed=3, out_dir=tmp_path / "a").read_bytes()
+    assert a == write_dataset(task, 4, seed=3, out_dir=tmp_path / "b").read_bytes()
+    assert a != write_dataset(task, 4, seed=4, out_dir=tmp_path / "c").read_bytes()
+    digest = [hashlib.sha256((tmp_path / d / "images" / f"{task}-3-00001.png").read_bytes()).hexdigest() for d in "ab"]
+    assert digest[0] == digest[1]
+    for sample, img in generate(task, 5, 0):
+        assert sample.task == "visual_search" and img.size == (112, 112)
+        assert benchmark_of(sample) == f"synthetic_{task}"
+        assert sample.answer in sample.options and len(set(sample.options)) == 4
+
+
+def test_colour_square_spans_several_vision_tokens():
+    for sample, img in generate("colour", 30, 1):
+        x1, y1, x2, y2 = (int(v) for v in sample.bbox)
+        assert 37 <= x2 - x1 <= 56 and x2 - x1 == y2 - y1
+        assert _pixels(img, PALETTE[sample.answer], (x1, y1, x2, y2)) == (x2 - x1) ** 2
+        assert _pixels(img, PALETTE[sample.answer]) == (x2 - x1) ** 2  # nothing else has its colour
+
+
+def test_zoom_colour_target_small_in_the_full_view_large_in_the_quadrant_zoom():
+    settings = zoom_settings("visual_search", "tiny")
+    for sample, img in generate("zoom_colour", 30, 2):
+        quadrant = sample.metadata["quadrant"]
+        assert quadrant in QUADRANTS and quadrant in sample.question
+        x1, y1, x2, y2 = (int(v) for v in sample.bbox)
+        qx1, qy1, qx2, qy2 = quadrant_box(quadrant, img.size)
+        assert 18 <= x2 - x1 <= 24 < 28  # below one 28-px vision token
+        assert qx1 < x1 and x2 < qx2 and qy1 < y1 and y2 < qy2
+        for option in sample.options:  # one square of each option's colour, in its own quadrant
+            assert _pixels(img, PALETTE[option]) >= 18 * 18
+        crop = point_crop(img, (qx1 + qx2) // 2, (qy1 + qy2) // 2, settings).image
+        assert _pixels(crop, PALETTE[sample.answer], tolerance=24) >= 32 * 32  # 2x: 36-48 px, several tokens
+        assert all(_pixels(crop, PALETTE[o], tolerance=24) == 0 for o in sample.options if o != sample.answer)
+
+
+def test_written_chains_zoom_into_the_named_quadrant(tmp_path):
+    path = write_synthetic_chains(tmp_path, 1, 0, get_profile("tiny"), tasks=QUICKSTART_TASKS)
+    chains = {c.id.rsplit("-", 2)[0]: c for c in read_conversations(path)}
+    assert set(chains) == set(QUICKSTART_TASKS) and {c.task for c in chains.values()} == {"visual_search"}
+    zoom = chains["zoom_colour"]
+    sample = generate("zoom_colour", 1, 0)[0][0]
+    x1, y1, x2, y2 = quadrant_box(sample.metadata["quadrant"], (112, 112))
+    assert f'"coordinate": [{(x1 + x2) // 2}, {(y1 + y2) // 2}]' in zoom.messages[2][1]
+    assert len(zoom.images) == 2 and f"<answer> {sample.answer} </answer>" in zoom.messages[-1][1]
