@@ -191,8 +191,8 @@ RESUME_FIXED = ("model", "data", "data_root", "task", "synthetic_n", "mode", "ro
 
 LOGGED = ("reward_mean", "reward_std", "accuracy", "format_rate", "format_reward", "kl", "entropy", "clip_fraction",
           "grad_norm", "pg_loss", "loss", "response_tokens", "turns", "zooms", "zero_variance_groups",
-          "logprob_mismatch",
-          "staleness_mean", "stale_dropped", "importance_weight_mean", "importance_weight_max", "policy_version",
+          "logprob_mismatch", "staleness_mean", "stale_dropped", "importance_weight_mean", "importance_weight_max",
+          "policy_version",
           "lr", "time/generate", "time/score", "time/wait", "time/train", "time/sync", "time/step",
           "time/generation_idle", "time/trainer_idle")
 
@@ -210,6 +210,7 @@ def train_worker(config: dict) -> None:
     import torch
     from transformers import AutoProcessor
 
+    from jobs.faults import kill_during_rollouts
     from jobs.training import (
         RunLog, deepspeed_engine, first_fault, grad_norm, load_checkpoint, save_checkpoint, set_lr,
     )
@@ -259,7 +260,7 @@ def train_worker(config: dict) -> None:
                 ray.get(buffer.request.remote(step + ahead, version + ahead - cfg.max_staleness, indices))
 
         if rank == 0:
-            _inject_faults(cfg, run_dir, step, buffer, config["app"], request)
+            kill_during_rollouts(cfg, run_dir, step, buffer, config["app"], request)
         groups, image_refs = _fetch_groups(cfg, buffer, step, rank, request, engine.device)
         waited = time.perf_counter() - started
         records = [r for g in groups for r in g.records]
@@ -324,23 +325,6 @@ def _fetch_groups(cfg: GRPOConfig, buffer, step: int, rank: int, request, device
         if time.monotonic() > deadline:
             raise TimeoutError(f"step {step}: rollouts not complete after {cfg.rollout_timeout_s:.0f} s "
                                f"(replay buffer: {ray.get(buffer.status.remote())})")
-
-
-def _inject_faults(cfg: GRPOConfig, run_dir: Path, step: int, buffer, app: str, request) -> None:
-    """Testing (fault tests): kill the replay buffer, or one PolicyServer replica, while the step rolls out,
-    once per run."""
-    import ray
-
-    from jobs.training import first_fault
-    from services.app import kill_one_replica
-
-    if step + 1 in (cfg.fail_replay_at_step, cfg.fail_policy_at_step):
-        request()
-        time.sleep(1.0)  # rollouts in flight
-    if cfg.fail_replay_at_step == step + 1 and first_fault(run_dir, "replay"):
-        ray.kill(buffer, no_restart=False)
-    if cfg.fail_policy_at_step == step + 1 and first_fault(run_dir, "policy"):
-        kill_one_replica(app)
 
 
 def _train_step(cfg: GRPOConfig, engine, reference, records, advantages, plan, rank, image_refs, chat, processor,

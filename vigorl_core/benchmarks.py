@@ -7,11 +7,11 @@ original release and the published numbers; and how a sample finds its benchmark
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vigorl_core.records import Sample
 from vigorl_core.rewards import judge_for
+from vigorl_core.sample_fields import path_category
 
 
 @dataclass(frozen=True)
@@ -79,11 +79,6 @@ def benchmark_of(sample: Sample) -> str:
 
 
 CATEGORY_KEYS = ("category", "question_type", "type", "data_type", "ui_type", "platform")
-
-
-def path_category(images: Sequence[str]) -> str | None:
-    # V*Bench keeps its two categories as folder names (as vigorl_core.data does for samples).
-    return next((c for c in ("direct_attributes", "relative_position") if any(c in p for p in images)), None)
 
 
 def category_of(sample: Sample) -> str | None:

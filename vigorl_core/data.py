@@ -26,6 +26,7 @@ from typing import IO, Any
 from pydantic import BaseModel, ValidationError
 
 from vigorl_core.records import SCHEMA_VERSION, TASKS, Sample
+from vigorl_core.sample_fields import BOX_RE, POINT_RE, infer_task_source, parse_options, path_category
 
 IMAGE_TOKEN = "<image>"
 _MAX_LISTED_MISSING = 10
@@ -212,71 +213,6 @@ def record_id(rec: dict, at: RecordLocation, required: bool = False) -> str | No
 
 _PARSERS = {"vlmsearch": _parse_vlmsearch, "rl": _parse_rl, "sft": _parse_sft}
 
-# --------------------------------------------------------------------------- options, boxes, categories
-
-_OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.)]\s+(.+?)\s*$")
-_OPTION_INLINE = re.compile(r"\(([A-Z])\)\s*")
-_NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
-_BOX_RE = re.compile(rf"^\s*[(\[]?{_NUM},{_NUM},{_NUM},{_NUM}[)\]]?\s*$")
-_POINT_RE = re.compile(rf"^\s*[(\[]?{_NUM},{_NUM}[)\]]?\s*$")
-
-
-def parse_options(question: str) -> list[str]:
-    """Lettered options ("A. left", "(A) left", "A) left" lines, or "(A) x (B) y" on one line) as option
-    text; [] unless at least two options lettered A, B, ... in order."""
-    lines = question.splitlines()
-    run: list[str] = []
-    for text in lines:
-        m = _OPTION_LINE.match(text)
-        if m and ord(m[1]) - ord("A") == len(run):
-            run.append(m[2])
-        elif len(run) >= 2:
-            return run
-        else:
-            run = [m[2]] if m and m[1] == "A" else []
-    if len(run) >= 2:
-        return run
-    for text in lines:
-        parts = _OPTION_INLINE.split(text)  # [before, "A", text, "B", text, ...]
-        letters, texts = parts[1::2], [p.strip().rstrip(",;").strip() for p in parts[2::2]]
-        if len(letters) >= 2 and letters == [chr(ord("A") + i) for i in range(len(letters))]:
-            return texts
-    return []
-
-
-def _category(images: list[str]) -> str | None:
-    # V*Bench keeps its two categories as folder names in its image paths.
-    for name in ("direct_attributes", "relative_position"):
-        if any(name in p for p in images):
-            return name
-    return None
-
-
-# (pattern on a lower-cased path part with "-" as "_", task, source); the first part that matches wins,
-# starting at the file name, so vstar/vigorl_SA_MCTS.jsonl is SA training data, not V*.
-_PATH_RULES: list[tuple[re.Pattern, str, str | None]] = [
-    (re.compile(r"screenspot_pro"), "grounding", "screenspot_pro"),
-    (re.compile(r"screenspot_v2"), "grounding", "screenspot_v2"),
-    (re.compile(r"osatlas"), "grounding", "osatlas"),
-    (re.compile(r"sat2"), "spatial", "sat2"),
-    (re.compile(r"blink"), "spatial", "blink"),
-    (re.compile(r"robospatial"), "spatial", "robospatial"),
-    (re.compile(r"vstar"), "visual_search", "vstar"),
-    (re.compile(r"web_action|(?<![a-z])(vwa|ical)(?![a-z])"), "web_action", "vwa"),
-    (re.compile(r"(?<![a-z])sa_"), "visual_search", None),
-]
-
-
-def infer_task_source(path: str | os.PathLike) -> tuple[str | None, str | None]:
-    """(task, source) named by the file name or its two parent folders, else None for what is unknown."""
-    for part in list(reversed(Path(path).parts))[:3]:
-        part = part.lower().replace("-", "_")
-        for pattern, task, source in _PATH_RULES:
-            if pattern.search(part):
-                return task, source
-    return None, None
-
-
 # ----------------------------------------------------------------------------------------------- loading
 
 def load_samples(path: str | os.PathLike, *, data_root: str | os.PathLike | None = None,
@@ -355,9 +291,9 @@ def _build_sample(schema: str, rec: dict, at: RecordLocation, task: str, source:
     question = fields["question"].replace(IMAGE_TOKEN, "").strip()
     answer, bbox, point = fields["answer"], None, None
     if task == "grounding":
-        if m := _BOX_RE.match(answer):
+        if m := BOX_RE.match(answer):
             bbox = tuple(float(v) for v in m.groups())
-        elif m := _POINT_RE.match(answer):
+        elif m := POINT_RE.match(answer):
             point = tuple(float(v) for v in m.groups())
         else:
             raise at.error(fields["answer_field"], f"expected a box '(x1, y1, x2, y2)' for task grounding, "
@@ -365,7 +301,7 @@ def _build_sample(schema: str, rec: dict, at: RecordLocation, task: str, source:
     extra = {k: v for k, v in rec.items() if k not in _KEYS[schema]}
     return Sample(id=fields["id"] or default_id, task=task, source=source, images=fields["images"],
                   question=question, options=parse_options(question), answer=answer, bbox=bbox, point=point,
-                  category=_category(fields["images"]), metadata={**extra, **fields["metadata"]})
+                  category=path_category(fields["images"]), metadata={**extra, **fields["metadata"]})
 
 
 def absolute_path(p: str, root: Path) -> str:

@@ -15,12 +15,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from vigorl_core.benchmarks import Benchmark, category_of, get_benchmark, path_category
+from vigorl_core.benchmarks import Benchmark, category_of, get_benchmark
 from vigorl_core.data import DataError
 from vigorl_core.evaluation import Prediction, scan_jsonl, score_prediction, scored_fields
 from vigorl_core.protocol import parse_conversation
 from vigorl_core.records import Sample
 from vigorl_core.rewards import Truth
+from vigorl_core.sample_fields import path_category
 
 # --judge of the original harness -> our JUDGES entry that reproduces it.
 ORIGINAL_JUDGES = {"string_match": "string_match_original", "point_in_bbox": "point_in_bbox",
