@@ -168,14 +168,15 @@ def test_killed_job_and_killed_actor_lose_nothing_and_count_nothing_twice(first_
 
 
 def test_a_killed_policy_replica_is_replaced_and_its_conversations_rerun(first_run, tmp_path, tiny_model_dir):
-    """The job's own one-replica PolicyServer app; when the first prediction is done, that replica is killed while
-    the other conversations are mid-generation (200-token turns, all 8 at once). They are rolled out again once
-    Serve has replaced it: every sample is predicted once, none as an error, the retries are in metrics.json."""
+    """The session app's only PolicyServer replica (no second engine start: the replacement's is the one this test
+    pays); when the first prediction is done, that replica is killed while the other conversations are
+    mid-generation (200-token turns, all 8 at once). They are rolled out again once Serve has replaced it: every
+    sample is predicted once, none as an error, the retries are in metrics.json."""
     cfg, _, _, _ = first_run
     data = write_dataset("grounding", 8, 1, tmp_path / "data")
     cfg = job.EvalConfig.model_validate({
         "run_name": "replica-fault", "runs_dir": cfg.runs_dir, "model": str(tiny_model_dir),
-        "benchmarks": [{"name": "synthetic_grounding", "path": str(data)}],
+        "benchmarks": [{"name": "synthetic_grounding", "path": str(data)}], "policy": {"app": "vigorl"},
         "sampling": {"max_tokens_per_turn": 200, "max_response_tokens": 1024}, "actors": 1, "actor_cpus": 0.25,
         "batch_size": 8, "concurrency": 8, "examples": 0, "fail_policy_after": 1})
     stats = job.evaluate(cfg)

@@ -132,14 +132,14 @@ def test_resume_skips_finished_samples_and_repairs_a_partial_line(run, spatial, 
     assert mcts_job.main([*args, "--mcts.simulations", "3"]) == 2
 
 
-def test_a_killed_teacher_replica_is_replaced_and_every_tree_completes(serve_app, tiny_model_dir, tmp_path):
-    """The job's own one-replica teacher app; when the first tree is done, that replica is killed while the other
-    trees search. Their lost requests are sent again once Serve has replaced it: one ok tree per sample, and the
-    resends are counted in stats.json."""
+def test_a_killed_teacher_replica_is_replaced_and_every_tree_completes(serve_app, tmp_path):
+    """The session app's only PolicyServer replica is the teacher (no second engine start: the replacement's is
+    the one this test pays); when the first tree is done, that replica is killed while the other trees search.
+    Their lost requests are sent again once Serve has replaced it: one ok tree per sample, and the resends are
+    counted in stats.json."""
     data = write_dataset("spatial", 4, 1, tmp_path / "data")
     args = mcts_args(tmp_path / "runs", [{"path": str(data)}], "replica-fault", "--mcts.simulations", "4",
                      "--fail_policy_after", "1")
-    args[args.index("--teacher.app"):args.index("--teacher.app") + 2] = ["--teacher.model", str(tiny_model_dir)]
     assert mcts_job.main(args) == 0
     run_dir = tmp_path / "runs" / "mcts" / "replica-fault"
     assert (run_dir / "fault_injected_policy").is_file()  # the replica did die
