@@ -150,8 +150,9 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
         "mcts", "MCTS with the teacher on the train split", p.run("mcts") / "stats.json", module="jobs.mcts",
         config={"runs_dir": str(p.runs), "run_name": p.name, "data": mcts_data,
                 "teacher": {"model": str(p.model("teacher")), "replicas": 1, "engine": engine},
+                # No "at least N thoughts" line: the teacher learned the mcts prompt without it.
                 "mcts": {"simulations": s["mcts_simulations"], **s["mcts"], "rollout_max_steps": 3,
-                         "max_tokens": s["turn_tokens"], "temperature": 1.0, "min_thoughts": [1, 3]},
+                         "max_tokens": s["turn_tokens"], "temperature": 0.8, "min_thoughts": None},
                 "actors": 1, "trees_per_actor": 8},
         progress=lambda: (_lines(p.run("mcts") / "trees.jsonl"), 2 * s["mcts_n"])))
     stages.append(Stage(
@@ -223,29 +224,30 @@ def _write_data(p: Paths, sizes: dict[str, int], seed: int) -> None:
 
 def _write_teacher_chains(folder: Path, n: int, seed: int) -> None:
     from vigorl_core.frames import get_profile
-    from vigorl_core.sft_synthetic import write_synthetic_chains
+    from vigorl_core.synthetic_teacher import write_teacher_chains
 
-    write_synthetic_chains(folder, n, seed, get_profile("tiny"), tasks=(SINGLE, SEARCH))
+    write_teacher_chains(folder, n, seed, get_profile("tiny"))
 
 
 def _merge_chains(p: Paths, out: Path, n: int, seed: int, fast: bool) -> None:
-    """The chains stage's single-turn and multi-turn (zoom) training chains in one JSONL file (absolute image
-    paths). --fast adds the teacher's written chains: a teacher trained for a few steps rarely answers
+    """The chains stage's single-turn chains of the colour trees and multi-turn (zoom) chains of the zoom_colour
+    trees in one JSONL file (absolute image paths): each task's chains in the format its arm trains and is
+    evaluated in. --fast adds the teacher's written chains: a teacher trained for a few steps rarely answers
     right, and the SFT stage needs some data to run."""
     from vigorl_core.frames import get_profile
     from vigorl_core.sft_data import read_conversations
     from vigorl_core.sft_synthetic import write_synthetic_chains
 
-    files = [p.run("chains") / name for name in ("train.json", "train_multiturn.json")]
+    files = {p.run("chains") / "train.json": f"{SINGLE}-", p.run("chains") / "train_multiturn.json": f"{SEARCH}-"}
     if fast:
-        files.append(write_synthetic_chains(p.data / "fast-filler", n, seed + 2000, get_profile("tiny"),
-                                            tasks=(SINGLE, SEARCH)))
+        files[write_synthetic_chains(p.data / "fast-filler", n, seed + 2000, get_profile("tiny"),
+                                     tasks=(SINGLE, SEARCH))] = ""
     records = []
-    for path in files:
+    for path, prefix in files.items():
         if path.is_file() and path.read_text().strip() not in ("", "[]"):
             records += [{"id": c.id, "task": c.task, "images": c.images,
                          "messages": [{"role": role, "content": content} for role, content in c.messages]}
-                        for c in read_conversations(path)]
+                        for c in read_conversations(path) if c.id.startswith(prefix)]
     if not records:
         raise RuntimeError(f"MCTS found no correct chain ({p.run('mcts') / 'stats.json'}): the teacher is too weak; "
                            "train it longer (teacher_steps)")

@@ -7,6 +7,7 @@ import pytest
 
 from vigorl_core.evaluation import benchmark_of
 from vigorl_core.frames import get_profile
+from vigorl_core.prompts import system_prompt
 from vigorl_core.sft_data import read_conversations
 from vigorl_core.sft_synthetic import write_synthetic_chains
 from vigorl_core.synthetic import PALETTE, QUADRANTS, QUICKSTART_TASKS, generate, quadrant_box, write_dataset
@@ -66,3 +67,16 @@ def test_written_chains_zoom_into_the_named_quadrant(tmp_path):
     x1, y1, x2, y2 = quadrant_box(sample.metadata["quadrant"], (112, 112))
     assert f'"coordinate": [{(x1 + x2) // 2}, {(y1 + y2) // 2}]' in zoom.messages[2][1]
     assert len(zoom.images) == 2 and f"<answer> {sample.answer} </answer>" in zoom.messages[-1][1]
+
+
+def test_teacher_chains_hold_the_mcts_turns_of_each_written_chain(tmp_path):
+    from vigorl_core.synthetic_teacher import write_teacher_chains
+
+    chains = read_conversations(write_teacher_chains(tmp_path, 2, 0, get_profile("tiny")))
+    turns = [c for c in chains if "-mcts" in c.id]
+    assert len(chains) == 4 + len(turns) and len(turns) == 2 * 3 + 2 * 2  # colour: 2 steps + answer; zoom: 1 + 1
+    sample = generate("colour", 1, 0)[0][0]
+    last = next(c for c in turns if c.id == f"{sample.id}-mcts2")
+    assert last.messages[0][1].startswith(system_prompt("visual_search", "mcts").split("\n")[0])
+    assert "Previous thought 2: The square at" in last.messages[1][1]
+    assert last.messages[2][1] == f"<answer> {sample.answer} </answer>" and len(last.images) == 1
