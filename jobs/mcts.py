@@ -41,6 +41,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from jobs.common import REPO_ROOT, check_resume, init_ray, log_to_run_folder, model_folder, run_main
+from jobs.faults import requested_faults
 from jobs.progress import Progress
 from services.app import EngineSettings, kill_one_replica
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
@@ -102,8 +103,6 @@ class MCTSJobConfig(StageConfig):
     replica_retry_s: float = Field(120.0, ge=0, description="a teacher request lost with its PolicyServer replica "
                                    "is sent again, backing off 1 s to 10 s, for up to this long (then the tree "
                                    "records the error)")
-    fail_policy_after: int | None = Field(None, ge=1, description="tests only: once this many trees are done, one "
-                                          "teacher replica is killed (once per run folder)")
 
 
 def _fixed(cfg: dict) -> dict:
@@ -175,7 +174,7 @@ class TreeSearcher:
 
     def __init__(self, app: str, model: str, teacher_name: str, mcts: dict, trees: int, reward: str, judge: str,
                  critic_app: str | None, constrained: bool, retry_s: float = 120.0,
-                 fail_policy_after: int | None = None, run_dir: str = ""):
+                 kill_policy_after: int | None = None, run_dir: str = ""):
         from ray import serve
 
         from services.policy import PolicyClient
@@ -191,7 +190,7 @@ class TreeSearcher:
             self.reward = _original_judge if judge == "original" else judge_reward
         self.slots = asyncio.Semaphore(trees)  # binds to the Ray Data UDF loop on first use
         self.app, self.retry_s, self.finished = app, retry_s, 0
-        self.fail_policy_after, self.run_dir = fail_policy_after, Path(run_dir)
+        self.kill_policy_after, self.run_dir = kill_policy_after, Path(run_dir)  # a test's fault (jobs/faults.py)
 
     async def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -221,7 +220,7 @@ class TreeSearcher:
                 item = sample
             record = await mcts.search(item)
             self.finished += 1
-            if self.fail_policy_after and self.finished >= self.fail_policy_after and first_fault(self.run_dir,
+            if self.kill_policy_after and self.finished >= self.kill_policy_after and first_fault(self.run_dir,
                                                                                                   "policy"):
                 await asyncio.to_thread(kill_one_replica, self.app)
             return record, policy.retries
@@ -343,7 +342,7 @@ def _search(cfg: MCTSJobConfig, todo: list, out: Path, done: set[str], app: str,
                                "mcts": cfg.mcts.model_dump(mode="json"), "trees": cfg.trees_per_actor,
                                "reward": cfg.reward, "judge": cfg.judge, "critic_app": critic_app,
                                "constrained": cfg.teacher.constrained, "retry_s": cfg.replica_retry_s,
-                               "fail_policy_after": cfg.fail_policy_after,
+                               "kill_policy_after": requested_faults().kill_policy_after,
                                "run_dir": str(out.parent)})
     started, n = time.perf_counter(), 0
     totals = dict.fromkeys(("trees", "expansions", "generated_tokens", "search_seconds", "replica_retries"), 0.0)

@@ -53,7 +53,6 @@ from vigorl_core.protocol import POINT_RE, format_point, parse_response
 from vigorl_core.records import Sample
 from vigorl_core.rewards import JUDGES, Truth, judge_for
 from vigorl_core.trees import TreeNode, TreeRecord, TreeRollout
-from vigorl_core.trees import load_trees  # noqa: F401 - until tests/integration/test_mcts_job.py imports it from trees
 
 ASSISTANT_TAIL = "<|im_end|>\n<|im_start|>assistant\n"
 FORCED_FINAL_USER = ("Your turn! Max thoughts reached. You should now provide the final answer in the format "

@@ -26,10 +26,10 @@ from vigorl_core.chat_tokens import ChatTokens
 from vigorl_core.config import ConfigError
 from vigorl_core.data import load_samples, read_jsonl
 from vigorl_core.linearize import Chain
-from vigorl_core.mcts import load_trees
 from vigorl_core.prompts import system_prompt
 from vigorl_core.sft_data import conversation_mode, encode_conversation, read_conversations
 from vigorl_core.synthetic import write_dataset
+from vigorl_core.trees import load_trees
 
 pytestmark = pytest.mark.slow
 
@@ -132,14 +132,14 @@ def test_resume_skips_finished_samples_and_repairs_a_partial_line(run, spatial, 
     assert mcts_job.main([*args, "--mcts.simulations", "3"]) == 2
 
 
-def test_a_killed_teacher_replica_is_replaced_and_every_tree_completes(serve_app, tmp_path):
+def test_a_killed_teacher_replica_is_replaced_and_every_tree_completes(serve_app, tmp_path, monkeypatch):
     """The session app's only PolicyServer replica is the teacher (no second engine start: the replacement's is
     the one this test pays); when the first tree is done, that replica is killed while the other trees search.
     Their lost requests are sent again once Serve has replaced it: one ok tree per sample, and the resends are
     counted in stats.json."""
     data = write_dataset("spatial", 4, 1, tmp_path / "data")
-    args = mcts_args(tmp_path / "runs", [{"path": str(data)}], "replica-fault", "--mcts.simulations", "4",
-                     "--fail_policy_after", "1")
+    args = mcts_args(tmp_path / "runs", [{"path": str(data)}], "replica-fault", "--mcts.simulations", "4")
+    monkeypatch.setenv("VIGORL_FAULTS", '{"kill_policy_after": 1}')  # a test's fault (jobs/faults.py)
     assert mcts_job.main(args) == 0
     run_dir = tmp_path / "runs" / "mcts" / "replica-fault"
     assert (run_dir / "fault_injected_policy").is_file()  # the replica did die

@@ -45,3 +45,15 @@ def test_progress_prints_lines_with_count_rate_and_eta_off_a_terminal(capsys):
     assert "s1 done" in lines and "\r" not in "".join(lines)
     assert any("eval:  25%" in line and "1/4 [00:00<" in line for line in lines)  # elapsed<ETA
     assert lines[-1].startswith("eval: 100%") and "4/4 [" in lines[-1] and "sample/s]" in lines[-1]
+
+
+def test_faults_come_from_the_environment_and_a_bad_one_is_named(monkeypatch):
+    from jobs.faults import requested_faults
+
+    monkeypatch.delenv("VIGORL_FAULTS", raising=False)
+    assert requested_faults().kill_policy_after is None
+    monkeypatch.setenv("VIGORL_FAULTS", '{"kill_policy_after": 2}')
+    assert requested_faults().kill_policy_after == 2
+    monkeypatch.setenv("VIGORL_FAULTS", '{"kill_everything": 1}')
+    with pytest.raises(ConfigError, match="VIGORL_FAULTS: .*kill_everything"):
+        requested_faults()
