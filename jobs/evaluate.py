@@ -50,6 +50,7 @@ from pydantic import Field, field_validator, model_validator
 
 from jobs.common import (REPO_ROOT, check_resume, init_ray, log_to_run_folder, model_folder,
                          previous_output, run_main)
+from jobs.faults import Faults, requested_faults
 from jobs.progress import Progress
 from services.app import EngineSettings, kill_one_replica
 from vigorl_core.benchmarks import get_benchmark
@@ -149,10 +150,6 @@ class EvalConfig(StageConfig):
     replica_retry_s: float = Field(120.0, ge=0, description="a conversation whose PolicyServer replica died (or "
                                    "was unreachable) is rolled out again from its start, backing off 1 s to 10 s, "
                                    "for up to this long; then the job stops (a rerun resumes)")
-    fault_after: int | None = Field(None, ge=1, description="tests only: the first EvalActor to finish this many "
-                                                            "samples exits abruptly (once per run folder)")
-    fail_policy_after: int | None = Field(None, ge=1, description="tests only: once this many samples are done, "
-                                          "one PolicyServer replica is killed (once per run folder)")
 
     @model_validator(mode="after")
     def _one_policy(self) -> EvalConfig:
@@ -286,9 +283,8 @@ class EvalActor:
     Batches arrive as {"benchmark": [...], "sample": [Sample JSON, ...]}; the answer is {"prediction":
     [Prediction JSON, ...]}, one per sample (failed rollouts included)."""
 
-    def __init__(self, model: str, app: str, configs: dict, concurrency: int, planned_zooms: int,
-                 fault_after: int | None, run_dir: str, retry_s: float = 120.0,
-                 fail_policy_after: int | None = None):
+    def __init__(self, model: str, app: str, configs: dict, concurrency: int, planned_zooms: int, run_dir: str,
+                 retry_s: float = 120.0, faults: dict | None = None):
         from ray import serve
 
         from services.policy import PolicyClient
@@ -304,8 +300,8 @@ class EvalActor:
         self.drivers = {name: RolloutDriver(planned if c.mode == "multiturn" else client, self.chat, c)
                         for name, c in configs.items()}
         self.loop = asyncio.new_event_loop()  # one loop for the actor's life: the client's refs outlive a batch
-        self.fault_after, self.run_dir, self.finished = fault_after, Path(run_dir), 0
-        self.app, self.retry_s, self.fail_policy_after = app, retry_s, fail_policy_after
+        self.app, self.retry_s, self.run_dir, self.finished = app, retry_s, Path(run_dir), 0
+        self.faults = Faults.model_validate(faults or {})  # a test's faults (jobs/faults.py)
 
     def __call__(self, batch: dict) -> dict:
         from vigorl_core.records import Sample
@@ -330,9 +326,10 @@ class EvalActor:
         retry = ReplicaRetry(retry_s=self.retry_s)  # Serve routes around a dead replica, or replaces it meanwhile
         pred = await predict_sample(self.drivers[name], sample, self.chat.profile, self.model, retry)
         self.finished += 1
-        if self.fail_policy_after and self.finished >= self.fail_policy_after and first_fault(self.run_dir, "policy"):
+        kill_after, exit_after = self.faults.kill_policy_after, self.faults.actor_exit_after
+        if kill_after and self.finished >= kill_after and first_fault(self.run_dir, "policy"):
             await asyncio.to_thread(kill_one_replica, self.app)
-        if self.fault_after and self.finished >= self.fault_after and first_fault(self.run_dir):
+        if exit_after and self.finished >= exit_after and first_fault(self.run_dir):
             os._exit(1)  # exactly one actor of the run dies, once
         return pred.model_dump_json(), retry.retries
 
@@ -368,9 +365,8 @@ def run_dataset(cfg: EvalConfig, model: str, app: str, todo: list[tuple[str, obj
         compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(rows))), num_cpus=cfg.actor_cpus,
         resources=cfg.actor_resources or None,
         fn_constructor_kwargs={"model": model, "app": app, "configs": configs, "concurrency": cfg.concurrency,
-                               "planned_zooms": cfg.planned_zooms, "fault_after": cfg.fault_after,
-                               "run_dir": str(run_dir), "retry_s": cfg.replica_retry_s,
-                               "fail_policy_after": cfg.fail_policy_after})
+                               "planned_zooms": cfg.planned_zooms, "run_dir": str(run_dir),
+                               "retry_s": cfg.replica_retry_s, "faults": requested_faults().model_dump()})
     # No retry options passed: Ray Data's actor pool already restarts a dead actor and re-runs its batch
     # (max_restarts=-1, max_task_retries=-1 in ActorPoolMapOperator._apply_default_remote_args), and
     # passing them as **ray_remote_args is deprecated in Ray 2.60.

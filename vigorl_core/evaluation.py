@@ -31,7 +31,6 @@ from typing import Any, Literal, Self
 from pydantic import Field, ValidationError
 
 from vigorl_core.benchmarks import BENCHMARKS, benchmark_of, category_of
-from vigorl_core.benchmarks import get_benchmark  # noqa: F401 - until tests/integration/test_evaluate.py imports it from benchmarks
 from vigorl_core.data import DataError
 from vigorl_core.frames import FrameMap
 from vigorl_core.protocol import parse_conversation, parse_int_pair, parse_response

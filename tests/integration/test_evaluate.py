@@ -16,6 +16,7 @@ from PIL import Image
 
 from jobs import evaluate as job
 from vigorl_core import evaluation as E
+from vigorl_core.benchmarks import get_benchmark
 from vigorl_core.data import load_samples, to_rl_record, to_vlmsearch_record, write_jsonl
 from vigorl_core.records import Sample
 from vigorl_core.synthetic import write_dataset
@@ -88,7 +89,7 @@ def first_run(tmp_path_factory, serve_app, tiny_model_dir):
     cfg = _config(runs, tiny_model_dir, files, root)
     stats = job.evaluate(cfg)
     expected = {E.sample_key(s) for n, p in files.items() for s in load_samples(p, check_images=False,
-                **({} if n.startswith("synthetic") else {"task": E.get_benchmark(n).task, "source": n}))}
+                **({} if n.startswith("synthetic") else {"task": get_benchmark(n).task, "source": n}))}
     return cfg, stats, runs / "eval" / "tiny", expected
 
 
@@ -151,7 +152,7 @@ def test_rerun_resumes_without_evaluating_anything(first_run, capsys):
         job.evaluate(changed)
 
 
-def test_killed_job_and_killed_actor_lose_nothing_and_count_nothing_twice(first_run, tmp_path):
+def test_killed_job_and_killed_actor_lose_nothing_and_count_nothing_twice(first_run, tmp_path, monkeypatch):
     """The file a killed job leaves (6 samples missing, a partial last line), resumed by a run whose first
     EvalActor dies (os._exit) after 2 samples of its first batch: Ray restarts it and re-runs the batch."""
     cfg, _, run_dir, expected = first_run
@@ -159,7 +160,8 @@ def test_killed_job_and_killed_actor_lose_nothing_and_count_nothing_twice(first_
     fault_dir.mkdir()
     lines = (run_dir / "predictions.jsonl").read_text().splitlines(keepends=True)
     (fault_dir / "predictions.jsonl").write_text("".join(lines[:-6]) + lines[-6][:40])
-    cfg = cfg.model_copy(update={"run_name": "fault", "batch_size": 3, "concurrency": 3, "fault_after": 2})
+    cfg = cfg.model_copy(update={"run_name": "fault", "batch_size": 3, "concurrency": 3})
+    monkeypatch.setenv("VIGORL_FAULTS", '{"actor_exit_after": 2}')  # a test's fault (jobs/faults.py)
     stats = job.evaluate(cfg)
     assert (fault_dir / "fault_injected").is_file()  # the actor did die
     assert stats["evaluated"] == 6 and stats["skipped"] == len(expected) - 6
@@ -167,7 +169,8 @@ def test_killed_job_and_killed_actor_lose_nothing_and_count_nothing_twice(first_
     assert len(keys) == len(set(keys)) == len(expected) and set(keys) == expected
 
 
-def test_a_killed_policy_replica_is_replaced_and_its_conversations_rerun(first_run, tmp_path, tiny_model_dir):
+def test_a_killed_policy_replica_is_replaced_and_its_conversations_rerun(first_run, tmp_path, tiny_model_dir,
+                                                                          monkeypatch):
     """The session app's only PolicyServer replica (no second engine start: the replacement's is the one this test
     pays); when the first prediction is done, that replica is killed while the other conversations are
     mid-generation (200-token turns, all 8 at once). They are rolled out again once Serve has replaced it: every
@@ -178,7 +181,8 @@ def test_a_killed_policy_replica_is_replaced_and_its_conversations_rerun(first_r
         "run_name": "replica-fault", "runs_dir": cfg.runs_dir, "model": str(tiny_model_dir),
         "benchmarks": [{"name": "synthetic_grounding", "path": str(data)}], "policy": {"app": "vigorl"},
         "sampling": {"max_tokens_per_turn": 200, "max_response_tokens": 1024}, "actors": 1, "actor_cpus": 0.25,
-        "batch_size": 8, "concurrency": 8, "examples": 0, "fail_policy_after": 1})
+        "batch_size": 8, "concurrency": 8, "examples": 0})
+    monkeypatch.setenv("VIGORL_FAULTS", '{"kill_policy_after": 1}')  # a test's fault (jobs/faults.py)
     stats = job.evaluate(cfg)
     run_dir = Path(cfg.runs_dir) / "eval" / "replica-fault"
     assert (run_dir / "fault_injected_policy").is_file()  # the replica did die

@@ -57,3 +57,12 @@ def test_faults_come_from_the_environment_and_a_bad_one_is_named(monkeypatch):
     monkeypatch.setenv("VIGORL_FAULTS", '{"kill_everything": 1}')
     with pytest.raises(ConfigError, match="VIGORL_FAULTS: .*kill_everything"):
         requested_faults()
+
+
+def test_no_job_config_carries_a_test_fault():
+    """Faults come from VIGORL_FAULTS only: no field a user sees in a config file or in --help."""
+    from jobs.evaluate import EvalConfig
+    from jobs.mcts import MCTSJobConfig
+
+    for config in (EvalConfig, MCTSJobConfig):
+        assert not [name for name in config.model_fields if "fault" in name or name.startswith("fail_")], config
