@@ -34,7 +34,9 @@ for what in "$@"; do
     sft) python3 -m bench.sft_throughput --gpu --model "$MODEL" --out "$OUT" ;;
     step) python3 -m bench.sft_profile --model "$MODEL" --micro-steps 6 --micro-batch 2 --no-checkpointing \
              --arms stock,vigorl,deepspeed,deepspeed_zero2 --out "$OUT" ;;
-    rollout) python3 -m bench.rollout_lockstep --model "$MODEL" --conversations 64 --repeats 2 --name async_vs_lockstep_gpu --out "$OUT" ;;
+    # Turn lengths with a long tail (32-3,600 characters of thought, about 8-900 tokens), as a trained model's.
+    rollout) python3 -m bench.rollout_lockstep --model "$MODEL" --conversations 64 --repeats 2 \
+               --think-lengths 32,64,128,256,512,1024,2048,3600 --name async_vs_lockstep_gpu --out "$OUT" ;;
     # The rollout driver (single- and multi-turn, paper's multi-turn budgets) against plain vLLM, one run.
     plain) python3 -m bench.rollout_vs_plain --model "$MODEL" --max-tokens 512 --name gpu --out "$OUT" ${PLAIN_ARGS:-} ;;
     model) ;;

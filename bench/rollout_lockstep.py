@@ -11,6 +11,11 @@ random weights, so turns are constrained by a grammar; their lengths are sampled
 `repeats` times each after a warm-up; conversations/s is the median. Budgets default to the paper's multi-turn
 settings (5 turns, 1024 tokens a turn, 4096 response tokens counting observation and crop tokens). Writes
 runs/bench/rollout_async_vs_lockstep.json (--out).
+
+A random-weight model fills every think block to `--max-think-chars`, so all turns of a batch end together and
+lockstep loses nothing waiting. `--think-lengths 32,64,...,3600` gives each turn a think block of one of those
+lengths instead (log-spaced: most turns short, a few near the turn budget, as a trained model's are); the turn
+length histogram is in the JSON. `bench/gpu.sh rollout` uses it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections import Counter
 
 from jobs.common import set_runtime_env
 
@@ -40,7 +46,9 @@ async def _main(args) -> dict:
     # prefill ("CPU Generator does not use offset"); the zoom plan itself is deterministic.
     config = RolloutConfig(mode="multiturn", group_size=1, seed=None, temperature=1.0,
                            max_tokens_per_turn=args.max_tokens_per_turn, max_response_tokens=args.max_response_tokens)
-    planned = PlannedTurnsEngine(engine, chat.tokenizer, max_zooms=4, max_think_chars=args.max_think_chars)
+    think_lengths = [int(n) for n in args.think_lengths.split(",") if n]
+    planned = PlannedTurnsEngine(engine, chat.tokenizer, max_zooms=4, max_think_chars=args.max_think_chars,
+                                 think_lengths=think_lengths)
     driver = RolloutDriver(planned, chat, config)
     data = generate("visual_search", args.conversations, seed=0)
     prepared = [driver.prepare(s, [im]) for s, im in data]
@@ -63,6 +71,8 @@ async def _main(args) -> dict:
                 "turns": sum(r.num_turns for r in records),
                 "generated_tokens": sum(sum(r.loss_mask) for r in records),
                 "turn_histogram": {str(t): sum(r.num_turns == t for r in records) for t in range(1, 7)},
+                "longest_conversation_tokens": max(sum(r.loss_mask) for r in records),
+                "finishes": dict(Counter(r.finish for r in records)),
             }
     engine.shutdown()
     rate = {name: args.conversations / statistics.median(s) for name, s in seconds.items()}
@@ -75,7 +85,7 @@ async def _main(args) -> dict:
                    "conversations": args.conversations, "repeats": args.repeats,
                    "max_tokens_per_turn": args.max_tokens_per_turn, "max_response_tokens": args.max_response_tokens,
                    "max_zooms": 4,
-                   "max_think_chars": args.max_think_chars, "task": "visual_search",
+                   "max_think_chars": args.max_think_chars, "think_lengths": think_lengths, "task": "visual_search",
                    "engine": f"vLLM AsyncLLM in-process, EngineConfig defaults (dtype {args.dtype or 'auto'}, "
                              f"{'eager' if args.eager else 'compiled on GPU, eager on CPU'}), prefix caching on"},
     }
@@ -91,6 +101,8 @@ def main() -> None:
                         "(paper: 4096)")
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--max-think-chars", type=int, default=600, help="longest sampled thought per turn")
+    parser.add_argument("--think-lengths", default="", help="comma-separated exact think lengths in characters, "
+                        "one picked per turn (a long tail of turn lengths); default: up to --max-think-chars")
     parser.add_argument("--dtype", default=None, help="default: EngineConfig's (bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--eager", action="store_true", help="force eager (default: compiled on GPU)")
     parser.add_argument("--name", default="async_vs_lockstep", help="result file rollout_<name>.json in --out")

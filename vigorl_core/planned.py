@@ -7,6 +7,11 @@ expression (vLLM structured outputs): a prompt whose plan says k zooms gets k tu
 The text inside the think block, the points and the answer are sampled by the model; k is
 `min_zooms + crc32(first user turn) % (max_zooms - min_zooms + 1)`, so it varies across prompts and is
 reproducible (min_zooms = max_zooms fixes it).
+
+A random-weight model fills its think block up to the limit, so every turn has about the same length. Benchmarks
+of turn scheduling need the long tail a trained model shows (most turns short, a few near the budget):
+`think_lengths` gives each turn a think block of exactly one of those lengths, picked by crc32 of the first user
+turn and the turn's index (a few lengths, so vLLM compiles a few grammars, not one per turn).
 """
 
 from __future__ import annotations
@@ -25,12 +30,16 @@ _TOOL = r'<tool_call>\n\{"name": "search_coordinate", "arguments": \{"coordinate
 _ANSWER = r"<answer> [a-z]{1,12} </answer>"
 
 
-def zoom_turn(max_think_chars: int = 48) -> str:
-    return _THINK.replace("MAX", str(max_think_chars)) + _TOOL.replace("C", _COORD)
+def _think(max_think_chars: int, exact: bool = False) -> str:
+    return _THINK.replace("{8,MAX}", f"{{{max_think_chars}}}" if exact else f"{{8,{max_think_chars}}}")
 
 
-def answer_turn(max_think_chars: int = 48) -> str:
-    return _THINK.replace("MAX", str(max_think_chars)) + _ANSWER
+def zoom_turn(max_think_chars: int = 48, exact: bool = False) -> str:
+    return _think(max_think_chars, exact) + _TOOL.replace("C", _COORD)
+
+
+def answer_turn(max_think_chars: int = 48, exact: bool = False) -> str:
+    return _think(max_think_chars, exact) + _ANSWER
 
 
 ANSWER_TURN = answer_turn()
@@ -45,10 +54,13 @@ class PlannedTurnsEngine:
     constrained = True
 
     def __init__(self, engine: PolicyEngine, tokenizer: Any, max_zooms: int = 4, max_think_chars: int = 48,
-                 min_zooms: int = 0):
+                 min_zooms: int = 0, think_lengths: Sequence[int] = ()):
         if not 0 <= min_zooms <= max_zooms:
             raise ValueError(f"need 0 <= min_zooms <= max_zooms, got {min_zooms}, {max_zooms}")
+        if any(n < 8 for n in think_lengths):
+            raise ValueError(f"think_lengths must be >= 8 characters, got {list(think_lengths)}")
         self.engine = engine
+        self.think_lengths = tuple(think_lengths)
         self.min_zooms, self.max_zooms = min_zooms, max_zooms
         self.zoom_regex, self.answer_regex = zoom_turn(max_think_chars), answer_turn(max_think_chars)
         self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -60,18 +72,22 @@ class PlannedTurnsEngine:
     def version(self) -> int:
         return self.engine.version
 
-    def _turn_and_plan(self, prompt_ids: Sequence[int]) -> tuple[int, int]:
+    def _turn_and_plan(self, prompt_ids: Sequence[int]) -> tuple[int, int, int]:
+        """(this turn's index, the conversation's zoom plan, crc32 of its first user turn)."""
         ids = list(prompt_ids)
         header = self.assistant_header
         starts = [i for i in range(len(ids) - len(header) + 1) if ids[i:i + len(header)] == header]
         first = starts[0] if starts else len(ids)
-        plan = self.min_zooms + zlib.crc32(bytes(str(ids[:first]), "ascii")) % (self.max_zooms - self.min_zooms + 1)
-        return len(starts) - 1, plan
+        digest = zlib.crc32(bytes(str(ids[:first]), "ascii"))
+        return len(starts) - 1, self.min_zooms + digest % (self.max_zooms - self.min_zooms + 1), digest
 
     def regex_for(self, prompt_ids: Sequence[int]) -> str:
         if list(prompt_ids[-len(self.forced_tail):]) == self.forced_tail:
             return FORCED_ANSWER
-        turn, plan = self._turn_and_plan(prompt_ids)
+        turn, plan, digest = self._turn_and_plan(prompt_ids)
+        if self.think_lengths:
+            length = self.think_lengths[zlib.crc32(f"{digest}/{turn}".encode()) % len(self.think_lengths)]
+            return (zoom_turn if turn < plan else answer_turn)(length, exact=True)
         return self.zoom_regex if turn < plan else self.answer_regex
 
     async def generate(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,

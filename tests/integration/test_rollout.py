@@ -39,7 +39,7 @@ class ForcedTurns(PlannedTurnsEngine):
         self.regexes = regexes
 
     def regex_for(self, prompt_ids):
-        turn, _ = self._turn_and_plan(prompt_ids)
+        turn, _, _ = self._turn_and_plan(prompt_ids)
         forced = super().regex_for(prompt_ids)
         if forced.startswith(" "):  # forced-final continuation
             return forced
