@@ -11,7 +11,8 @@ held-out images every 100 steps (one JSON line each), and linear probes of the u
 
 Tasks: `colour` ("What colour is the square?", one square; chance 1/7) and `point` ("Point to the <colour>
 square.", answer (x, y); a hit is a point inside the square; each evaluation line also says what answering the
-image's centre would score). `--side A,B` sizes the squares (SIZE/A to SIZE/B pixels). `--background gradient`
+image's centre would score). `quadrant` is the quickstart's `zoom_colour` task (the colour of a small square in a
+named quadrant, 4 options) on the full view, `quadrant_crop` on the zoom into that quadrant. `--side A,B` sizes the squares (SIZE/A to SIZE/B pixels). `--background gradient`
 shades the background with x and y, so a patch's own pixels say where it is (`through`: under the squares
 too); `--system full` uses the project's grounded system prompt (about 250 tokens, 5-10x slower per step)
 instead of a one-line one.
@@ -19,7 +20,8 @@ instead of a one-line one.
 Measured on 2 cores (2026-12-02, tiny preset, 16 samples a step, lr 2e-3): `colour` stays at chance for 800
 steps, `point` for 1,500 (with and without the gradient, with 1 or 3 squares, with 4 layers); the `probe`
 subcommand reads the colour from the untrained model's last hidden state at about 84% and the square's position
-from its own vision token no better than the mean (without the gradient).
+from its own vision token no better than the mean (without the gradient). `colour --side 3,2` (37-56 px squares,
+rope_theta 1e4) reached 100% at step 100 (43 s) on the same 2 cores. docs/tiny_learning.md has every measurement.
 """
 
 from __future__ import annotations
@@ -68,7 +70,23 @@ def sample(rng: random.Random, squares: int, background: str, side=(7, 5)):
         else:
             draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=PALETTE[colour])
     i = rng.randrange(squares)
-    return img, colours[i], boxes[i]
+    return img, colours[i], boxes[i], None
+
+
+def quadrant_sample(rng: random.Random, crop: bool):
+    """The quickstart's `zoom_colour` task (vigorl_core.synthetic): the colour of an 18-24 px square in a named
+    quadrant of a 112-px image, as (image, colour, box, question). `crop`: instead of the full view, the zoom
+    into that quadrant the quickstart's multi-turn arm gets (56-px window magnified 2x: the square 36-48 px)."""
+    from vigorl_core.synthetic import generate, quadrant_box
+    from vigorl_core.zoom import point_crop, zoom_settings
+
+    item, img = generate("zoom_colour", 1, rng.randrange(1 << 30))[0]
+    box = tuple(int(v) for v in item.bbox)
+    question = item.question + " Options: " + ", ".join(item.options) + "."
+    if crop:
+        x1, y1, x2, y2 = quadrant_box(item.metadata["quadrant"], img.size)
+        img = point_crop(img, (x1 + x2) // 2, (y1 + y2) // 2, zoom_settings("visual_search", "tiny")).image
+    return img, item.answer, box, question
 
 
 class Setup:
@@ -84,14 +102,15 @@ class Setup:
         self.proc = AutoProcessor.from_pretrained(args.model)
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32).to(args.device)
 
-    def messages(self, colour: str, answer: str | None = None) -> list[dict]:
-        question = "What colour is the square?" if self.args.task == "colour" else f"Point to the {colour} square."
+    def messages(self, colour: str, answer: str | None = None, question: str | None = None) -> list[dict]:
+        question = question or ("What colour is the square?" if self.args.task == "colour"
+                                else f"Point to the {colour} square.")
         m = [{"role": "system", "content": self.system},
              {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return m + ([{"role": "assistant", "content": answer}] if answer else [])
 
     def answer(self, colour: str, box) -> str:
-        if self.args.task == "colour":
+        if self.args.task != "point":
             return f"<think> It is {colour}. </think>\n<answer> {colour} </answer>"
         x, y = (box[0] + box[2]) // 2, (box[1] + box[3]) // 2
         return f"<think> The {colour} square is at ({x}, {y}). </think>\n<answer> ({x}, {y}) </answer>"
@@ -99,12 +118,13 @@ class Setup:
     def batch(self, items):
         """Right-padded training batch; labels only on the assistant's tokens."""
         self.proc.tokenizer.padding_side = "right"
-        texts = [self.proc.apply_chat_template(self.messages(c, self.answer(c, b)), tokenize=False)
-                 for _, c, b in items]
-        enc = self.proc(text=texts, images=[[im] for im, _, _ in items], return_tensors="pt", padding=True)
+        texts = [self.proc.apply_chat_template(self.messages(c, self.answer(c, b), q), tokenize=False)
+                 for _, c, b, q in items]
+        enc = self.proc(text=texts, images=[[im] for im, *_ in items], return_tensors="pt", padding=True)
         labels = enc.input_ids.clone()
-        for k, (im, c, _) in enumerate(items):
-            prompt = self.proc.apply_chat_template(self.messages(c), tokenize=False, add_generation_prompt=True)
+        for k, (im, c, _, q) in enumerate(items):
+            prompt = self.proc.apply_chat_template(self.messages(c, None, q), tokenize=False,
+                                                   add_generation_prompt=True)
             labels[k, :len(self.proc(text=[prompt], images=[[im]]).input_ids[0])] = -100
         labels[enc.attention_mask == 0] = -100
         enc["labels"] = labels
@@ -118,15 +138,15 @@ class Setup:
         hits, text = 0, ""
         for j in range(0, len(held), 16):
             part = held[j:j + 16]
-            prompts = [self.proc.apply_chat_template(self.messages(c), tokenize=False, add_generation_prompt=True)
-                       for _, c, _ in part]
-            enc = self.proc(text=prompts, images=[[im] for im, _, _ in part], return_tensors="pt",
+            prompts = [self.proc.apply_chat_template(self.messages(c, None, q), tokenize=False,
+                                                     add_generation_prompt=True) for _, c, _, q in part]
+            enc = self.proc(text=prompts, images=[[im] for im, *_ in part], return_tensors="pt",
                             padding=True).to(self.args.device)
             with torch.no_grad():
                 out = self.model.generate(**enc, max_new_tokens=40, do_sample=False)
-            for (_, colour, box), ids in zip(part, out):
+            for (_, colour, box, _), ids in zip(part, out):
                 text = self.proc.tokenizer.decode(ids[enc.input_ids.shape[1]:], skip_special_tokens=True)
-                if self.args.task == "colour":
+                if self.args.task != "point":
                     hits += f"<answer> {colour} </answer>" in text
                 elif m := re.search(r"<answer>\s*\((\d+),\s*(\d+)\)", text):
                     x, y = int(m.group(1)), int(m.group(2))
@@ -140,9 +160,14 @@ def train(args) -> None:
 
     s = Setup(args)
     squares = 1 if args.task == "colour" else args.squares
-    held = [sample(random.Random(f"held{i}"), squares, args.background, args.side) for i in range(64)]
+    def draw(rng):
+        if args.task.startswith("quadrant"):
+            return quadrant_sample(rng, crop=args.task == "quadrant_crop")
+        return sample(rng, squares, args.background, args.side)
+
+    held = [draw(random.Random(f"held{i}")) for i in range(64)]
     centre = SIZE // 2  # what answering the image's centre every time scores: the bar pointing must clear
-    centre_hits = sum(b[0] <= centre < b[2] and b[1] <= centre < b[3] for _, _, b in held) / len(held)
+    centre_hits = sum(b[0] <= centre < b[2] and b[1] <= centre < b[3] for _, _, b, _ in held) / len(held)
     rng = random.Random(args.seed)
     opt = torch.optim.AdamW(s.model.parameters(), lr=args.lr, weight_decay=0.0)
     started = time.perf_counter()
@@ -150,8 +175,7 @@ def train(args) -> None:
     for step in range(1, args.steps + 1):
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, step / 20)
-        loss = s.model(**s.batch([sample(rng, squares, args.background, args.side)
-                                  for _ in range(args.batch)])).loss
+        loss = s.model(**s.batch([draw(rng) for _ in range(args.batch)])).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(s.model.parameters(), 1.0)
         opt.step()
@@ -200,7 +224,7 @@ def probe(args) -> None:
     prompt = s.proc.apply_chat_template(s.messages("red"), tokenize=False, add_generation_prompt=True)
     last, own, every, colours, centres = [], [], [], [], []
     for _ in range(400):
-        img, colour, box = sample(rng, 1, args.background)
+        img, colour, box, _ = sample(rng, 1, args.background)
         enc = s.proc(text=[prompt], images=[[img]], return_tensors="pt")
         with torch.no_grad():
             out = s.model(**enc, output_hidden_states=True)
@@ -243,7 +267,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=["train", "probe"])
     parser.add_argument("--model", help="a tiny model folder (python -m jobs.tiny --out DIR)")
-    parser.add_argument("--task", choices=["colour", "point"], default="colour")
+    parser.add_argument("--task", choices=["colour", "point", "quadrant", "quadrant_crop"], default="colour")
     parser.add_argument("--squares", type=int, default=1, help="squares per image (point task)")
     parser.add_argument("--side", type=lambda v: tuple(int(p) for p in v.split(",")), default=(7, 5),
                         help="square side from SIZE/A to SIZE/B pixels, as A,B (default 7,5: 16-22 px at 112)")
