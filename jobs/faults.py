@@ -9,10 +9,11 @@ below, and each fires once per run folder (jobs.training.first_fault marks it).
 |---|---|---|
 | `actor_exit_after` | eval | the first EvalActor to finish this many samples exits abruptly (os._exit) |
 | `kill_policy_after` | eval, mcts | once this many samples (trees) are done, one PolicyServer replica is killed |
+| `trainer_exit_at_step` | grpo | the last trainer rank exits abruptly before this step |
+| `kill_replay_at_step` | grpo | the replay buffer actor is killed while this step rolls out (it restarts empty) |
+| `kill_policy_at_step` | grpo | one PolicyServer replica is killed while this step rolls out (Serve replaces it) |
 
-The job's driver reads them (`requested_faults`) and hands them to its actors. GRPO's faults are still the
-testing fields of GRPOConfig (`fail_at_step`, `fail_replay_at_step`, `fail_policy_at_step`), injected while a
-step rolls out by `kill_during_rollouts`; they move here once tests/integration/test_grpo_job.py can follow.
+The job's driver reads them (`requested_faults`) and hands them to its actors and trainer workers.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class Faults(BaseModel):
     model_config = ConfigDict(extra="forbid")
     actor_exit_after: int | None = Field(None, ge=1)
     kill_policy_after: int | None = Field(None, ge=1)
+    trainer_exit_at_step: int | None = Field(None, ge=1)
+    kill_replay_at_step: int | None = Field(None, ge=1)
+    kill_policy_at_step: int | None = Field(None, ge=1)
 
 
 def requested_faults() -> Faults:
@@ -45,19 +49,18 @@ def requested_faults() -> Faults:
         raise ConfigError(f"{ENV}: {problems} (the faults are in jobs/faults.py)") from None
 
 
-def kill_during_rollouts(cfg, run_dir: Path, step: int, buffer, app: str, request) -> None:
-    """GRPO, before `step` (0-based) trains: if it is a fault's step (`cfg`: the GRPOConfig), request its
-    rollouts, let them start, then kill the replay buffer (Ray restarts it empty) or one replica of the Serve
-    app `app` (Serve replaces it)."""
+def kill_during_rollouts(faults: Faults, run_dir: Path, step: int, buffer, app: str, request) -> None:
+    """GRPO, before `step` (0-based) trains: if it is a fault's step, request its rollouts, let them start, then
+    kill the replay buffer (Ray restarts it empty) or one replica of the Serve app `app` (Serve replaces it)."""
     import ray
 
     from jobs.training import first_fault
     from services.app import kill_one_replica
 
-    if step + 1 in (cfg.fail_replay_at_step, cfg.fail_policy_at_step):
+    if step + 1 in (faults.kill_replay_at_step, faults.kill_policy_at_step):
         request()
         time.sleep(1.0)  # rollouts in flight
-    if cfg.fail_replay_at_step == step + 1 and first_fault(run_dir, "replay"):
+    if faults.kill_replay_at_step == step + 1 and first_fault(run_dir, "replay"):
         ray.kill(buffer, no_restart=False)
-    if cfg.fail_policy_at_step == step + 1 and first_fault(run_dir, "policy"):
+    if faults.kill_policy_at_step == step + 1 and first_fault(run_dir, "policy"):
         kill_one_replica(app)

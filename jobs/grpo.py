@@ -51,6 +51,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from jobs.common import REPO_ROOT, init_ray, log_to_run_folder, previous_output, run_main
+from jobs.faults import requested_faults
 from jobs.training import TrackerSettings
 from services.app import EngineSettings
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
@@ -155,12 +156,6 @@ class GRPOConfig(StageConfig):
     importance_cap: float = Field(2.0, gt=0, description="k >= 1: truncation of the importance weight "
                                   "pi_old / mu of a rollout sampled by an older policy (decoupled PPO)")
     max_failures: int = Field(3, ge=0, description="trainer restarts from the last checkpoint before the run fails")
-    fail_at_step: int | None = Field(None, ge=1, description="testing: the last trainer rank exits abruptly "
-                                     "before this step, once per run (fault-recovery tests)")
-    fail_replay_at_step: int | None = Field(None, ge=1, description="testing: kill the replay buffer actor while "
-                                            "this step rolls out, once per run (it restarts empty)")
-    fail_policy_at_step: int | None = Field(None, ge=1, description="testing: kill a PolicyServer replica while "
-                                            "this step rolls out, once per run (Serve replaces it)")
 
     @model_validator(mode="after")
     def _batches_divide(self) -> GRPOConfig:
@@ -210,7 +205,7 @@ def train_worker(config: dict) -> None:
     import torch
     from transformers import AutoProcessor
 
-    from jobs.faults import kill_during_rollouts
+    from jobs.faults import Faults, kill_during_rollouts
     from jobs.training import (
         RunLog, deepspeed_engine, first_fault, grad_norm, load_checkpoint, save_checkpoint, set_lr,
     )
@@ -223,7 +218,7 @@ def train_worker(config: dict) -> None:
     from vigorl_core.prompts import system_prompt
     from vigorl_core.sft_train import DEFAULT_SYSTEM, set_system_template
 
-    cfg = GRPOConfig.model_validate(config["cfg"])
+    cfg, faults = GRPOConfig.model_validate(config["cfg"]), Faults.model_validate(config["faults"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run_dir, model_dir = Path(config["run_dir"]), config["model_dir"]
@@ -248,7 +243,7 @@ def train_worker(config: dict) -> None:
                  trackers=cfg.logging) if rank == 0 else None
     before = ray.get(buffer.status.remote()) if rank == 0 else {}
     for step in range(start, total):
-        if cfg.fail_at_step == step + 1 and rank == world - 1 and first_fault(run_dir):
+        if faults.trainer_exit_at_step == step + 1 and rank == world - 1 and first_fault(run_dir):
             os._exit(1)  # a dying worker process: no cleanup, no exception
         started = time.perf_counter()
         lr = set_lr(optimizer, cfg.lr * min(1.0, (step + 1) / max(1, math.ceil(cfg.warmup_ratio * total))))
@@ -260,7 +255,7 @@ def train_worker(config: dict) -> None:
                 ray.get(buffer.request.remote(step + ahead, version + ahead - cfg.max_staleness, indices))
 
         if rank == 0:
-            kill_during_rollouts(cfg, run_dir, step, buffer, config["app"], request)
+            kill_during_rollouts(faults, run_dir, step, buffer, config["app"], request)
         groups, image_refs = _fetch_groups(cfg, buffer, step, rank, request, engine.device)
         waited = time.perf_counter() - started
         records = [r for g in groups for r in g.records]
@@ -507,7 +502,7 @@ def _run(argv: list[str]) -> int:
     from services.rollouts import RolloutWorker
     from services.weight_sync import WeightPublisher
 
-    cfg = parse_config(GRPOConfig, argv, prog="vigorl grpo")
+    cfg, faults = parse_config(GRPOConfig, argv, prog="vigorl grpo"), requested_faults()
     if cfg.model is None:
         cfg = cfg.model_copy(update={"model": str(previous_output("grpo", cfg.runs_dir, cfg.run_name).resolve())})
     run_dir = (Path(cfg.runs_dir) / "grpo" / cfg.run_name).resolve()
@@ -550,7 +545,8 @@ def _run(argv: list[str]) -> int:
 
         result = fit(train_worker, {"cfg": cfg.model_dump(mode="json"), "run_dir": str(run_dir),
                                     "model_dir": str(model_dir), "app": app, "initial_version": version,
-                                    "num_samples": len(samples)}, cfg, run_dir)
+                                    "num_samples": len(samples), "faults": faults.model_dump()},
+                     cfg, run_dir)
     finally:
         for worker in workers:
             ray.kill(worker)

@@ -129,7 +129,9 @@ def test_asynchronous_grpo_survives_a_dead_buffer_a_dead_replica_and_a_dead_trai
     none older than 1, on conversations that zoom. A rerun of the run name continues without repeating steps."""
     args = ["--config", str(REPO / "configs" / "grpo_tiny_multiturn.yaml"), "--runs_dir", str(tmp_path),
             "--model", str(tiny_model_dir), "--run_name", "async", "--max_staleness", "1", "--max_steps", "6",
-            "--save_every", "2", "--fail_replay_at_step", "2", "--fail_policy_at_step", "3", "--fail_at_step", "6"]
+            "--save_every", "2"]
+    joined_env = {**joined_env, "VIGORL_FAULTS": json.dumps(  # a test's faults (jobs/faults.py)
+        {"kill_replay_at_step": 2, "kill_policy_at_step": 3, "trainer_exit_at_step": 6})}
     _job("jobs.grpo", args, joined_env)
     run_dir = tmp_path / "grpo" / "async"
     assert all((run_dir / f"fault_injected{kind}").is_file() for kind in ("", "_replay", "_policy"))

@@ -62,7 +62,8 @@ def test_faults_come_from_the_environment_and_a_bad_one_is_named(monkeypatch):
 def test_no_job_config_carries_a_test_fault():
     """Faults come from VIGORL_FAULTS only: no field a user sees in a config file or in --help."""
     from jobs.evaluate import EvalConfig
+    from jobs.grpo import GRPOConfig
     from jobs.mcts import MCTSJobConfig
 
-    for config in (EvalConfig, MCTSJobConfig):
+    for config in (EvalConfig, MCTSJobConfig, GRPOConfig):
         assert not [name for name in config.model_fields if "fault" in name or name.startswith("fail_")], config
