@@ -10,10 +10,9 @@ docs/rewards.md states every rule and tabulates the differences from the origina
 - `JUDGES[name](answer, truth) -> float`: `answer` is the already extracted prediction (Trace.answer).
   Evaluation reports `score` (strict judge) and `score_original` (the original lenient judge), see
   `judge_for`.
-- `Truth.box` / `Truth.point` are in the MODEL frame: the caller rescales them with frames.FrameMap
-  (the original RL code never did when it downsized an image; its evaluation did). Rewards never parse a
-  ground-truth box.
-  Grounding rewards judge point-in-box when the truth has a box, else point-match (< 50 px) on its point.
+- `Truth.box` / `Truth.point` are in the MODEL frame (Truth.in_model_frame maps them; the original RL code never
+  did when it downsized an image, its evaluation did). Rewards never parse a ground-truth box. Grounding rewards
+  judge point-in-box when the truth has a box, else point-match (< 50 px) on its point.
 """
 
 from __future__ import annotations
