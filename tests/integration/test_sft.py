@@ -1,7 +1,8 @@
-"""SFT job end to end on the tiny model (subprocess runs of `python -m jobs.sft`, real Ray Train + DeepSpeed
-ZeRO-2 on 2 CPU workers): training loss falls on synthetic chains, a worker killed mid-run is replaced and
-the run resumes from its checkpoint exactly, rerunning the run name continues without repeating steps, and
-the checkpoint loads with the transformers Auto classes and in vLLM."""
+"""SFT job end to end on the tiny model (subprocess runs of `python -m jobs.sft` on the session's Ray, joined
+through RAY_ADDRESS as on a cluster; real Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers): training loss falls on
+synthetic chains, a worker killed mid-run is replaced and the run resumes from its checkpoint exactly, rerunning
+the run name continues without repeating steps, and the checkpoint loads with the transformers Auto classes and
+in vLLM."""
 
 from __future__ import annotations
 
@@ -43,10 +44,10 @@ def chains(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def faulted_run(tmp_path_factory, subprocess_env, tiny_model_dir, chains) -> Path:
+def faulted_run(tmp_path_factory, joined_env, tiny_model_dir, chains) -> Path:
     """16 steps, checkpoints every 6; the last rank dies abruptly before step 10, once."""
     runs = tmp_path_factory.mktemp("runs")
-    result = _sft(["--max_steps", "16", "--fail_at_step", "10"], subprocess_env, runs, tiny_model_dir, chains)
+    result = _sft(["--max_steps", "16", "--fail_at_step", "10"], joined_env, runs, tiny_model_dir, chains)
     (runs / "terminal.txt").write_text(result.stdout + result.stderr)
     return runs / "sft" / "t"
 
@@ -162,9 +163,9 @@ def test_checkpoint_loads_and_generates_in_vllm(faulted_run, chains, subprocess_
     assert out[0, inputs["input_ids"].shape[1]:].tolist()[:len(got["ids"])] == got["ids"]
 
 
-def test_rerun_with_the_same_name_continues_without_repeating_steps(faulted_run, subprocess_env, tiny_model_dir,
-                                                                     chains):
-    result = _sft(["--max_steps", "22"], subprocess_env, faulted_run.parent.parent, tiny_model_dir, chains)
+def test_rerun_with_the_same_name_continues_without_repeating_steps(faulted_run, subprocess_env, joined_env,
+                                                                     tiny_model_dir, chains):
+    result = _sft(["--max_steps", "22"], joined_env, faulted_run.parent.parent, tiny_model_dir, chains)
     log = _log(faulted_run)
     assert [r["step"] for r in log if r.get("event") == "start"] == [0, 6, 16]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 23))
