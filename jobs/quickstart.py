@@ -260,7 +260,22 @@ def _report(cfg: QuickstartConfig, p: Paths) -> None:
 
     write_quickstart_report(p.out, {m: p.run("eval", f"-{m}") for m in MODELS},
                             {"grpo": p.run("grpo"), "grpo_zoom": p.run("grpo", "-zoom")},
-                            fast=cfg.fast)
+                            fast=cfg.fast, header=_provenance(p))
+
+
+def _provenance(p: Paths) -> str:
+    """When and from which commit the run was made, and the stages' wall time (from their markers)."""
+    markers = sorted((p.out / "stages").glob("*.json"), key=lambda f: f.stat().st_mtime)
+    stages = [json.loads(f.read_text()) for f in markers]
+    seconds = sum(stage["seconds"] for stage in stages)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        commit = "unknown"
+    times = ", ".join(f"{stage['stage']} {stage['seconds']:.0f} s" for stage in stages)
+    return (f"Made {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit {commit}, "
+            f"{os.cpu_count()} CPUs; the stages took {seconds / 60:.1f} min ({times}).")
 
 
 # ----------------------------------------------------------------------------------------------- running
