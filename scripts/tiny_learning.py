@@ -12,7 +12,8 @@ held-out images every 100 steps (one JSON line each), and linear probes of the u
 Tasks: `colour` ("What colour is the square?", one square; chance 1/7) and `point` ("Point to the <colour>
 square.", answer (x, y); a hit is a point inside the square; each evaluation line also says what answering the
 image's centre would score). `quadrant` is the quickstart's `zoom_colour` task (the colour of a small square in a
-named quadrant, 4 options) on the full view, `quadrant_crop` on the zoom into that quadrant. `--side A,B` sizes the squares (SIZE/A to SIZE/B pixels). `--background gradient`
+named quadrant, 4 options) on the full view, `quadrant_crop` on the zoom into that quadrant. `--side A,B` sizes
+the squares (SIZE/A to SIZE/B pixels). `--background gradient`
 shades the background with x and y, so a patch's own pixels say where it is (`through`: under the squares
 too); `--system full` uses the project's grounded system prompt (about 250 tokens, 5-10x slower per step)
 instead of a one-line one.
