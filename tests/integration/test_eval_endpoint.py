@@ -57,6 +57,7 @@ def test_same_text_as_the_in_cluster_path(endpoint_run, tiny_model_dir):
     from jobs.serve import APP_NAME
     from services.policy import PolicyClient
     from vigorl_core.chat_tokens import ChatTokens
+    from vigorl_core.images import model_frame_images
     from vigorl_core.rollout import RolloutDriver
 
     cfg, _, run_dir, files = endpoint_run
@@ -66,7 +67,7 @@ def test_same_text_as_the_in_cluster_path(endpoint_run, tiny_model_dir):
 
     async def in_cluster(entry, sample):
         driver = RolloutDriver(client, chat, job.rollout_config(cfg, entry))
-        images, frame = job._open_images(sample, chat.profile)
+        images, frame = model_frame_images(sample.images, chat.profile)
         [rollout] = await driver.rollout_group(driver.prepare(sample, images, frame))
         return rollout.record.text
 
