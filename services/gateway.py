@@ -26,21 +26,21 @@ import hmac
 import json
 import os
 import time
-import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request, Response
+import httpx
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 
 from services.grounded import grounded_response, run_grounded
 from services.pages import add_pages
 from services.policy import PolicyClient, is_replica_loss
-from services.schemas import (ApiError, ChatRequest, GatewaySettings, GroundedRequest, ScoreRequest,
-                              validation_error)
+from services.schemas import ApiError, ChatRequest, GatewaySettings, GroundedRequest, ScoreRequest, body_error
 from vigorl_core.chat_tokens import ChatTokens
 from vigorl_core.engine import Sampling, TimedPolicy
 from vigorl_core.images import ImageError, image_bytes
@@ -58,10 +58,50 @@ async def _api_error(_: Request, err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
+@app.exception_handler(RequestValidationError)
+async def _bad_body(request: Request, err: RequestValidationError) -> JSONResponse:
+    """FastAPI's validation of a typed body, in the OpenAI-style error shape (400 naming the field)."""
+    return await _api_error(request, body_error(err.errors()))
+
+
 @app.exception_handler(Exception)
 async def _server_error(_: Request, err: Exception) -> JSONResponse:
     return JSONResponse(ApiError(500, f"internal error: {type(err).__name__}: {err}", code="internal").body(),
                         status_code=500)
+
+
+@app.middleware("http")
+async def _body_is_json(request: Request, call_next):
+    """413 before a body is read when its declared length is over the limit (`_guard` checks what arrived), and
+    every body read as JSON whatever its Content-Type says (FastAPI parses JSON only when it says JSON; curl's
+    `-d` says form-urlencoded), so a client that forgets the header gets its JSON parsed or a JSON error."""
+    gateway = getattr(request.app.state, "gateway", None)
+    declared = request.headers.get("content-length")
+    if gateway is not None and declared and declared.isdigit() and int(declared) > gateway.limits.max_body_bytes:
+        return await _api_error(request, _too_large(int(declared), gateway.limits.max_body_bytes))
+    if request.method == "POST" and request.url.path.startswith("/v1/"):
+        request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + [
+            (b"content-type", b"application/json")]
+    return await call_next(request)
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"request body of {size} bytes is over the limit of {limit}", code="too_large")
+
+
+_bearer = HTTPBearer(auto_error=False)  # a missing token is our 401 below, not FastAPI's 403
+
+
+async def _guard(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    """Every /v1 call: the bearer token (when the server has one) and the size of the body that arrived."""
+    gateway = request.app.state.gateway
+    if gateway.token is not None:
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), gateway.token.encode()):
+            raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)", code="invalid_api_key")
+    size = len(await request.body())
+    if size > gateway.limits.max_body_bytes:
+        raise _too_large(size, gateway.limits.max_body_bytes)
 
 
 @app.middleware("http")
@@ -113,6 +153,8 @@ class Gateway:
         self.app_name = serve.get_replica_context().app_name
         self._replicas: tuple[float, dict[str, int] | None] = (0.0, None)  # (when read, PolicyServer replica states)
         self._states_read: asyncio.Future | None = None
+        self._http: httpx.AsyncClient | None = None  # remote images (allow-listed), made on first use
+        app.state.gateway = self  # for _guard and _declared_size (one Gateway per replica process)
         from ray.serve.metrics import Counter
 
         self._retries = Counter("vigorl_replica_retries", "requests run again after their policy replica died",
@@ -194,57 +236,33 @@ class Gateway:
         response.headers["X-Replica-Retries"] = "1"
         return result
 
-    def _authorize(self, request: Request) -> None:
-        if self.token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-            raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                           code="invalid_api_key")
-
-    async def _body(self, request: Request, model: type[BaseModel]) -> Any:
-        self._authorize(request)
-        limit = self.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"request body of {declared} bytes is over the limit of {limit}", code="too_large")
-        raw = await request.body()
-        if len(raw) > limit:
-            raise ApiError(413, f"request body of {len(raw)} bytes is over the limit of {limit}", code="too_large")
-        try:
-            obj = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"body is not valid JSON: {err}", code="invalid_json") from None
-        if not isinstance(obj, dict):
-            raise ApiError(400, f"body must be a JSON object, got {type(obj).__name__}", code="invalid_json")
-        try:
-            return model.model_validate(obj)
-        except ValidationError as err:
-            raise validation_error(err) from None
-
     def _check(self, value: int, limit: int, param: str) -> None:
         if value > limit:
             raise ApiError(400, f"{param}: {value} is over this server's limit of {limit}", param=param,
                            code="over_limit")
 
     async def _fetch(self, url: str, field: str) -> bytes:
+        """An allow-listed remote image, streamed with the fetch timeout and stopped past the image size limit."""
         if not any(url.startswith(prefix) for prefix in self.settings.allowed_image_urls):
             raise ImageError(field, "remote image URLs are not fetched unless allow-listed (allowed_image_urls); "
                                     "send a data URL")
-
-        def fetch() -> bytes:
-            with urllib.request.urlopen(url, timeout=self.settings.fetch_timeout_s) as response:
-                data = response.read(self.limits.max_image_bytes + 1)
-            if len(data) > self.limits.max_image_bytes:
-                raise ImageError(field, f"more than the limit of {self.limits.max_image_bytes} bytes")
-            return data
-
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=self.settings.fetch_timeout_s, follow_redirects=False)
+        limit = self.limits.max_image_bytes
         try:
-            return await asyncio.to_thread(fetch)
+            async with asyncio.timeout(self.settings.fetch_timeout_s):
+                async with self._http.stream("GET", url) as response:
+                    response.raise_for_status()
+                    data = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        data += chunk
+                        if len(data) > limit:
+                            raise ImageError(field, f"more than the limit of {limit} bytes")
         except ImageError:
             raise
         except Exception as err:
-            raise ImageError(field, f"could not fetch {url}: {err}") from None
+            raise ImageError(field, f"could not fetch {url}: {type(err).__name__} {err}".strip()) from None
+        return bytes(data)
 
     async def _image(self, url: str, field: str):
         """(raw bytes, DecodedImage) of one image reference; ApiError 400 naming `field` if it is bad."""
@@ -273,16 +291,14 @@ class Gateway:
         return {"status": "ok", "model": self.settings.model_name, "policy_version": info["version"],
                 "replicas": states}
 
-    @app.get("/v1/models")
-    async def models(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
+    @app.get("/v1/models", dependencies=[Depends(_guard)])
+    async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": self.settings.model_name, "object": "model", "created": 0,
                                             "owned_by": "vigorl", "max_model_len": await self._max_len()}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request, response: Response):
+    @app.post("/v1/chat/completions", dependencies=[Depends(_guard)])
+    async def chat_completions(self, body: ChatRequest, response: Response):
         start = time.perf_counter()
-        body: ChatRequest = await self._body(request, ChatRequest)
         if body.model not in (None, self.settings.model_name):
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves "
                                 f"{self.settings.model_name!r}", param="model", code="model_not_found")
@@ -364,10 +380,9 @@ class Gateway:
         yield event({}, finish)
         yield "data: [DONE]\n\n"
 
-    @app.post("/v1/grounded")
-    async def grounded(self, request: Request, response: Response) -> dict[str, Any]:
+    @app.post("/v1/grounded", dependencies=[Depends(_guard)])
+    async def grounded(self, body: GroundedRequest, response: Response) -> dict[str, Any]:
         start = time.perf_counter()
-        body: GroundedRequest = await self._body(request, GroundedRequest)
         # Unset budgets take the usual value capped by this server's limits; explicit ones must fit.
         for holder, name, usual, limit in ((body, "max_turns", 5, self.limits.max_turns),
                                            (body, "max_images", 5, self.limits.max_images),
@@ -397,9 +412,8 @@ class Gateway:
             total=answer["latency_ms"])
         return answer
 
-    @app.post("/v1/score")
-    async def score(self, request: Request) -> dict[str, Any]:
-        body: ScoreRequest = await self._body(request, ScoreRequest)
+    @app.post("/v1/score", dependencies=[Depends(_guard)])
+    async def score(self, body: ScoreRequest) -> dict[str, Any]:
         try:
             reward_for(body.task, body.mode)
         except ValueError as err:

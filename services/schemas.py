@@ -6,9 +6,10 @@ Chat completions follow the OpenAI schema (unknown fields are ignored, as OpenAI
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from vigorl_core.images import DEFAULT_FORMATS
 from vigorl_core.records import Task
@@ -30,15 +31,24 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-def validation_error(err: ValidationError) -> ApiError:
-    """400 naming the first bad field by its path in the body (e.g. `messages.0.content.1.image_url`)."""
+def body_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:
+    """400 for a request body that failed validation (FastAPI's RequestValidationError errors, or pydantic's),
+    naming the first bad field by its path in the body (e.g. `messages.0.content.1.image_url`)."""
+    first = errors[0]
+    loc = tuple(first["loc"][1:] if first["loc"][:1] == ("body",) else first["loc"])
+    if first["type"] == "json_invalid":
+        return ApiError(400, f"body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+                        code="invalid_json")
+    if not loc and first["type"] in ("missing", "model_attributes_type", "dict_type", "model_type"):
+        got = "nothing" if first["type"] == "missing" else type(first.get("input")).__name__
+        return ApiError(400, f"body must be a JSON object, got {got}", code="invalid_json")
     problems = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<body>"
+    for e in errors:
+        where = tuple(e["loc"][1:] if e["loc"][:1] == ("body",) else e["loc"])
+        path = ".".join(str(p) for p in where) or "<body>"
         got = f" (got {e['input']!r:.60})" if e["type"] not in ("missing", "extra_forbidden") and "input" in e else ""
         problems.append(f"{path}: {e['msg']}{got}")
-    first = ".".join(str(p) for p in err.errors()[0]["loc"]) or None
-    return ApiError(400, "; ".join(problems[:5]), param=first, code="invalid_field")
+    return ApiError(400, "; ".join(problems[:5]), param=".".join(str(p) for p in loc) or None, code="invalid_field")
 
 
 class Limits(BaseModel):

@@ -208,9 +208,12 @@ def test_chat_bad_input(serve_app, api):
         assert "bearer token" in _error(response, 401)
     assert _error(api.post("/v1/score", json={"task": "grounding", "mode": "nope", "text": "", "answer": ""}),
                   400, "mode")
-    # after all of that the server is healthy and answers
+    # after all of that the server is healthy and answers, also to JSON sent as curl -d sends it (form content type)
     assert httpx.get(serve_app.url + "/healthz").status_code == 200
     assert chat(max_tokens=2).status_code == 200
+    form = api.post("/v1/chat/completions", headers={"Content-Type": "application/x-www-form-urlencoded"},
+                    content=json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
+    assert form.status_code == 200, form.text
 
 
 def test_score_endpoint(api):
