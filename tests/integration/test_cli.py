@@ -53,7 +53,8 @@ def test_quickstart_fast_runs_every_stage_and_a_rerun_skips_them(tmp_path, subpr
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "quickstart" / "default"
     stages = sorted(f.stem for f in (out / "stages").glob("*.json"))
-    assert stages == sorted(["data", "teacher_data", "teacher", "mcts", "chains", "sft_data", "sft", "grpo", "grpo_zoom",
+    assert stages == sorted(["data", "teacher_data", "teacher", "mcts", "chains", "sft_data", "sft", "grpo",
+                             "grpo_zoom",
                              "eval_grpo_zoom", "report"])  # --fast evaluates the last model, in both modes
     lines = result.stdout.strip().splitlines()
     assert all(line.startswith(("vigorl quickstart", "[", "quickstart finished")) for line in lines), lines
