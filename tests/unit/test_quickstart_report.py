@@ -47,13 +47,37 @@ def test_results_count_accuracy_format_and_points_inside_the_target(pointing):
     assert result["ci95"] == pytest.approx([0.3006, 0.9544], abs=1e-4)  # Wilson 3/4
 
 
-def test_report_has_a_row_per_model_the_curves_and_before_after_examples(pointing, tmp_path):
+@pytest.fixture(scope="module")
+def colour(tmp_path_factory):
+    """Four samples of the quickstart's single-turn colour task with their model frames."""
+    folder = tmp_path_factory.mktemp("colour")
+    samples = load_samples(write_dataset("colour", 4, seed=3, out_dir=folder))
+    frames = []
+    for sample in samples:
+        with Image.open(sample.images[0]) as im:
+            frames.append(resize_to_model(im, get_profile("tiny"))[1])
+    return samples, frames
+
+
+def _colour_predictions(colour, correct: int):
+    """Answers right for the first `correct` samples, each with one step at the square's centre (inside)."""
+    samples, frames = colour
+    out = []
+    for i, (s, f) in enumerate(zip(samples, frames)):
+        mx, my = (round(v) for v in f.to_model(*s.point))
+        answer = s.answer if i < correct else next(o for o in s.options if o != s.answer)
+        text = f"<think> The square is at ({mx}, {my}). </think> <answer> {answer} </answer>"
+        out.append(make_prediction(s, text, mode="grounded", frame=f))
+    return out
+
+
+def test_report_has_a_row_per_model_the_curves_and_before_after_examples(pointing, colour, tmp_path):
     evals = {}
     for model, correct in (("sft", 1), ("grpo", 4)):
         run = tmp_path / "eval" / model
         run.mkdir(parents=True)
-        (run / "predictions.jsonl").write_text(
-            "".join(p.model_dump_json() + "\n" for p in _predictions(pointing, correct)))
+        predictions = _predictions(pointing, correct) + _colour_predictions(colour, correct)
+        (run / "predictions.jsonl").write_text("".join(p.model_dump_json() + "\n" for p in predictions))
         evals[model] = run
     grpo = tmp_path / "grpo"
     grpo.mkdir()
@@ -62,11 +86,13 @@ def test_report_has_a_row_per_model_the_curves_and_before_after_examples(pointin
         for s in (1, 2, 3)))
     report = write_quickstart_report(tmp_path / "out", evals, {"grpo": grpo, "grpo_zoom": tmp_path / "none"})
     text = report.read_text()
-    assert "| sft | 25% [5%, 70%] | 100% | 25% |" in text and "| grpo | 100% [51%, 100%] | 100% | 100% |" in text
+    # colour columns: accuracy with its interval, format, grounding (every step inside the square); no zoom rows
+    assert "| sft | 25% [5%, 70%] | 100% | 100% | - |" in text, text
+    assert "| grpo | 100% [51%, 100%] | 100% | 100% | - |" in text
     assert "grpo: 3 steps; reward 0.10 -> 0.30, accuracy 5% -> 15%" in text
     assert (tmp_path / "out" / "curves.png").is_file() and (tmp_path / "out" / "curves.svg").is_file()
     examples = sorted((tmp_path / "out" / "examples").glob("*.png"))
-    assert len(examples) == 3 and text.count("![grounding-") == 3  # RL's fixes first: three of the four
+    assert len(examples) == 3 and text.count("![colour-") == 3  # RL's fixes first: three of the four
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["models"]["grpo"]["synthetic_grounding"]["accuracy"] == 1.0
 
