@@ -14,16 +14,19 @@ from vigorl_core.quickstart_report import model_results, write_quickstart_report
 from vigorl_core.synthetic import write_dataset
 
 
-@pytest.fixture(scope="module")
-def pointing(tmp_path_factory):
-    """Four synthetic pointing samples with their model frames."""
-    folder = tmp_path_factory.mktemp("pointing")
-    samples = load_samples(write_dataset("grounding", 4, seed=3, out_dir=folder))
+def _samples_with_frames(folder, task: str):
+    samples = load_samples(write_dataset(task, 4, seed=3, out_dir=folder))
     frames = []
     for sample in samples:
         with Image.open(sample.images[0]) as im:
             frames.append(resize_to_model(im, get_profile("tiny"))[1])
     return samples, frames
+
+
+@pytest.fixture(scope="module")
+def pointing(tmp_path_factory):
+    """Four synthetic pointing samples with their model frames."""
+    return _samples_with_frames(tmp_path_factory.mktemp("pointing"), "grounding")
 
 
 def _answer(sample, frame, inside: bool) -> str:
@@ -50,13 +53,7 @@ def test_results_count_accuracy_format_and_points_inside_the_target(pointing):
 @pytest.fixture(scope="module")
 def colour(tmp_path_factory):
     """Four samples of the quickstart's single-turn colour task with their model frames."""
-    folder = tmp_path_factory.mktemp("colour")
-    samples = load_samples(write_dataset("colour", 4, seed=3, out_dir=folder))
-    frames = []
-    for sample in samples:
-        with Image.open(sample.images[0]) as im:
-            frames.append(resize_to_model(im, get_profile("tiny"))[1])
-    return samples, frames
+    return _samples_with_frames(tmp_path_factory.mktemp("colour"), "colour")
 
 
 def _colour_predictions(colour, correct: int):
