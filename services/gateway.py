@@ -154,7 +154,7 @@ class Gateway:
         self._replicas: tuple[float, dict[str, int] | None] = (0.0, None)  # (when read, PolicyServer replica states)
         self._states_read: asyncio.Future | None = None
         self._http: httpx.AsyncClient | None = None  # remote images (allow-listed), made on first use
-        app.state.gateway = self  # for _guard and _declared_size (one Gateway per replica process)
+        app.state.gateway = self  # for _guard and _body_is_json (one Gateway per replica process)
         from ray.serve.metrics import Counter
 
         self._retries = Counter("vigorl_replica_retries", "requests run again after their policy replica died",
