@@ -51,6 +51,7 @@ async def _main(args) -> dict:
     import httpx
 
     from jobs.serve import start
+    from services.gateway import parse_server_timing
     from services.app import ServeConfig
     from vigorl_core.chat_tokens import ChatTokens
     from vigorl_core.engine import EngineConfig, TimedPolicy, VLLMEngine
@@ -100,9 +101,7 @@ async def _main(args) -> dict:
                 "task": "grounding", "sampling": {"temperature": 0.0, "max_tokens": args.max_tokens}}
         response = await client.post("/v1/grounded", json=body)
         response.raise_for_status()
-        hops = {name: float(dur.split("=")[1]) for name, dur in
-                (part.strip().split(";") for part in response.headers["Server-Timing"].split(","))}
-        return response.json()["usage"]["completion_tokens"], hops
+        return response.json()["usage"]["completion_tokens"], parse_server_timing(response.headers["Server-Timing"])
 
     async def measure(arm, concurrency: int) -> dict:
         gate = asyncio.Semaphore(concurrency)

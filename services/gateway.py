@@ -121,12 +121,19 @@ async def _count(request: Request, call_next):
     return response
 
 
-def server_timing(**milliseconds: float) -> str:
-    """A `Server-Timing` header value (W3C): where a request's time went on the server, e.g. `image;dur=3.1,
-    policy;dur=850.2, engine;dur=842.0, total;dur=856.4` (image = fetch + decode in the ZoomServer, policy = the
-    calls to PolicyServer replicas, engine = the time their engines reported, total = the whole handler). Browsers'
-    developer tools show it; bench/serve_gateway.py reads it to split the gateway's overhead by hop."""
-    return ", ".join(f"{name};dur={value:.1f}" for name, value in milliseconds.items())
+def server_timing(image_seconds: float, policy: TimedPolicy, total_seconds: float) -> str:
+    """A `Server-Timing` header value (W3C), milliseconds of where a request's time went on the server, e.g.
+    `image;dur=3.1, policy;dur=850.2, engine;dur=842.0, total;dur=856.4` (image = fetch + decode in the ZoomServer,
+    policy = the calls to PolicyServer replicas, engine = the time their engines reported, total = the whole
+    handler). Browsers' developer tools show it; `parse_server_timing` reads it back."""
+    spans = {"image": image_seconds, "policy": policy.seconds, "engine": policy.engine_seconds,
+             "total": total_seconds}
+    return ", ".join(f"{name};dur={1000 * seconds:.1f}" for name, seconds in spans.items())
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """`server_timing`'s header back to {name: milliseconds} (bench/serve_gateway.py splits overhead by hop)."""
+    return {name: float(dur.split("=")[1]) for name, dur in (part.strip().split(";") for part in header.split(","))}
 
 
 def _visible(text: str) -> str:
@@ -344,9 +351,7 @@ class Gateway:
         policy = TimedPolicy(self.policy)
         generations = await self._on_policy(lambda: policy.generate(prompt_ids, images, sampling, request_id),
                                             response, "/v1/chat/completions")
-        response.headers["Server-Timing"] = server_timing(
-            image=1000 * image_seconds, policy=1000 * policy.seconds, engine=1000 * policy.engine_seconds,
-            total=1000 * (time.perf_counter() - start))
+        response.headers["Server-Timing"] = server_timing(image_seconds, policy, time.perf_counter() - start)
         completion_tokens = sum(len(g.token_ids) for g in generations)
         return {
             "id": request_id, "object": "chat.completion", "created": int(time.time()),
@@ -407,9 +412,7 @@ class Gateway:
             png = await self.zoom.annotate.remote(data, points)
             answer["annotated_png"] = base64.b64encode(png).decode()
         answer["latency_ms"] = round((time.perf_counter() - start) * 1000, 1)
-        response.headers["Server-Timing"] = server_timing(
-            image=1000 * image_seconds, policy=1000 * policy.seconds, engine=1000 * policy.engine_seconds,
-            total=answer["latency_ms"])
+        response.headers["Server-Timing"] = server_timing(image_seconds, policy, answer["latency_ms"] / 1000)
         return answer
 
     @app.post("/v1/score", dependencies=[Depends(_guard)])

@@ -79,7 +79,7 @@ class TimedPolicy:
     difference is what the hops to the engine cost (a Serve handle, the image protocol). Used to time requests."""
 
     def __init__(self, engine: PolicyEngine):
-        self.engine, self.calls, self.seconds, self.engine_seconds = engine, 0, 0.0, 0.0
+        self.engine, self.seconds, self.engine_seconds = engine, 0.0, 0.0
 
     @property
     def version(self) -> int:
@@ -91,7 +91,6 @@ class TimedPolicy:
         generations = await self.engine.generate(prompt_ids, images, sampling, request_id)
         self.seconds += time.perf_counter() - started
         self.engine_seconds += max((g.engine_seconds for g in generations), default=0.0)
-        self.calls += 1
         return generations
 
     async def abort(self, request_id: str) -> None:
