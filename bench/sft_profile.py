@@ -41,6 +41,15 @@ def _timer(device: str):
     return now
 
 
+def _free(device: str) -> None:
+    """Give the memory of the arm just measured back before the next one loads its model."""
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _model(model_dir: str, device: str, bf16: bool, checkpointing: bool, stock: bool):
     import torch
     from transformers import AutoModelForImageTextToText
@@ -165,9 +174,7 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
         report[arm] = _profile_arm(arm, model, step, lambda loss: loss.backward(), batches, device, args.trace)
         del model, optimizer, step
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        _free(device)
     for arm in ("deepspeed", "deepspeed_zero2"):
         if arm not in arms:
             continue
@@ -185,9 +192,7 @@ def main() -> None:
         engine.train()
         report[arm] = _profile_arm(arm, engine, engine.step, engine.backward, batches, device, args.trace)
         del model, optimizer, engine
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        _free(device)
     print(json.dumps(report, indent=2))
     if "stock" in report and "vigorl" in report:
         from bench.common import write_result

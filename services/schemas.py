@@ -34,21 +34,22 @@ class ApiError(Exception):
 def body_error(errors: Sequence[Mapping[str, Any]]) -> ApiError:
     """400 for a request body that failed validation (FastAPI's RequestValidationError errors, or pydantic's),
     naming the first bad field by its path in the body (e.g. `messages.0.content.1.image_url`)."""
+    def path(error: Mapping[str, Any]) -> str:  # FastAPI's locations start with "body"
+        loc = error["loc"][1:] if error["loc"][:1] == ("body",) else error["loc"]
+        return ".".join(str(part) for part in loc)
+
     first = errors[0]
-    loc = tuple(first["loc"][1:] if first["loc"][:1] == ("body",) else first["loc"])
     if first["type"] == "json_invalid":
         return ApiError(400, f"body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
                         code="invalid_json")
-    if not loc and first["type"] in ("missing", "model_attributes_type", "dict_type", "model_type"):
+    if not path(first) and first["type"] in ("missing", "model_attributes_type", "dict_type", "model_type"):
         got = "nothing" if first["type"] == "missing" else type(first.get("input")).__name__
         return ApiError(400, f"body must be a JSON object, got {got}", code="invalid_json")
     problems = []
     for e in errors:
-        where = tuple(e["loc"][1:] if e["loc"][:1] == ("body",) else e["loc"])
-        path = ".".join(str(p) for p in where) or "<body>"
         got = f" (got {e['input']!r:.60})" if e["type"] not in ("missing", "extra_forbidden") and "input" in e else ""
-        problems.append(f"{path}: {e['msg']}{got}")
-    return ApiError(400, "; ".join(problems[:5]), param=".".join(str(p) for p in loc) or None, code="invalid_field")
+        problems.append(f"{path(e) or '<body>'}: {e['msg']}{got}")
+    return ApiError(400, "; ".join(problems[:5]), param=path(first) or None, code="invalid_field")
 
 
 class Limits(BaseModel):
