@@ -31,12 +31,12 @@ from bench.common import write_result
 
 
 async def _main(args) -> dict:
-    from vigorl_core.chat_tokens import ChatTokens
-    from vigorl_core.engine import EngineConfig, Sampling, VLLMEngine
+    from vigorl_core.rollout.chat_tokens import ChatTokens
+    from vigorl_core.rollout.engine import EngineConfig, Sampling, VLLMEngine
     from vigorl_core.frames import get_profile, resize_to_model
     from vigorl_core.prompts import system_prompt, user_text
-    from vigorl_core.synthetic import generate
-    from vigorl_core.tiny import build_tiny_model, model_profile_name
+    from vigorl_core.synthetic.tasks import generate
+    from vigorl_core.synthetic.tiny import build_tiny_model, model_profile_name
 
     model = args.model or str(build_tiny_model(tempfile.mkdtemp(prefix="vigorl-bench-") + "/tiny"))
     engine = await VLLMEngine.create(EngineConfig(model=model, dtype=args.dtype, enforce_eager=not args.compile,

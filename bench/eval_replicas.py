@@ -55,7 +55,7 @@ def main() -> None:
     from bench.common import write_result
     from jobs.common import init_ray
     from jobs.evaluate import evaluate
-    from vigorl_core.tiny import build_tiny_model
+    from vigorl_core.synthetic.tiny import build_tiny_model
 
     runs = Path(tempfile.mkdtemp(prefix="vigorl-bench-eval-"))
     model = args.model or str(build_tiny_model(runs / "models" / "tiny"))

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.mcts_expansions [--model DIR] [--samples 20] [--workers 10] [--repeats 2]
 
-Both arms run the same search code (vigorl_core.mcts.MCTS: same settings, same samples, same prompts)
+Both arms run the same search code (vigorl_core.search.mcts.MCTS: same settings, same samples, same prompts)
 against ONE PolicyServer replica (Ray Serve over vLLM AsyncLLM, prefix caching on, the same engine
 settings), from Ray actors that reach it through PolicyClient:
 - ours (what jobs.mcts runs in each actor): one actor searches every tree concurrently (asyncio); an
@@ -57,15 +57,15 @@ class Worker:
         from ray import serve
 
         from services.policy import PolicyClient
-        from vigorl_core.chat_tokens import ChatTokens
-        from vigorl_core.mcts import MCTSConfig
+        from vigorl_core.rollout.chat_tokens import ChatTokens
+        from vigorl_core.search.mcts import MCTSConfig
 
         self.chat = ChatTokens.from_pretrained(model)
         self.client = PolicyClient(serve.get_deployment_handle("PolicyServer", app))
         self.config = MCTSConfig.model_validate(mcts)
 
     async def run(self, samples: list[str], reference: bool) -> list[dict]:
-        from vigorl_core.mcts import MCTS
+        from vigorl_core.search.mcts import MCTS
         from vigorl_core.records import Sample
 
         mcts = MCTS(SerialTeacher(self.client) if reference else self.client, self.chat, config=self.config)
@@ -104,9 +104,9 @@ def _main(args) -> dict:
     from ray import serve
 
     from services.app import EngineSettings, policy_app
-    from vigorl_core.mcts import MCTSConfig
-    from vigorl_core.synthetic import write_dataset
-    from vigorl_core.tiny import build_tiny_model
+    from vigorl_core.search.mcts import MCTSConfig
+    from vigorl_core.synthetic.tasks import write_dataset
+    from vigorl_core.synthetic.tiny import build_tiny_model
 
     model = args.model or str(build_tiny_model(tempfile.mkdtemp(prefix="vigorl-bench-") + "/tiny"))
     data = write_dataset("visual_search", args.samples, 0, tempfile.mkdtemp(prefix="vigorl-bench-data-"))

@@ -31,12 +31,12 @@ from jobs.common import set_runtime_env
 
 
 async def _main(args) -> dict:
-    from vigorl_core.chat_tokens import ChatTokens
-    from vigorl_core.engine import EngineConfig, VLLMEngine
-    from vigorl_core.planned import PlannedTurnsEngine
-    from vigorl_core.rollout import RolloutConfig, RolloutDriver
-    from vigorl_core.synthetic import generate
-    from vigorl_core.tiny import build_tiny_model
+    from vigorl_core.rollout.chat_tokens import ChatTokens
+    from vigorl_core.rollout.engine import EngineConfig, VLLMEngine
+    from vigorl_core.rollout.planned import PlannedTurnsEngine
+    from vigorl_core.rollout.driver import RolloutConfig, RolloutDriver
+    from vigorl_core.synthetic.tasks import generate
+    from vigorl_core.synthetic.tiny import build_tiny_model
 
     model = args.model or str(build_tiny_model(tempfile.mkdtemp(prefix="vigorl-bench-") + "/tiny"))
     engine = await VLLMEngine.create(EngineConfig(model=model, dtype=args.dtype, max_model_len=args.max_model_len,

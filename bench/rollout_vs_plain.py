@@ -124,11 +124,11 @@ class Recorder:
 
 async def driver_arms(args) -> tuple[dict, dict]:
     """Driver (and raw-engine) arms on one VLLMEngine; returns (results, what the plain subprocess replays)."""
-    from vigorl_core.chat_tokens import ChatTokens
-    from vigorl_core.engine import EngineConfig, Sampling, VLLMEngine
-    from vigorl_core.planned import PlannedTurnsEngine
-    from vigorl_core.rollout import RolloutConfig, RolloutDriver
-    from vigorl_core.synthetic import generate
+    from vigorl_core.rollout.chat_tokens import ChatTokens
+    from vigorl_core.rollout.engine import EngineConfig, Sampling, VLLMEngine
+    from vigorl_core.rollout.planned import PlannedTurnsEngine
+    from vigorl_core.rollout.driver import RolloutConfig, RolloutDriver
+    from vigorl_core.synthetic.tasks import generate
     from vllm.platforms import current_platform
 
     config = EngineConfig(model=args.model, max_model_len=args.max_model_len, dtype=args.dtype,
@@ -318,7 +318,7 @@ def main() -> None:
     if args.plain_worker:
         return plain_arms(args.plain_worker)
     from bench.common import write_result
-    from vigorl_core.tiny import build_tiny_model
+    from vigorl_core.synthetic.tiny import build_tiny_model
 
     args.model = args.model or str(build_tiny_model(tempfile.mkdtemp(prefix="vigorl-bench-") + "/tiny"))
     results, replay = asyncio.run(driver_arms(args))

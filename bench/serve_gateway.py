@@ -15,7 +15,7 @@ the gateway is faster; overhead = 1/ratio - 1). Writes runs/bench/serve_gateway_
 `hops_ms` splits the median request at concurrency 1 by hop: for the gateway from its `Server-Timing` header
 (image decode in the ZoomServer, PolicyServer calls, the time the engine reported, the handler's total; the rest of
 the client's latency is HTTP and the Serve proxy), for the direct arm from the same timing wrapper around its
-engine (`vigorl_core.engine.TimedPolicy`).
+engine (`vigorl_core.rollout.engine.TimedPolicy`).
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ async def _main(args) -> dict:
     from jobs.serve import start
     from services.gateway import parse_server_timing
     from services.app import ServeConfig
-    from vigorl_core.chat_tokens import ChatTokens
-    from vigorl_core.engine import EngineConfig, TimedPolicy, VLLMEngine
+    from vigorl_core.rollout.chat_tokens import ChatTokens
+    from vigorl_core.rollout.engine import EngineConfig, TimedPolicy, VLLMEngine
     from vigorl_core.images import ImageLimits, decode_image
     from vigorl_core.records import Sample
-    from vigorl_core.rollout import RolloutConfig, RolloutDriver
-    from vigorl_core.synthetic import generate
-    from vigorl_core.tiny import build_tiny_model
+    from vigorl_core.rollout.driver import RolloutConfig, RolloutDriver
+    from vigorl_core.synthetic.tasks import generate
+    from vigorl_core.synthetic.tiny import build_tiny_model
 
     model = args.model or str(REPO_ROOT / "runs" / "models" / "tiny")
     if args.model is None and not (REPO_ROOT / "runs/models/tiny/vigorl_model.json").is_file():

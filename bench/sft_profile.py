@@ -9,7 +9,7 @@ synchronised around every phase:
 - stock: the usual transformers recipe: freeze the ViT's parameters, `gradient_checkpointing_enable()`,
   sdpa with torch's default backends (transformers then hooks the patch embedding to require grad, so the
   frozen tower is recomputed and backpropagated; its window attention is one call per window);
-- vigorl: `vigorl_core.sft_train.prepare_for_training` as the SFT job does it (tower out of autograd,
+- vigorl: `vigorl_core.train.sft_train.prepare_for_training` as the SFT job does it (tower out of autograd,
   batched window attention, cuDNN attention off);
 - deepspeed: the vigorl model in a single-rank DeepSpeed engine with the job's config (one bf16 rank: the
   BF16 optimizer); deepspeed_zero2: the same with ZeRO-2 forced (what the job ran before): their overheads.
@@ -54,7 +54,7 @@ def _model(model_dir: str, device: str, bf16: bool, checkpointing: bool, stock: 
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from vigorl_core.sft_train import prepare_for_training
+    from vigorl_core.train.sft_train import prepare_for_training
 
     model = AutoModelForImageTextToText.from_pretrained(
         model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation="sdpa").to(device)
@@ -134,10 +134,10 @@ def main() -> None:
     from transformers import AutoProcessor
 
     from jobs.sft import SFTConfig, _prepare_data
-    from vigorl_core.chat_tokens import ChatTokens
-    from vigorl_core.sft_data import SFTDataset, collate
-    from vigorl_core.sft_synthetic import write_synthetic_chains
-    from vigorl_core.sft_train import deepspeed_config
+    from vigorl_core.rollout.chat_tokens import ChatTokens
+    from vigorl_core.train.sft_data import SFTDataset, collate
+    from vigorl_core.synthetic.chains import write_synthetic_chains
+    from vigorl_core.train.sft_train import deepspeed_config
 
     device = "cpu" if args.cpu else "cuda"
     work = Path(tempfile.mkdtemp(prefix="vigorl-sft-profile-"))

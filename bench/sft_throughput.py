@@ -63,10 +63,10 @@ def baseline(config_path: str, out_path: str, pure_bf16: bool = False) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from jobs.sft import SFTConfig, _forward, _prepare_data
-    from vigorl_core.chat_tokens import ChatTokens
+    from vigorl_core.rollout.chat_tokens import ChatTokens
     from vigorl_core.config import parse_config
-    from vigorl_core.sft_data import BatchPlan, SFTDataset, collate
-    from vigorl_core.sft_train import cosine_lr, prepare_for_training
+    from vigorl_core.train.sft_data import BatchPlan, SFTDataset, collate
+    from vigorl_core.train.sft_train import cosine_lr, prepare_for_training
 
     cfg = parse_config(SFTConfig, ["--config", config_path])
     data = _prepare_data(cfg, Path(cfg.model))
@@ -164,9 +164,9 @@ def main() -> None:
 
 
 def _measure(args, work: Path) -> dict:
-    from vigorl_core.chat_tokens import ChatTokens
-    from vigorl_core.sft_synthetic import write_synthetic_chains
-    from vigorl_core.tiny import build_tiny_model
+    from vigorl_core.rollout.chat_tokens import ChatTokens
+    from vigorl_core.synthetic.chains import write_synthetic_chains
+    from vigorl_core.synthetic.tiny import build_tiny_model
 
     gpu = args.gpu
     load_before = os.getloadavg()[0]  # other work on the machine skews CPU numbers: recorded with them

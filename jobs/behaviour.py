@@ -5,7 +5,7 @@
     vigorl behaviour --files [a.jsonl, b.jsonl] --labels [SFT, RL] --correct_only true --benchmark vstar
 
 Reads predictions.jsonl (eval, `vigorl score`), GRPO rollouts.jsonl or saved /v1/grounded answers, counts
-per trace with the rules of vigorl_core.behaviour (points, regions explored at `--radius` model-frame pixels,
+per trace with the rules of vigorl_core.evals.behaviour (points, regions explored at `--radius` model-frame pixels,
 revisits, zooms, points inside the ground-truth box, backtracking and verification phrases), and prints the
 mean of each per file. `--correct_only` keeps the traces known to be correct (the paper's section 5.3 counts
 only those). `--out FOLDER` writes behaviour.json and behaviour.md there.
@@ -49,7 +49,7 @@ class BehaviourConfig(StageConfig):
 
 def judge_rows(critic, columns: dict[str, list], limit: int) -> dict[str, dict[str, float]]:
     """`judge: <kind>` -> column label -> mean count, from a Critic handle (every request sent before any wait)."""
-    from vigorl_core.behaviour import JUDGE_QUESTIONS, judge_prompt, reasoning_text
+    from vigorl_core.evals.behaviour import JUDGE_QUESTIONS, judge_prompt, reasoning_text
 
     pending = {(kind, label): [critic.count.remote(judge_prompt(kind, t.question, reasoning_text(t.trace)))
                                for t in traces[:limit]]
@@ -86,7 +86,7 @@ def default_label(path: Path) -> str:
 
 def _run(argv: list[str]) -> int:
     cfg = parse_config(BehaviourConfig, argv, prog="vigorl behaviour")
-    from vigorl_core.behaviour import behaviour_table, format_table, load_traces, markdown_table
+    from vigorl_core.evals.behaviour import behaviour_table, format_table, load_traces, markdown_table
 
     paths = [Path(f) for f in cfg.files]
     labels = cfg.labels or [default_label(p) for p in paths]

@@ -12,7 +12,7 @@ tree's rollouts are complete, so `timeout` is linearized by default).
 
 Each tree becomes direct chains (correct rollouts) and backtracking chains (a wrong attempt, the
 correction phrase, a correct attempt), deduplicated, capped per sample, and assigned to train or val by a
-hash of the sample id (vigorl_core.linearize; docs/mcts.md). Points are rescaled to the frame of the
+hash of the sample id (vigorl_core.search.linearize; docs/mcts.md). Points are rescaled to the frame of the
 `student` model (a profile name or its model folder). Multi-turn conversations turn points into zoom tool
 calls answered with crops, cut with the task x profile ZoomEnv settings that RL and serving use.
 
@@ -26,7 +26,7 @@ Outputs in runs/chains/<run_name>/ (or `out`):
 Image paths in these files are relative to the folder (the readers resolve them against it), so the folder
 moves between machines with its crops and, by the same relative path, the samples' images; files are
 created with the usual mode (0644 under umask 022), readable on a shared runs folder.
-vigorl_core.sft_data.read_conversations and vigorl_core.data.load_samples read the JSON files back.
+vigorl_core.train.sft_data.read_conversations and vigorl_core.data.load_samples read the JSON files back.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from pydantic import Field, field_validator
 
 from jobs.common import REPO_ROOT, log_to_run_folder, previous_output, run_main
 from vigorl_core.config import ConfigError, StageConfig, parse_config
-from vigorl_core.linearize import LinearizeConfig
+from vigorl_core.search.linearize import LinearizeConfig
 
 SPLITS = ("train", "val")
 
@@ -96,7 +96,7 @@ def _student_profile(student: str):
         return PROFILES[student]
     if not Path(student).is_dir():
         raise ConfigError(f"student: {student!r} is neither a profile ({', '.join(PROFILES)}) nor a model folder")
-    from vigorl_core.chat_tokens import ChatTokens
+    from vigorl_core.rollout.chat_tokens import ChatTokens
 
     profile = ChatTokens.from_pretrained(student).profile
     return dataclasses.replace(profile, name="tiny" if profile.max_pixels <= 200_704 else "qwen2.5-vl")
@@ -105,8 +105,8 @@ def _student_profile(student: str):
 def _linearize_all(cfg: ChainsConfig, files: list[Path], profile) -> tuple[list, list, int]:
     """(chains, every tree stripped of its texts (for tree_stats), duplicate ids), streaming one tree at
     a time so a big run's trees need not fit in memory."""
-    from vigorl_core.linearize import linearize
-    from vigorl_core.trees import iter_trees
+    from vigorl_core.search.linearize import linearize
+    from vigorl_core.search.trees import iter_trees
 
     chains, records, seen, duplicates = [], [], set(), 0
     for file in files:
@@ -142,7 +142,14 @@ def _dataset_info(out: Path, counts: dict[str, int], run_name: str) -> None:
 def _run(argv: list[str]) -> int:
     cfg = parse_config(ChainsConfig, argv, prog="vigorl chains")
     from vigorl_core.data import write_jsonl
-    from vigorl_core.linearize import chain_stats, relative_images, to_multiturn, to_sharegpt, tree_stats, write_json
+    from vigorl_core.search.linearize import (
+        chain_stats,
+        relative_images,
+        to_multiturn,
+        to_sharegpt,
+        tree_stats,
+        write_json,
+    )
 
     if cfg.trees is None:
         cfg = cfg.model_copy(update={"trees": [str(previous_output("chains", cfg.runs_dir, cfg.run_name))]})

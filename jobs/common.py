@@ -65,10 +65,10 @@ def model_folder(model: str, runs_dir: str | Path) -> str:
     """The model a stage loads: 'tiny' is the tiny model in <runs_dir>/models/tiny (built when missing); a
     local folder becomes its absolute path (local_model); a hub id stays as it is. Raises ConfigError when its
     tokenizer and processor do not load, before anything starts."""
-    from vigorl_core.chat_tokens import ChatTokens
+    from vigorl_core.rollout.chat_tokens import ChatTokens
 
     if model == "tiny":
-        from vigorl_core.tiny import build_tiny_model
+        from vigorl_core.synthetic.tiny import build_tiny_model
 
         path = (Path(runs_dir) / "models" / "tiny").resolve()
         if not (path / "vigorl_model.json").is_file():

@@ -7,7 +7,7 @@
 Runs the grounded loop of `POST /v1/grounded` (services.grounded: the core rollout driver, zoom crops by the
 core ZoomEnv) on a vLLM engine inside this process: no Ray, no Serve. Prints the trace (steps with their
 points in the original image's pixels, zooms, answer, finish, tokens) and writes, next to each other:
-- `--out` (PNG): the trace drawn on the original image (vigorl_core.trace_image), zoom crops as a strip;
+- `--out` (PNG): the trace drawn on the original image (vigorl_core.evals.trace_image), zoom crops as a strip;
 - the same name with `.html`: the web page's view of the trace, self-contained (open it in any browser);
 - the same name with `.json`: the answer exactly as `/v1/grounded` would return it (crops included).
 
@@ -103,7 +103,7 @@ def write_outputs(cfg: DemoConfig, response: dict[str, Any], data: bytes) -> lis
     from PIL import Image
 
     from services.pages import standalone_html
-    from vigorl_core.trace_image import draw_trace
+    from vigorl_core.evals.trace_image import draw_trace
 
     png = Path(cfg.out)
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -121,8 +121,8 @@ def write_outputs(cfg: DemoConfig, response: dict[str, Any], data: bytes) -> lis
 
 
 async def _demo(cfg: DemoConfig, data: bytes) -> dict[str, Any]:
-    from vigorl_core.chat_tokens import ChatTokens
-    from vigorl_core.engine import EngineConfig, VLLMEngine
+    from vigorl_core.rollout.chat_tokens import ChatTokens
+    from vigorl_core.rollout.engine import EngineConfig, VLLMEngine
 
     chat = ChatTokens.from_pretrained(cfg.model)
     engine = await VLLMEngine.create(EngineConfig(model=cfg.model, max_model_len=cfg.max_model_len))

@@ -25,7 +25,7 @@ What happens (docs/evaluation.md, "The evaluation job"):
    examples) and a summary table; only the Serve app this job started is deleted.
 
 With `policy.endpoint` steps 2-4 run in this process without Ray: `concurrency` conversations at once go
-through the endpoint's /v1/chat/completions (vigorl_core.openai_policy.OpenAIPolicy: the same rollout
+through the endpoint's /v1/chat/completions (vigorl_core.rollout.openai_policy.OpenAIPolicy: the same rollout
 driver, prompts and parsing; zoom crops are made here and sent back as images), and each prediction is
 appended as it finishes. `model` then only supplies the tokenizer and processor (the served model's own).
 
@@ -33,7 +33,7 @@ A sample whose rollout fails (unreadable image, an engine error for that request
 with finish="error", score 0 and the error in metadata["error"]; it is not retried on resume (delete its
 line to retry). Infrastructure errors (a dead PolicyServer, Serve unavailable) stop the job instead:
 rerun to resume. `planned_zooms` (demo and tests only) constrains multi-turn turns to a zoom plan
-(vigorl_core.planned), since the random-weight tiny model never zooms on its own.
+(vigorl_core.rollout.planned), since the random-weight tiny model never zooms on its own.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from jobs.common import (REPO_ROOT, check_resume, init_ray, log_to_run_folder, m
 from jobs.faults import Faults, requested_faults
 from jobs.progress import Progress
 from services.app import EngineSettings, kill_one_replica
-from vigorl_core.benchmarks import get_benchmark
+from vigorl_core.evals.benchmarks import get_benchmark
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 
 RESUME_FIXED = ("model", "sampling", "planned_zooms")  # settings a resumed run must keep
@@ -62,7 +62,7 @@ RESUME_FIXED = ("model", "sampling", "planned_zooms")  # settings a resumed run 
 # ------------------------------------------------------------------------------------------------ config
 
 class SamplingSettings(StageConfig):
-    """Sampling and budgets of a rollout (vigorl_core.rollout.RolloutConfig)."""
+    """Sampling and budgets of a rollout (vigorl_core.rollout.driver.RolloutConfig)."""
 
     temperature: float | None = Field(None, ge=0, description="None: the benchmark's (0.5, the original eval's)")
     top_p: float | None = Field(None, gt=0, le=1, description="None: the benchmark's (1.0; 0.99 for V* multi-turn)")
@@ -77,7 +77,7 @@ class SamplingSettings(StageConfig):
 class BenchmarkEntry(StageConfig):
     """One benchmark file of the run."""
 
-    name: str = Field(description="a key of vigorl_core.benchmarks.BENCHMARKS (docs/evaluation.md)")
+    name: str = Field(description="a key of vigorl_core.evals.benchmarks.BENCHMARKS (docs/evaluation.md)")
     path: str | None = Field(None, description="data file in any schema load_samples reads; may be omitted for "
                                                "synthetic_* (then written under <runs_dir>/data)")
     data_root: str | None = Field(None, description="root of relative image paths (default: the file's folder)")
@@ -171,7 +171,7 @@ class EvalConfig(StageConfig):
 
 def rollout_config(cfg: EvalConfig, entry: BenchmarkEntry):
     """The RolloutConfig of one benchmark: the run's sampling, the entry's overrides, the benchmark's defaults."""
-    from vigorl_core.rollout import RolloutConfig
+    from vigorl_core.rollout.driver import RolloutConfig
 
     spec = get_benchmark(entry.name)
     s = {**cfg.sampling.model_dump(), **(entry.sampling.model_dump(exclude_unset=True) if entry.sampling else {})}
@@ -197,9 +197,9 @@ def _fixed(config: dict) -> dict:
 def load_benchmarks(cfg: EvalConfig) -> list[tuple[BenchmarkEntry, list]]:
     """The samples of every benchmark, read in the driver (without decoding images): bad records and missing
     image files raise DataError naming file and line before anything starts."""
-    from vigorl_core import evaluation as ev
+    from vigorl_core.evals import evaluation as ev
     from vigorl_core.data import load_samples
-    from vigorl_core.synthetic import write_dataset
+    from vigorl_core.synthetic.tasks import write_dataset
 
     out = []
     for entry in cfg.benchmarks:
@@ -227,7 +227,7 @@ def _is_infrastructure(err: BaseException) -> bool:
     from ray.exceptions import RayError, RayTaskError
     from ray.serve.exceptions import RayServeException
 
-    from vigorl_core.openai_policy import EndpointError
+    from vigorl_core.rollout.openai_policy import EndpointError
 
     return isinstance(err, RayServeException) or (isinstance(err, RayError) and not isinstance(err, RayTaskError)) \
         or (isinstance(err, EndpointError) and err.fatal)
@@ -235,7 +235,7 @@ def _is_infrastructure(err: BaseException) -> bool:
 
 def failed_prediction(sample, mode: str, frame, error: str, seconds: float, policy: str):
     """The prediction of a sample whose rollout failed: no response, scores 0, the error in metadata."""
-    from vigorl_core import evaluation as ev
+    from vigorl_core.evals import evaluation as ev
     from vigorl_core.records import Trace
 
     if frame is not None:
@@ -256,7 +256,7 @@ async def predict_sample(driver, sample, profile, policy: str, retry):
     """Roll out one sample with `driver` (its images decoded here) and score it; `retry` (a ReplicaRetry) runs
     the conversation again from its start after a lost replica. A failed rollout becomes a finish="error"
     prediction; infrastructure errors propagate."""
-    from vigorl_core import evaluation as ev
+    from vigorl_core.evals import evaluation as ev
     from vigorl_core.images import model_frame_images
 
     started, frame = time.perf_counter(), None
@@ -288,9 +288,9 @@ class EvalActor:
         from ray import serve
 
         from services.policy import PolicyClient
-        from vigorl_core.chat_tokens import ChatTokens
-        from vigorl_core.planned import PlannedTurnsEngine
-        from vigorl_core.rollout import RolloutDriver
+        from vigorl_core.rollout.chat_tokens import ChatTokens
+        from vigorl_core.rollout.planned import PlannedTurnsEngine
+        from vigorl_core.rollout.driver import RolloutDriver
 
         self.model, self.concurrency = model, concurrency
         self.chat = ChatTokens.from_pretrained(model)
@@ -353,7 +353,7 @@ def run_dataset(cfg: EvalConfig, model: str, app: str, todo: list[tuple[str, obj
     """Evaluate `todo` [(benchmark, sample)] through Ray Data and append the predictions with `writer`."""
     import ray
 
-    from vigorl_core.evaluation import Prediction
+    from vigorl_core.evals.evaluation import Prediction
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our bar counts written samples, with an ETA
@@ -399,9 +399,9 @@ def run_endpoint(cfg: EvalConfig, model: str, todo: list[tuple[str, object]], wr
     """Evaluate `todo` [(benchmark, sample)] against `policy.endpoint` from this process, `concurrency`
     conversations at once, appending each prediction with `writer` as it finishes."""
     from services.policy import ReplicaRetry
-    from vigorl_core.chat_tokens import ChatTokens
-    from vigorl_core.openai_policy import EndpointError, OpenAIPolicy
-    from vigorl_core.rollout import RolloutDriver
+    from vigorl_core.rollout.chat_tokens import ChatTokens
+    from vigorl_core.rollout.openai_policy import EndpointError, OpenAIPolicy
+    from vigorl_core.rollout.driver import RolloutDriver
 
     p, chat = cfg.policy, ChatTokens.from_pretrained(model)
     stats = {"evaluated": 0, "errors": 0, "duplicates": 0, "endpoint": p.endpoint}
@@ -451,8 +451,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     """The whole job; returns the run's numbers (also in metrics.json under "run")."""
     import ray
 
-    from vigorl_core import evaluation as ev
-    from vigorl_core.report import format_summary, write_report
+    from vigorl_core.evals import evaluation as ev
+    from vigorl_core.evals.report import format_summary, write_report
 
     if cfg.model is None:
         cfg = cfg.model_copy(update={"model": str(previous_output("eval", cfg.runs_dir, cfg.run_name).resolve())})

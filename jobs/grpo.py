@@ -15,7 +15,7 @@ What runs (synchronous schedule: every step trains on rollouts of the weights it
    the rollout workers claim them, roll out groups of `group_size`, score them with the reward registry and
    put them in the buffer; every rank gets the groups, computes group-normalised advantages, old log-probs
    with its own forward and the reference log-probs, then takes rollouts / train_batch_size optimizer steps
-   on the GRPO loss (vigorl_core.grpo: clipped ratio with clip-higher and dual clip, low-variance KL,
+   on the GRPO loss (vigorl_core.train.grpo: clipped ratio with clip-higher and dual clip, low-variance KL,
    token-mean loss); a rollout of an older policy (k >= 1) is weighted by the truncated importance ratio
    trainer / engine log-probs (decoupled PPO), so k = 0 is exactly the synchronous loss;
 4. rank 0 publishes the new weights; with k = 0 `publish` returns once every replica serves them and the
@@ -55,7 +55,7 @@ from jobs.faults import requested_faults
 from jobs.training import TrackerSettings
 from services.app import EngineSettings
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
-from vigorl_core.grpo import AGGREGATIONS
+from vigorl_core.train.grpo import AGGREGATIONS
 
 
 class PolicySettings(StageConfig):
@@ -211,12 +211,12 @@ def train_worker(config: dict) -> None:
     )
     from services.replay import NAMESPACE, replay_name
     from services.weight_sync import WeightPublisher
-    from vigorl_core.chat_tokens import ChatTokens
-    from vigorl_core.grpo import group_advantages
-    from vigorl_core.grpo_batch import minibatch_plan, step_samples
-    from vigorl_core.grpo_metrics import buffer_metrics, rollout_metrics, train_metrics
+    from vigorl_core.rollout.chat_tokens import ChatTokens
+    from vigorl_core.train.grpo import group_advantages
+    from vigorl_core.train.grpo_batch import minibatch_plan, step_samples
+    from vigorl_core.train.grpo_metrics import buffer_metrics, rollout_metrics, train_metrics
     from vigorl_core.prompts import system_prompt
-    from vigorl_core.sft_train import DEFAULT_SYSTEM, set_system_template
+    from vigorl_core.train.sft_train import DEFAULT_SYSTEM, set_system_template
 
     cfg, faults = GRPOConfig.model_validate(config["cfg"]), Faults.model_validate(config["faults"])
     ctx = ray.train.get_context()
@@ -331,9 +331,9 @@ def _train_step(cfg: GRPOConfig, engine, reference, records, advantages, plan, r
     import torch
     from PIL import Image
 
-    from vigorl_core.grpo import behaviour_weights, grpo_loss
-    from vigorl_core.grpo_batch import collate_rollouts, rollout_item, sequence_logprobs
-    from vigorl_core.grpo_metrics import EXTRA_SUMS, STAT_KEYS, add_micro_batch, loss_normalizer
+    from vigorl_core.train.grpo import behaviour_weights, grpo_loss
+    from vigorl_core.train.grpo_batch import collate_rollouts, rollout_item, sequence_logprobs
+    from vigorl_core.train.grpo_metrics import EXTRA_SUMS, STAT_KEYS, add_micro_batch, loss_normalizer
 
     device = engine.device
     mine = [i for minibatch in plan for micro in minibatch[rank] for i in micro]
@@ -435,7 +435,7 @@ def _reference(cfg: GRPOConfig, model_dir: str, device):
     from transformers import AutoModelForImageTextToText
 
     from jobs.training import attention, uses_bf16
-    from vigorl_core.vision_attention import batch_window_attention
+    from vigorl_core.train.vision_attention import batch_window_attention
 
     model = AutoModelForImageTextToText.from_pretrained(
         model_dir, dtype=torch.bfloat16 if uses_bf16(cfg) else torch.float32, attn_implementation=attention(cfg))
@@ -445,7 +445,7 @@ def _reference(cfg: GRPOConfig, model_dir: str, device):
 
 
 def _reference_logprobs(cfg: GRPOConfig, reference, batch, device):
-    from vigorl_core.grpo_batch import sequence_logprobs
+    from vigorl_core.train.grpo_batch import sequence_logprobs
 
     if cfg.offload_reference:
         reference.to(device)
@@ -460,7 +460,7 @@ def _reference_logprobs(cfg: GRPOConfig, reference, batch, device):
 
 def _samples(cfg: GRPOConfig) -> list:
     from vigorl_core.data import load_samples
-    from vigorl_core.synthetic import write_dataset
+    from vigorl_core.synthetic.tasks import write_dataset
 
     if cfg.data == "synthetic":
         folder = Path(cfg.runs_dir) / "data" / f"{cfg.task}-n{cfg.synthetic_n}-s{cfg.seed}"

@@ -3,7 +3,7 @@
     vigorl mcts --config configs/mcts_tiny.yaml                    # or: python -m jobs.mcts --config ...
     ray job submit --working-dir . -- python -m jobs.mcts --config configs/mcts_qwen72b.yaml
 
-What happens (the search itself is vigorl_core.mcts; docs/mcts.md describes both):
+What happens (the search itself is vigorl_core.search.mcts; docs/mcts.md describes both):
 1. Ray starts (or the cluster in RAY_ADDRESS is joined) and the teacher is served: a Serve app of
    PolicyServer replicas (`mcts-<run_name>`, vLLM with prefix caching), or an app already running
    (`teacher.app`, e.g. the `vigorl` app of `vigorl serve`), which is then left alone;
@@ -16,7 +16,7 @@ What happens (the search itself is vigorl_core.mcts; docs/mcts.md describes both
    so the engine batches the requests of every tree (expansions are one n=3 call, rollouts one n=2 call);
 4. the driver appends each finished tree to trees.jsonl (flushed per tree, one line per id), prints a
    line per tree and a progress bar with an ETA (jobs/progress.py), and at the end writes stats.json
-   (vigorl_core.linearize.tree_stats: root correctness ratio, tree sizes, per-sample seconds, statuses) and
+   (vigorl_core.search.linearize.tree_stats: root correctness ratio, tree sizes, per-sample seconds, statuses) and
    prints it. The engine's, Ray's and the libraries' logs go to runs/mcts/<run_name>/job.log (`--verbose`
    shows them on the terminal).
 
@@ -45,7 +45,7 @@ from jobs.faults import requested_faults
 from jobs.progress import Progress
 from services.app import EngineSettings, kill_one_replica
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
-from vigorl_core.mcts import ASSISTANT_TAIL, FORCED_FINAL_USER, MCTSConfig
+from vigorl_core.search.mcts import ASSISTANT_TAIL, FORCED_FINAL_USER, MCTSConfig
 
 
 class DataSpec(StageConfig):
@@ -178,8 +178,8 @@ class TreeSearcher:
         from ray import serve
 
         from services.policy import PolicyClient
-        from vigorl_core.chat_tokens import ChatTokens
-        from vigorl_core.mcts import judge_reward
+        from vigorl_core.rollout.chat_tokens import ChatTokens
+        from vigorl_core.search.mcts import judge_reward
 
         self.chat = ChatTokens.from_pretrained(model)
         self.client = PolicyClient(serve.get_deployment_handle("PolicyServer", app))
@@ -201,7 +201,7 @@ class TreeSearcher:
                 "retries": np.array([n for _, n in results], dtype=np.int64)}
 
     async def _search(self, line: str):
-        from vigorl_core.mcts import MCTS
+        from vigorl_core.search.mcts import MCTS
         from vigorl_core.records import Sample
 
         from jobs.training import first_fault
@@ -374,9 +374,9 @@ def _run(argv: list[str]) -> int:
     import ray
     from ray import serve
 
-    from vigorl_core.evaluation import round_floats
-    from vigorl_core.linearize import tree_stats
-    from vigorl_core.trees import iter_trees
+    from vigorl_core.evals.evaluation import round_floats
+    from vigorl_core.search.linearize import tree_stats
+    from vigorl_core.search.trees import iter_trees
 
     run_dir = Path(cfg.runs_dir) / "mcts" / cfg.run_name
     trees = run_dir / "trees.jsonl"

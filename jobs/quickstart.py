@@ -7,12 +7,12 @@
 Stages, in order; each is the real job (`python -m jobs.<stage>`), run as its own process against ONE local
 Ray that the quickstart starts, with its config written to runs/quickstart/<run>/configs/<stage>.yaml, so
 any stage can be rerun by hand with the same command (the stage's log names it):
-1. data        the two quickstart tasks (vigorl_core.synthetic.QUICKSTART_TASKS), a train and a held-out split:
+1. data        the two quickstart tasks (vigorl_core.synthetic.tasks.QUICKSTART_TASKS), a train and a held-out split:
                `colour` (the colour of a square that spans several vision tokens; single-turn, grounded) and
                `zoom_colour` (the colour of a small square in a named quadrant: near chance in the full view,
                readable after one zoom into the quadrant; multi-turn);
 2. teacher     the tiny model after a short SFT on programmatically written grounded chains of other images
-               (vigorl_core.sft_synthetic): a weak, noisy stand-in for the paper's Qwen2.5-VL-72B;
+               (vigorl_core.synthetic.chains): a weak, noisy stand-in for the paper's Qwen2.5-VL-72B;
 3. mcts        tree search over the teacher's reasoning steps on the train split; the rule reward keeps the
                branches that reach the right answer;
 4. chains      the trees linearized into SFT chains (single-turn and multi-turn zoom);
@@ -211,8 +211,8 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
 
 
 def _write_data(p: Paths, sizes: dict[str, int], seed: int) -> None:
-    from vigorl_core.synthetic import write_dataset
-    from vigorl_core.tiny import build_tiny_model
+    from vigorl_core.synthetic.tasks import write_dataset
+    from vigorl_core.synthetic.tiny import build_tiny_model
 
     if not (p.random_model / "vigorl_model.json").is_file():
         build_tiny_model(p.random_model)
@@ -224,7 +224,7 @@ def _write_data(p: Paths, sizes: dict[str, int], seed: int) -> None:
 
 def _write_teacher_chains(folder: Path, n: int, seed: int) -> None:
     from vigorl_core.frames import get_profile
-    from vigorl_core.synthetic_teacher import write_teacher_chains
+    from vigorl_core.synthetic.teacher import write_teacher_chains
 
     write_teacher_chains(folder, n, seed, get_profile("tiny"))
 
@@ -235,8 +235,8 @@ def _merge_chains(p: Paths, out: Path, n: int, seed: int, fast: bool) -> None:
     evaluated in. --fast adds the teacher's written chains: a teacher trained for a few steps rarely answers
     right, and the SFT stage needs some data to run."""
     from vigorl_core.frames import get_profile
-    from vigorl_core.sft_data import read_conversations
-    from vigorl_core.sft_synthetic import write_synthetic_chains
+    from vigorl_core.train.sft_data import read_conversations
+    from vigorl_core.synthetic.chains import write_synthetic_chains
 
     files = {p.run("chains") / "train.json": f"{SINGLE}-", p.run("chains") / "train_multiturn.json": f"{SEARCH}-"}
     if fast:
@@ -256,7 +256,7 @@ def _merge_chains(p: Paths, out: Path, n: int, seed: int, fast: bool) -> None:
 
 
 def _report(cfg: QuickstartConfig, p: Paths) -> None:
-    from vigorl_core.quickstart_report import write_quickstart_report
+    from vigorl_core.synthetic.quickstart_report import write_quickstart_report
 
     write_quickstart_report(p.out, {m: p.run("eval", f"-{m}") for m in MODELS},
                             {"grpo": p.run("grpo"), "grpo_zoom": p.run("grpo", "-zoom")},

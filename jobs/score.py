@@ -22,7 +22,7 @@ from pathlib import Path
 from pydantic import Field
 
 from jobs.common import run_main
-from vigorl_core.benchmarks import BENCHMARKS, get_benchmark
+from vigorl_core.evals.benchmarks import BENCHMARKS, get_benchmark
 from vigorl_core.config import ConfigError, StageConfig, parse_config
 
 
@@ -58,10 +58,10 @@ def _compare(label: str, ids: list[str], stored: list[float], rescored: list[flo
 
 def _run(argv: list[str]) -> int:
     cfg = parse_config(ScoreConfig, argv, prog="vigorl score")
-    from vigorl_core import evaluation as ev
-    from vigorl_core import original_eval
+    from vigorl_core.evals import evaluation as ev
+    from vigorl_core.evals import original_eval
     from vigorl_core.data import write_jsonl
-    from vigorl_core.report import format_summary, write_report
+    from vigorl_core.evals.report import format_summary, write_report
 
     if cfg.benchmark is not None:
         get_benchmark(cfg.benchmark)

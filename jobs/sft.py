@@ -7,7 +7,7 @@
 Full fine-tune of Qwen2.5-VL on reasoning chains (sharegpt messages + images: a jobs.chains run folder, by
 default the one of the same run name, runs/chains/<run_name>/; the original's released chain files;
 `synthetic` for the tiny demo), vision tower frozen by default, loss on
-assistant tokens only (vigorl_core.sft_data), length-grouped global batches split over `num_workers`
+assistant tokens only (vigorl_core.train.sft_data), length-grouped global batches split over `num_workers`
 Ray Train workers x gradient accumulation, cosine schedule with warmup, validation loss. What happens:
 
 1. the driver reads and tokenizes the data once (bad records stop here with file, line and field) and
@@ -127,11 +127,11 @@ RESUME_FIXED = ("model", "data", "val_data", "val_fraction", "data_root", "synth
 
 def _prepare_data(cfg: SFTConfig, model_dir: Path) -> dict:
     """Read, check and tokenize the chains once, in the driver: {train, val, system, dropped, ...}."""
-    from vigorl_core.chat_tokens import ChatTokens
+    from vigorl_core.rollout.chat_tokens import ChatTokens
     from vigorl_core.data import DataError, infer_task_source
     from vigorl_core.prompts import system_prompt
-    from vigorl_core.sft_data import conversation_mode, encode_conversation, read_conversations
-    from vigorl_core.sft_synthetic import write_synthetic_chains
+    from vigorl_core.train.sft_data import conversation_mode, encode_conversation, read_conversations
+    from vigorl_core.synthetic.chains import write_synthetic_chains
 
     chat = ChatTokens.from_pretrained(model_dir)
     data = cfg.data
@@ -205,9 +205,9 @@ def train_worker(config: dict) -> None:
     from transformers import AutoProcessor
 
     from jobs.training import RunLog, deepspeed_engine, first_fault, grad_norm, load_checkpoint, save_checkpoint
-    from vigorl_core.chat_tokens import ChatTokens
-    from vigorl_core.sft_data import BatchPlan, SFTDataset, collate
-    from vigorl_core.sft_train import set_system_template
+    from vigorl_core.rollout.chat_tokens import ChatTokens
+    from vigorl_core.train.sft_data import BatchPlan, SFTDataset, collate
+    from vigorl_core.train.sft_train import set_system_template
 
     cfg = SFTConfig.model_validate(config["cfg"])
     data = ray.get(config["data"])
@@ -271,14 +271,14 @@ def train_worker(config: dict) -> None:
 
 def _set_lr(optimizer, cfg: SFTConfig, step: int, total: int) -> float:
     from jobs.training import set_lr
-    from vigorl_core.sft_train import cosine_lr
+    from vigorl_core.train.sft_train import cosine_lr
 
     return set_lr(optimizer, cosine_lr(step, total, cfg.lr, cfg.warmup_ratio, cfg.min_lr_ratio))
 
 
 def _forward(engine, batch: dict):
     """(summed NLL of the labelled tokens, their count); logits only where a label follows."""
-    from vigorl_core.sft_train import loss_positions, token_nll
+    from vigorl_core.train.sft_train import loss_positions, token_nll
 
     labels = batch["labels"]
     positions = loss_positions(labels)
@@ -291,7 +291,7 @@ def _validate(engine, cfg: SFTConfig, val_set, collate_fn, rank: int, world: int
     """Mean loss per labelled token over the whole validation set (each rank a share, then summed)."""
     import torch
 
-    from vigorl_core.sft_data import eval_batches
+    from vigorl_core.train.sft_data import eval_batches
 
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     engine.eval()

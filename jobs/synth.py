@@ -29,7 +29,7 @@ class SynthConfig(StageConfig):
 
 def _run(argv: list[str]) -> int:
     cfg = parse_config(SynthConfig, argv, prog="vigorl synth")
-    from vigorl_core.synthetic import write_dataset
+    from vigorl_core.synthetic.tasks import write_dataset
 
     path = write_dataset(cfg.task, cfg.n, cfg.seed, cfg.out)
     print(f"wrote {cfg.n} {cfg.task} samples to {path}")

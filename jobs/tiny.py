@@ -29,7 +29,7 @@ class TinyConfig(StageConfig):
 
 def _run(argv: list[str]) -> int:
     cfg = parse_config(TinyConfig, argv, prog="vigorl tiny")
-    from vigorl_core.tiny import build_tiny_model
+    from vigorl_core.synthetic.tiny import build_tiny_model
 
     out = build_tiny_model(cfg.out, preset=cfg.preset, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
     print(f"built {cfg.preset} Qwen2.5-VL (seed {cfg.seed}) in {out}")

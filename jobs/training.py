@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from vigorl_core.config import StageConfig
-from vigorl_core.evaluation import round_floats
+from vigorl_core.evals.evaluation import round_floats
 
 
 def model_folder(model: str, runs_dir: str) -> Path:
@@ -33,7 +33,7 @@ def model_folder(model: str, runs_dir: str) -> Path:
         if not Path(model, "config.json").is_file():
             raise ConfigError(f"model: {model} is not a Hugging Face model folder (no config.json)")
         return Path(local_model(model))
-    from vigorl_core.tiny import build_tiny_model
+    from vigorl_core.synthetic.tiny import build_tiny_model
 
     path = (Path(runs_dir) / "models" / "tiny").resolve()
     if not (path / "vigorl_model.json").is_file():
@@ -68,7 +68,7 @@ def deepspeed_engine(cfg: Any, model_dir: str, accumulation: int, world: int):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from vigorl_core.sft_train import deepspeed_config, prepare_for_training
+    from vigorl_core.train.sft_train import deepspeed_config, prepare_for_training
 
     bf16 = uses_bf16(cfg)
     ds_config = deepspeed_config(cfg.zero_stage, cfg.micro_batch_size, accumulation, world, bf16,
@@ -124,7 +124,7 @@ def save_checkpoint(engine, zero_stage: int, processor, model_dir: str, run_dir:
     import ray.train
     from ray.train import CheckpointUploadMode
 
-    from vigorl_core.sft_train import point_latest, save_hf_checkpoint
+    from vigorl_core.train.sft_train import point_latest, save_hf_checkpoint
 
     folder = run_dir / "checkpoints" / f"step-{done}"
     (folder / "deepspeed").mkdir(parents=True, exist_ok=True)
@@ -264,7 +264,7 @@ class RunLog:
                  scalars: Iterable[str], line: Callable[[dict], str], trackers: TrackerSettings | None = None):
         from tensorboardX import SummaryWriter
 
-        from vigorl_core.sft_train import truncate_log
+        from vigorl_core.train.sft_train import truncate_log
 
         self.path, self.start, self.total, self.began = path, start, total, time.perf_counter()
         self.logger, self.scalars, self.line = logger, tuple(scalars), line

@@ -75,10 +75,10 @@ def sample(rng: random.Random, squares: int, background: str, side=(7, 5)):
 
 
 def quadrant_sample(rng: random.Random, crop: bool):
-    """The quickstart's `zoom_colour` task (vigorl_core.synthetic): the colour of an 18-24 px square in a named
+    """The quickstart's `zoom_colour` task (vigorl_core.synthetic.tasks): the colour of an 18-24 px square in a named
     quadrant of a 112-px image, as (image, colour, box, question). `crop`: instead of the full view, the zoom
     into that quadrant the quickstart's multi-turn arm gets (56-px window magnified 2x: the square 36-48 px)."""
-    from vigorl_core.synthetic import generate, quadrant_box
+    from vigorl_core.synthetic.tasks import generate, quadrant_box
     from vigorl_core.zoom import point_crop, zoom_settings
 
     item, img = generate("zoom_colour", 1, rng.randrange(1 << 30))[0]
@@ -249,7 +249,7 @@ def probe(args) -> None:
 
 def _build(args) -> None:
     """A tiny-preset model with the given language-model changes (vision tower unchanged)."""
-    from vigorl_core import tiny
+    from vigorl_core.synthetic import tiny
 
     text = tiny.PRESETS["tiny"]["text"]
     if args.hidden:

@@ -28,7 +28,7 @@ from vigorl_core.config import RoleResources, StageConfig
 
 
 class EngineSettings(StageConfig):
-    """The policy engine of each PolicyServer replica (vigorl_core.engine.EngineConfig)."""
+    """The policy engine of each PolicyServer replica (vigorl_core.rollout.engine.EngineConfig)."""
 
     max_model_len: int = Field(4096, description="context length (prompt + images + response)")
     dtype: str | None = Field(None, description="null: bfloat16 on GPUs, float32 on CPU")
@@ -135,7 +135,7 @@ def start_policy_app(name: str, model: str | None, *, engine: EngineSettings | N
 
 def build_app(args: dict[str, Any]):
     """Application builder for Serve (`import_path: services.app:build_app`)."""
-    from vigorl_core.chat_tokens import ChatTokens
+    from vigorl_core.rollout.chat_tokens import ChatTokens
 
     cfg = ServeConfig.model_validate(args)
     gateway = cfg.gateway.model_copy()

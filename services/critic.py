@@ -17,7 +17,7 @@ from typing import Any
 
 from ray import serve
 
-from vigorl_core.engine import EngineConfig, Sampling, VLLMEngine
+from vigorl_core.rollout.engine import EngineConfig, Sampling, VLLMEngine
 from vigorl_core.rewards import JUDGES, Truth, judge_for, reward_for
 
 JUDGE_PROMPT = (
@@ -59,9 +59,9 @@ class Critic:
         return 1.0 if gen.text.strip().startswith("1") else 0.0
 
     async def count(self, prompt: str) -> int | None:
-        """The judge model's N for a behaviour-count prompt (vigorl_core.behaviour.judge_prompt), its reply
+        """The judge model's N for a behaviour-count prompt (vigorl_core.evals.behaviour.judge_prompt), its reply
         constrained to `<count>N</count>`; None if it could not say."""
-        from vigorl_core.behaviour import parse_count
+        from vigorl_core.evals.behaviour import parse_count
 
         if self.judge_engine is None:
             raise RuntimeError("this Critic hosts no LLM judge (start it with judge_engine={'model': ...})")

@@ -41,8 +41,8 @@ from services.grounded import grounded_response, run_grounded
 from services.pages import add_pages
 from services.policy import PolicyClient, is_replica_loss
 from services.schemas import ApiError, ChatRequest, GatewaySettings, GroundedRequest, ScoreRequest, body_error
-from vigorl_core.chat_tokens import ChatTokens
-from vigorl_core.engine import Sampling, TimedPolicy
+from vigorl_core.rollout.chat_tokens import ChatTokens
+from vigorl_core.rollout.engine import Sampling, TimedPolicy
 from vigorl_core.images import ImageError, image_bytes
 from vigorl_core.rewards import Truth, reward_for
 

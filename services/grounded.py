@@ -13,13 +13,13 @@ from dataclasses import replace
 from typing import Any
 
 from services.schemas import ApiError, GroundedRequest
-from vigorl_core.chat_tokens import ChatTokens
-from vigorl_core.engine import PolicyEngine
+from vigorl_core.rollout.chat_tokens import ChatTokens
+from vigorl_core.rollout.engine import PolicyEngine
 from vigorl_core.frames import FrameMap
 from vigorl_core.images import png_bytes
-from vigorl_core.planned import PlannedTurnsEngine
+from vigorl_core.rollout.planned import PlannedTurnsEngine
 from vigorl_core.records import Sample
-from vigorl_core.rollout import Rollout, RolloutConfig, RolloutDriver
+from vigorl_core.rollout.driver import Rollout, RolloutConfig, RolloutDriver
 from vigorl_core.zoom import ZoomSettings
 
 

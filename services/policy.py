@@ -27,7 +27,7 @@ from typing import Any
 
 from ray import serve
 
-from vigorl_core.engine import EngineConfig, Generation, Sampling, VLLMEngine
+from vigorl_core.rollout.engine import EngineConfig, Generation, Sampling, VLLMEngine
 from vigorl_core.images import image_hash
 
 IMAGE_CACHE_ENTRIES = 512  # images kept per replica and per client, by content hash

@@ -41,9 +41,9 @@ class RolloutWorker:
         from ray import serve
 
         from services.policy import PolicyClient
-        from vigorl_core.chat_tokens import ChatTokens
-        from vigorl_core.planned import PlannedTurnsEngine
-        from vigorl_core.rollout import RolloutConfig, RolloutDriver
+        from vigorl_core.rollout.chat_tokens import ChatTokens
+        from vigorl_core.rollout.planned import PlannedTurnsEngine
+        from vigorl_core.rollout.driver import RolloutConfig, RolloutDriver
 
         self.id, self.samples = worker_id, samples
         self.buffer = ray.get_actor(replay_name(run), namespace=NAMESPACE)

@@ -51,8 +51,8 @@ def store_name(weights: str) -> str:
 
 
 def run_weights_folder(weights: str, tensors: Mapping[str, Any]) -> Path:
-    """This node's folder for the run's weight files (vigorl_core.engine.weights_folder picks the root)."""
-    from vigorl_core.engine import weights_folder
+    """This node's folder for the run's weight files (vigorl_core.rollout.engine.weights_folder picks the root)."""
+    from vigorl_core.rollout.engine import weights_folder
 
     return Path(weights_folder(tensors)) / "vigorl-weights" / weights
 

@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random-weight Qwen2.5-VL folder, built once per test session."""
-    from vigorl_core.tiny import build_tiny_model
+    from vigorl_core.synthetic.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
@@ -59,7 +59,7 @@ class EngineHarness:
         import asyncio
         import threading
 
-        from vigorl_core.engine import EngineConfig, VLLMEngine
+        from vigorl_core.rollout.engine import EngineConfig, VLLMEngine
 
         self.model_dir = model_dir
         self.loop = asyncio.new_event_loop()

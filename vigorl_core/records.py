@@ -87,7 +87,8 @@ class Trace(BaseModel):
 
 
 class RolloutRecord(Record):
-    """One finished conversation, ready for training (the token contract: docs/method.md, vigorl_core/chat_tokens.py).
+    """One finished conversation, ready for training (the token contract: docs/method.md,
+    vigorl_core/rollout/chat_tokens.py).
 
     `engine_ids` hold ONE `<|image_pad|>` per image (what the engine takes); `train_ids` expand each to
     the processor's count; `loss_mask` and `logprobs` align with `train_ids` (1 / the engine's log-prob

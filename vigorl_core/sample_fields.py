@@ -1,6 +1,6 @@
 """What a record's own text and paths say about its sample: the lettered options in a question, a box or
 point answer, the task and source a file path names, the V*Bench category an image path names. Used when
-loading data (vigorl_core.data) and evaluating it (vigorl_core.benchmarks, vigorl_core.original_eval).
+loading data (vigorl_core.data) and evaluating it (vigorl_core.evals.benchmarks, vigorl_core.evals.original_eval).
 
     parse_options("Which is closer?\n(A) chair\n(B) table")       # ["chair", "table"]
     infer_task_source("data/spatial_reasoning/sat2_test/sat2_test.jsonl")  # ("spatial", "sat2")

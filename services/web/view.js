@@ -39,7 +39,7 @@
   }
 
   // A point outside the image (random or wrong-frame models write those) is drawn hollow on the nearest edge,
-  // as the demo's PNG does (vigorl_core/trace_image.py place); its data-x/data-y keep the real coordinates.
+  // as the demo's PNG does (vigorl_core/evals/trace_image.py place); its data-x/data-y keep the real coordinates.
   function place(x, y, width, height, r) {
     if (x >= 0 && x < width && y >= 0 && y < height) return [x, y, true];
     return [Math.min(Math.max(x, r + 1), width - r - 2), Math.min(Math.max(y, r + 1), height - r - 2), false];

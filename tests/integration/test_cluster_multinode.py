@@ -106,8 +106,8 @@ def lose_an_env_node_during_eval(cluster, model: str, work: Path) -> dict:
     """Evaluate 8 samples; the env node of the first batch is killed once that batch is evaluated, before it
     returns (record_eval_batches holds it)."""
     from jobs import evaluate as job
-    from vigorl_core import evaluation as ev
-    from vigorl_core.synthetic import write_dataset
+    from vigorl_core.evals import evaluation as ev
+    from vigorl_core.synthetic.tasks import write_dataset
 
     data = write_dataset("grounding", 8, 0, work / "data")
     cfg = job.EvalConfig.model_validate({
@@ -147,8 +147,8 @@ def scale_under_load(model: str) -> dict:
     from ray import serve
 
     from services.policy import PolicyClient
-    from vigorl_core.chat_tokens import ChatTokens
-    from vigorl_core.engine import Sampling
+    from vigorl_core.rollout.chat_tokens import ChatTokens
+    from vigorl_core.rollout.engine import Sampling
 
     handle = serve.get_deployment_handle("PolicyServer", "vigorl")
     chat = ChatTokens.from_pretrained(model)

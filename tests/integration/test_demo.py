@@ -11,13 +11,13 @@ import pytest
 from PIL import Image
 
 from jobs import demo
-from vigorl_core import trace_image as T
+from vigorl_core.evals import trace_image as T
 
 pytestmark = pytest.mark.slow
 
 
 def test_demo_writes_png_html_and_json(vllm_engine, tiny_model_dir, tmp_path: Path):
-    from vigorl_core.chat_tokens import ChatTokens
+    from vigorl_core.rollout.chat_tokens import ChatTokens
 
     image = tmp_path / "scene.png"
     scene = Image.new("RGB", (500, 375), (235, 240, 250))

@@ -11,10 +11,10 @@ import json
 import pytest
 
 from jobs import evaluate as job
-from vigorl_core import evaluation as E
+from vigorl_core.evals import evaluation as E
 from vigorl_core.config import ConfigError
 from vigorl_core.data import load_samples
-from vigorl_core.synthetic import write_dataset
+from vigorl_core.synthetic.tasks import write_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +56,9 @@ def test_same_text_as_the_in_cluster_path(endpoint_run, tiny_model_dir):
 
     from jobs.serve import APP_NAME
     from services.policy import PolicyClient
-    from vigorl_core.chat_tokens import ChatTokens
+    from vigorl_core.rollout.chat_tokens import ChatTokens
     from vigorl_core.images import model_frame_images
-    from vigorl_core.rollout import RolloutDriver
+    from vigorl_core.rollout.driver import RolloutDriver
 
     cfg, _, run_dir, files = endpoint_run
     by_key = {p.key: p for p in E.read_predictions(run_dir / "predictions.jsonl").predictions}

@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 from jobs import evaluate as job
-from vigorl_core import evaluation as E
-from vigorl_core.benchmarks import get_benchmark
+from vigorl_core.evals import evaluation as E
+from vigorl_core.evals.benchmarks import get_benchmark
 from vigorl_core.data import load_samples, to_rl_record, to_vlmsearch_record, write_jsonl
 from vigorl_core.records import Sample
-from vigorl_core.synthetic import write_dataset
+from vigorl_core.synthetic.tasks import write_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -97,8 +97,8 @@ def test_the_checkpoint_loads_in_transformers_and_vllm_with_equal_greedy_output(
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from tests.conftest import EngineHarness
-    from vigorl_core.chat_tokens import ChatTokens
-    from vigorl_core.engine import Sampling
+    from vigorl_core.rollout.chat_tokens import ChatTokens
+    from vigorl_core.rollout.engine import Sampling
 
     latest = (single_turn_run / "latest").resolve()
     assert latest.name == "step-16" and (latest / "trainer_state.json").is_file()

@@ -1,4 +1,4 @@
-"""The GRPO trainer's forward (vigorl_core.grpo_batch: rollout_item -> collate_rollouts -> sequence_logprobs,
+"""The GRPO trainer's forward (vigorl_core.train.grpo_batch: rollout_item -> collate_rollouts -> sequence_logprobs,
 exactly what jobs/grpo.py runs) reproduces the engine's log-probs on real rollouts (tiny model, fp32):
 multi-turn conversations with at least two crops (against the engine's teacher-forced, unconstrained
 log-probs: the planned turns' sampling log-probs are grammar-constrained and marked so) and single-turn
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from vigorl_core.chat_tokens import ChatTokens
-from vigorl_core.planned import PlannedTurnsEngine
-from vigorl_core.rollout import RolloutConfig, RolloutDriver
-from vigorl_core.synthetic import generate
+from vigorl_core.rollout.chat_tokens import ChatTokens
+from vigorl_core.rollout.planned import PlannedTurnsEngine
+from vigorl_core.rollout.driver import RolloutConfig, RolloutDriver
+from vigorl_core.synthetic.tasks import generate
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def _trainer_logprobs(trainer_side, rollouts):
     """Per rollout: {train_ids position: the trainer's log-prob of that token}, from one padded batch."""
     import torch
 
-    from vigorl_core.grpo_batch import collate_rollouts, rollout_item, sequence_logprobs
+    from vigorl_core.train.grpo_batch import collate_rollouts, rollout_item, sequence_logprobs
 
     model, processor, chat = trainer_side
     items = [rollout_item(r.record, r.images, 0.0, processor.image_processor) for r in rollouts]

@@ -5,7 +5,7 @@ no second engine). The random-weight model never answers on its own, so the teac
 (teacher.constrained: one think step with a point, or an option): on two-option spatial questions about half
 the answers are right and the trees yield both direct and backtracking chains. Checked: trees readable by
 load_trees, stats.json, resume (nothing redone, file unchanged; a partial last line repaired and its sample
-redone), chains readable by vigorl_core.data and vigorl_core.sft_data, the Critic reward, a per-sample
+redone), chains readable by vigorl_core.data and vigorl_core.train.sft_data, the Critic reward, a per-sample
 error record, and the --help smoke of both entrypoints.
 """
 
@@ -22,14 +22,14 @@ from jobs import chains as chains_job
 from jobs import mcts as mcts_job
 from jobs.common import previous_output
 from tests.conftest import REPO_ROOT
-from vigorl_core.chat_tokens import ChatTokens
+from vigorl_core.rollout.chat_tokens import ChatTokens
 from vigorl_core.config import ConfigError
 from vigorl_core.data import load_samples, read_jsonl
-from vigorl_core.linearize import Chain
+from vigorl_core.search.linearize import Chain
 from vigorl_core.prompts import system_prompt
-from vigorl_core.sft_data import conversation_mode, encode_conversation, read_conversations
-from vigorl_core.synthetic import write_dataset
-from vigorl_core.trees import load_trees
+from vigorl_core.train.sft_data import conversation_mode, encode_conversation, read_conversations
+from vigorl_core.synthetic.tasks import write_dataset
+from vigorl_core.search.trees import load_trees
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ import uuid
 import numpy as np
 import pytest
 
-from vigorl_core.grpo_batch import step_samples
+from vigorl_core.train.grpo_batch import step_samples
 from vigorl_core.records import RolloutRecord, Trace
 
 pytestmark = pytest.mark.slow

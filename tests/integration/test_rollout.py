@@ -5,11 +5,11 @@ budgets, malformed tool calls, group sampling, weight updates."""
 import pytest
 import torch
 
-from vigorl_core.chat_tokens import ChatTokens
-from vigorl_core.engine import Sampling
-from vigorl_core.planned import ANSWER_TURN, PlannedTurnsEngine
-from vigorl_core.rollout import RolloutConfig, RolloutDriver
-from vigorl_core.synthetic import generate
+from vigorl_core.rollout.chat_tokens import ChatTokens
+from vigorl_core.rollout.engine import Sampling
+from vigorl_core.rollout.planned import ANSWER_TURN, PlannedTurnsEngine
+from vigorl_core.rollout.driver import RolloutConfig, RolloutDriver
+from vigorl_core.synthetic.tasks import generate
 
 pytestmark = pytest.mark.slow
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from vigorl_core import evaluation as E
+from vigorl_core.evals import evaluation as E
 from vigorl_core.data import load_samples
 from vigorl_core.frames import FrameMap, get_profile
-from vigorl_core.synthetic import write_dataset
+from vigorl_core.synthetic.tasks import write_dataset
 
 
 def score(args: list[str], env) -> subprocess.CompletedProcess:

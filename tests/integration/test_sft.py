@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from vigorl_core.chat_tokens import ChatTokens
-from vigorl_core.sft_synthetic import write_synthetic_chains
+from vigorl_core.rollout.chat_tokens import ChatTokens
+from vigorl_core.synthetic.chains import write_synthetic_chains
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,7 @@ VLLM_SCRIPT = """
 import json, sys
 from PIL import Image
 from vllm import LLM, SamplingParams
-from vigorl_core.chat_tokens import ChatTokens
+from vigorl_core.rollout.chat_tokens import ChatTokens
 from vigorl_core.frames import resize_to_model
 
 if __name__ == "__main__":

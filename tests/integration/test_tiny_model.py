@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vigorl_core.engine import Sampling
+from vigorl_core.rollout.engine import Sampling
 
 pytestmark = pytest.mark.slow
 

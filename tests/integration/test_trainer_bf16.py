@@ -1,6 +1,7 @@
 """One bf16 trainer rank runs DeepSpeed's BF16 optimizer instead of ZeRO buckets
-(vigorl_core.sft_train.deepspeed_config): the config, and a real DeepSpeed engine on CPU that steps, clips, reports
-its gradient norm and resumes exactly from a checkpoint (what the SFT and GRPO jobs rely on when they restart)."""
+(vigorl_core.train.sft_train.deepspeed_config): the config, and a real DeepSpeed engine on CPU that steps, clips,
+reports its gradient norm and resumes exactly from a checkpoint (what the SFT and GRPO jobs rely on when they
+restart)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import textwrap
 
 from jobs.common import REPO_ROOT
-from vigorl_core.sft_train import deepspeed_config, uses_bf16_optimizer
+from vigorl_core.train.sft_train import deepspeed_config, uses_bf16_optimizer
 
 
 def test_only_a_single_bf16_rank_leaves_zero():
@@ -28,7 +29,7 @@ def test_only_a_single_bf16_rank_leaves_zero():
 SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch, deepspeed
-    from vigorl_core.sft_train import deepspeed_config
+    from vigorl_core.train.sft_train import deepspeed_config
 
     def engine():
         torch.manual_seed(0)

@@ -176,7 +176,7 @@ def test_errors_show_the_endpoints_message(page, serve_app):
 
 
 def test_browse_a_predictions_file(page, serve_app, tmp_path: Path):
-    from vigorl_core import evaluation as E
+    from vigorl_core.evals import evaluation as E
     from vigorl_core.frames import FrameMap
 
     image = tmp_path / "images" / "screen.png"

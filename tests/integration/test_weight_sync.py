@@ -23,8 +23,8 @@ def test_every_replica_serves_published_weights_and_new_replicas_catch_up(ray_lo
     from services.app import policy_app
     from services.policy import PolicyClient
     from services.weight_sync import WeightPublisher
-    from vigorl_core.chat_tokens import ChatTokens
-    from vigorl_core.engine import Sampling
+    from vigorl_core.rollout.chat_tokens import ChatTokens
+    from vigorl_core.rollout.engine import Sampling
 
     app, model = "weights-test", str(tiny_model_dir)
     original = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).state_dict()

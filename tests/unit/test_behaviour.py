@@ -1,4 +1,4 @@
-"""vigorl_core.behaviour on hand-written traces: regions, revisits, zooms, points in the box, phrase counts,
+"""vigorl_core.evals.behaviour on hand-written traces: regions, revisits, zooms, points in the box, phrase counts,
 the table, the file formats it reads, the judge's <count>N parser; and `vigorl behaviour` on a file."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from jobs import behaviour as job
-from vigorl_core import behaviour as B
-from vigorl_core import evaluation as E
+from vigorl_core.evals import behaviour as B
+from vigorl_core.evals import evaluation as E
 from vigorl_core.frames import FrameMap
 from vigorl_core.protocol import parse_response
 from vigorl_core.records import Sample

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.grpo import GRPOConfig, _rollout_settings
-from vigorl_core.engine import EngineConfig
+from vigorl_core.rollout.engine import EngineConfig
 
 
 def test_engine_defaults_are_compiled_and_rollout_sized_on_gpu():

@@ -1,4 +1,4 @@
-"""vigorl_core.evaluation: scoring in both frames, metrics, exactly-once files, the original's eval files."""
+"""vigorl_core.evals.evaluation: scoring in both frames, metrics, exactly-once files, the original's eval files."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from vigorl_core import evaluation as E
-from vigorl_core import original_eval
-from vigorl_core.benchmarks import BENCHMARKS, get_benchmark
+from vigorl_core.evals import evaluation as E
+from vigorl_core.evals import original_eval
+from vigorl_core.evals.benchmarks import BENCHMARKS, get_benchmark
 from vigorl_core.data import DataError
 from vigorl_core.frames import FrameMap
 from vigorl_core.records import SOURCES, RolloutRecord, Sample

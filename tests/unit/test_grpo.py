@@ -1,4 +1,4 @@
-"""vigorl_core.grpo: hand-computed values, and gradients against an independent per-token loop implementation."""
+"""vigorl_core.train.grpo: hand-computed values, and gradients against an independent per-token loop implementation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vigorl_core.grpo import (
+from vigorl_core.train.grpo import (
     AGGREGATIONS,
     aggregate,
     group_advantages,
@@ -263,7 +263,7 @@ def test_token_logprobs_matches_log_softmax(dtype):
 
 
 def test_behaviour_weights_are_truncated_importance_ratios_off_the_mask_zero():
-    from vigorl_core.grpo import behaviour_weights
+    from vigorl_core.train.grpo import behaviour_weights
 
     old = torch.tensor([[-1.0, -2.0, -0.5]])
     behaviour = torch.tensor([[-1.5, -1.0, -3.0]])

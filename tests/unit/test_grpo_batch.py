@@ -1,4 +1,4 @@
-"""vigorl_core.grpo_batch: the prompt schedule of a step (deterministic, epoch coverage, small datasets, bad
+"""vigorl_core.train.grpo_batch: the prompt schedule of a step (deterministic, epoch coverage, small datasets, bad
 sizes), the mini/micro-batch plan (exact partition, equal accumulation per rank, length-sorted micro-steps,
 errors), rollouts -> tensors (labels only on loss tokens, engine log-probs, image count check), collate, and
 sequence_logprobs against a plain full forward of the tiny Qwen2.5-VL model."""
@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vigorl_core.chat_tokens import ChatTokens
-from vigorl_core.grpo_batch import collate_rollouts, minibatch_plan, rollout_item, sequence_logprobs, step_samples
+from vigorl_core.rollout.chat_tokens import ChatTokens
+from vigorl_core.train.grpo_batch import collate_rollouts, minibatch_plan, rollout_item, sequence_logprobs, step_samples
 from vigorl_core.records import RolloutRecord, Trace
-from vigorl_core.sft_data import IGNORE_INDEX
+from vigorl_core.train.sft_data import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")

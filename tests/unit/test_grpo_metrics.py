@@ -1,4 +1,4 @@
-"""The GRPO step metrics (vigorl_core.grpo_metrics) on hand-made records and buffer counters."""
+"""The GRPO step metrics (vigorl_core.train.grpo_metrics) on hand-made records and buffer counters."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vigorl_core.grpo_metrics import (
+from vigorl_core.train.grpo_metrics import (
     EXTRA_SUMS,
     STAT_KEYS,
     add_micro_batch,

@@ -1,4 +1,4 @@
-"""Tree linearization into SFT chains (vigorl_core.linearize) on hand-built trees."""
+"""Tree linearization into SFT chains (vigorl_core.search.linearize) on hand-built trees."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from PIL import Image
 
 from vigorl_core.data import load_samples, write_jsonl
 from vigorl_core.frames import PROFILES, resize_to_model
-from vigorl_core.linearize import (
+from vigorl_core.search.linearize import (
     CORRECTION, Chain, LinearizeConfig, chain_stats, linearize, split_of, to_multiturn, to_sharegpt, tree_stats,
     write_json,
 )
-from vigorl_core.trees import TreeNode, TreeRecord, TreeRollout
+from vigorl_core.search.trees import TreeNode, TreeRecord, TreeRollout
 from vigorl_core.protocol import FORCED_FINAL_PREFIX, render_tool_call
 from vigorl_core.zoom import point_crop, zoom_settings
 
@@ -220,7 +220,7 @@ def test_statistics():
 
 
 def test_sft_reader_takes_both_formats(tmp_path, image_path):
-    from vigorl_core.sft_data import conversation_mode, read_conversations
+    from vigorl_core.train.sft_data import conversation_mode, read_conversations
 
     chains = linearize(tree_record(image_path))
     write_json([to_sharegpt(c) for c in chains], tmp_path / "single.json")
@@ -241,7 +241,7 @@ def umask_022():
 def test_chain_files_travel_relative_paths_and_readable_modes(tmp_path, image_path, umask_022):
     """Written with the umask's mode (0644, not mkstemp's 0600: a shared runs folder must read them) and with
     image paths relative to the file's folder, so the run folder and its data move together."""
-    from vigorl_core.sft_data import read_conversations
+    from vigorl_core.train.sft_data import read_conversations
 
     run = tmp_path / "runs" / "chains" / "r"
     chains = linearize(tree_record(image_path))

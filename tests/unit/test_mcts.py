@@ -1,4 +1,4 @@
-"""MCTS arithmetic and bookkeeping on a scripted deterministic teacher (vigorl_core.mcts); no vLLM, no Ray.
+"""MCTS arithmetic and bookkeeping on a scripted deterministic teacher (vigorl_core.search.mcts); no vLLM, no Ray.
 
 The teacher reads the prompt it is given (a byte tokenizer makes ids <-> text exact), finds the previous
 thoughts and whether the final answer is forced, and answers from a script; so every visit count and
@@ -16,12 +16,12 @@ import re
 import pytest
 from PIL import Image
 
-from vigorl_core.chat_tokens import ChatTokens
+from vigorl_core.rollout.chat_tokens import ChatTokens
 from vigorl_core.data import DataError
-from vigorl_core.engine import Generation
+from vigorl_core.rollout.engine import Generation
 from vigorl_core.frames import PROFILES
-from vigorl_core.mcts import FORCED_FINAL_USER, MCTS, MCTSConfig
-from vigorl_core.trees import TreeRecord, load_trees
+from vigorl_core.search.mcts import FORCED_FINAL_USER, MCTS, MCTSConfig
+from vigorl_core.search.trees import TreeRecord, load_trees
 from vigorl_core.records import Sample
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",

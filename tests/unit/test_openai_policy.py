@@ -1,4 +1,4 @@
-"""vigorl_core.openai_policy without a model server: prompts split into chat messages that render back to the
+"""vigorl_core.rollout.openai_policy without a model server: prompts split into chat messages that render back to the
 same prompt, stop strings restored, and whole zoom conversations, retries and errors against a stub HTTP server
 that answers from a script (the tiny model's tokenizer; no engine)."""
 
@@ -14,13 +14,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from vigorl_core.chat_tokens import ChatTokens
-from vigorl_core.engine import Generation
-from vigorl_core.openai_policy import (EndpointError, OpenAIPolicy, chat_messages, request_body, restore_stop,
+from vigorl_core.rollout.chat_tokens import ChatTokens
+from vigorl_core.rollout.engine import Generation
+from vigorl_core.rollout.openai_policy import (EndpointError, OpenAIPolicy, chat_messages, request_body, restore_stop,
                                        stop_strings)
 from vigorl_core.protocol import FORCED_FINAL_PREFIX, render_turn
-from vigorl_core.rollout import RolloutConfig, RolloutDriver
-from vigorl_core.synthetic import generate
+from vigorl_core.rollout.driver import RolloutConfig, RolloutDriver
+from vigorl_core.synthetic.tasks import generate
 
 
 @pytest.fixture(scope="module")

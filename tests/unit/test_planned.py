@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from vigorl_core.chat_tokens import ChatTokens
-from vigorl_core.planned import PlannedTurnsEngine
+from vigorl_core.rollout.chat_tokens import ChatTokens
+from vigorl_core.rollout.planned import PlannedTurnsEngine
 
 
 @pytest.fixture(scope="module")

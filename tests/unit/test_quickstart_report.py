@@ -1,4 +1,4 @@
-"""The quickstart report (vigorl_core.quickstart_report) on predictions scored by the real judges."""
+"""The quickstart report (vigorl_core.synthetic.quickstart_report) on predictions scored by the real judges."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from vigorl_core.data import load_samples
-from vigorl_core.evaluation import make_prediction
+from vigorl_core.evals.evaluation import make_prediction
 from vigorl_core.frames import get_profile, resize_to_model
-from vigorl_core.quickstart_report import model_results, write_quickstart_report
-from vigorl_core.synthetic import write_dataset
+from vigorl_core.synthetic.quickstart_report import model_results, write_quickstart_report
+from vigorl_core.synthetic.tasks import write_dataset
 
 
 def _samples_with_frames(folder, task: str):

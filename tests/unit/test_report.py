@@ -1,4 +1,4 @@
-"""vigorl_core.report: summary table, charts, annotated examples, report.md."""
+"""vigorl_core.evals.report: summary table, charts, annotated examples, report.md."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vigorl_core import evaluation as E
-from vigorl_core import original_eval
+from vigorl_core.evals import evaluation as E
+from vigorl_core.evals import original_eval
 from vigorl_core.frames import FrameMap
 from vigorl_core.records import Sample
-from vigorl_core.report import (
+from vigorl_core.evals.report import (
     EXAMPLE_MAX_SIDE,
     annotate_example,
     format_summary,

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from vigorl_core.chat_tokens import ChatTokens
-from vigorl_core.engine import Generation
+from vigorl_core.rollout.chat_tokens import ChatTokens
+from vigorl_core.rollout.engine import Generation
 from vigorl_core.protocol import render_turn
-from vigorl_core.rollout import Conversation, RolloutConfig, RolloutDriver
-from vigorl_core.synthetic import generate
+from vigorl_core.rollout.driver import Conversation, RolloutConfig, RolloutDriver
+from vigorl_core.synthetic.tasks import generate
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""SFT data and training helpers (vigorl_core.sft_data, sft_train): the loss mask of a multi-turn chain with
+"""SFT data and training helpers (vigorl_core.train.sft_data, sft_train): the loss mask of a multi-turn chain with
 crops, parity with the rollout driver's token layout and the HF processor, record errors, batching,
 collate, schedule, loss and checkpoint helpers. Runs on the tiny model's tokenizer and processor."""
 
@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vigorl_core.chat_tokens import ChatTokens
+from vigorl_core.rollout.chat_tokens import ChatTokens
 from vigorl_core.data import DataError
 from vigorl_core.frames import resize_to_model
 from vigorl_core.prompts import observation_text, system_prompt, user_text
 from vigorl_core.protocol import render_single_turn, render_turn
-from vigorl_core.sft_data import (
+from vigorl_core.train.sft_data import (
     IGNORE_INDEX,
     BatchPlan,
     SFTDataset,
@@ -28,8 +28,8 @@ from vigorl_core.sft_data import (
     eval_batches,
     read_conversations,
 )
-from vigorl_core.sft_synthetic import write_synthetic_chains
-from vigorl_core.sft_train import (
+from vigorl_core.synthetic.chains import write_synthetic_chains
+from vigorl_core.train.sft_train import (
     chat_template_with_system,
     cosine_lr,
     deepspeed_config,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from vigorl_core.frames import PROFILES, resize_to_model
 from vigorl_core.records import Sample
-from vigorl_core.synthetic import PALETTE, SYNTHETIC_TASKS, generate, write_dataset
+from vigorl_core.synthetic.tasks import PALETTE, SYNTHETIC_TASKS, generate, write_dataset
 from vigorl_core.zoom import ZoomEnv, zoom_settings
 
 

@@ -5,12 +5,12 @@ import hashlib
 
 import pytest
 
-from vigorl_core.evaluation import benchmark_of
+from vigorl_core.evals.evaluation import benchmark_of
 from vigorl_core.frames import get_profile
 from vigorl_core.prompts import system_prompt
-from vigorl_core.sft_data import read_conversations
-from vigorl_core.sft_synthetic import write_synthetic_chains
-from vigorl_core.synthetic import PALETTE, QUADRANTS, QUICKSTART_TASKS, generate, quadrant_box, write_dataset
+from vigorl_core.train.sft_data import read_conversations
+from vigorl_core.synthetic.chains import write_synthetic_chains
+from vigorl_core.synthetic.tasks import PALETTE, QUADRANTS, QUICKSTART_TASKS, generate, quadrant_box, write_dataset
 from vigorl_core.zoom import point_crop, zoom_settings
 
 
@@ -70,7 +70,7 @@ def test_written_chains_zoom_into_the_named_quadrant(tmp_path):
 
 
 def test_teacher_chains_hold_the_mcts_turns_of_each_written_chain(tmp_path):
-    from vigorl_core.synthetic_teacher import write_teacher_chains
+    from vigorl_core.synthetic.teacher import write_teacher_chains
 
     chains = read_conversations(write_teacher_chains(tmp_path, 2, 0, get_profile("tiny")))
     turns = [c for c in chains if "-mcts" in c.id]

@@ -1,4 +1,4 @@
-"""vigorl_core.trace_image on a hand-written /v1/grounded answer: marks at original-frame coordinates x the
+"""vigorl_core.evals.trace_image on a hand-written /v1/grounded answer: marks at original-frame coordinates x the
 drawing scale, drawn where they say, crops as a strip; and the standalone HTML of services.pages."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import pytest
 from PIL import Image
 
-from vigorl_core import trace_image as T
+from vigorl_core.evals import trace_image as T
 
 
 def _both(x, y, s=2.0):

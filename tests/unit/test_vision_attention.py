@@ -1,11 +1,11 @@
-"""Grouped window attention (vigorl_core/vision_attention.py) equals transformers' per-window attention."""
+"""Grouped window attention (vigorl_core/train/vision_attention.py) equals transformers' per-window attention."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from vigorl_core.vision_attention import (
+from vigorl_core.train.vision_attention import (
     batch_window_attention,
     grouped_window_attention,
 )

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vigorl_core.records import RolloutRecord
-from vigorl_core.sft_data import IGNORE_INDEX, collate
+from vigorl_core.train.sft_data import IGNORE_INDEX, collate
 
 
 def step_samples(num_samples: int, batch: int, seed: int, step: int) -> list[int]:
@@ -101,8 +101,8 @@ def sequence_logprobs(model: Any, batch: dict):
     """Log-probs of the labelled tokens under `model`: (logprobs [B, K], mask [B, K], positions [K]) where
     positions are the columns whose NEXT token carries a label in some row (logits only there: prompt and
     image tokens are most of a sequence). logprobs[:, k] = log p(input_ids[:, positions[k] + 1])."""
-    from vigorl_core.grpo import token_logprobs
-    from vigorl_core.sft_train import loss_positions
+    from vigorl_core.train.grpo import token_logprobs
+    from vigorl_core.train.sft_train import loss_positions
 
     positions = loss_positions(batch["labels"])
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from vigorl_core.benchmarks import Benchmark, category_of, get_benchmark
+from vigorl_core.evals.benchmarks import Benchmark, category_of, get_benchmark
 from vigorl_core.data import DataError
-from vigorl_core.evaluation import Prediction, scan_jsonl, score_prediction, scored_fields
+from vigorl_core.evals.evaluation import Prediction, scan_jsonl, score_prediction, scored_fields
 from vigorl_core.protocol import parse_conversation
 from vigorl_core.records import Sample
 from vigorl_core.rewards import Truth

@@ -1,7 +1,7 @@
 """The benchmarks vigorl evaluates: for each, the task family, default mode and sampling, the data file of the
 original release and the published numbers; and how a sample finds its benchmark and category.
 
-    from vigorl_core.benchmarks import BENCHMARKS, benchmark_of, get_benchmark
+    from vigorl_core.evals.benchmarks import BENCHMARKS, benchmark_of, get_benchmark
     spec = get_benchmark("vstar")          # Benchmark(task="visual_search", mode="multiturn", ...)
 """
 
@@ -58,7 +58,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "synthetic_visual_search": Benchmark("visual_search", "multiturn", "synthetic"),
     "synthetic_grounding": Benchmark("grounding", "grounded", "synthetic"),
     "synthetic_spatial": Benchmark("spatial", "grounded", "synthetic"),
-    # The quickstart's tasks (vigorl_core.synthetic.QUICKSTART_TASKS): colour questions, their own sources.
+    # The quickstart's tasks (vigorl_core.synthetic.tasks.QUICKSTART_TASKS): colour questions, their own sources.
     "synthetic_colour": Benchmark("visual_search", "grounded", "synthetic_colour"),
     "synthetic_zoom_colour": Benchmark("visual_search", "multiturn", "synthetic_zoom_colour"),
 }

@@ -1,7 +1,8 @@
 """MCTS tree records: the JSONL schema of `vigorl mcts` output (a superset of the original's rollouts_*.jsonl
-lines) and its readers. vigorl_core.mcts writes these records; vigorl_core.linearize turns them into chains.
+lines) and its readers. vigorl_core.search.mcts writes these records; vigorl_core.search.linearize turns them into
+chains.
 
-    from vigorl_core.trees import iter_trees
+    from vigorl_core.search.trees import iter_trees
     for record in iter_trees("runs/mcts/tiny/trees.jsonl"):      # ours; original files: task="spatial", ...
         print(record.id, record.status, sum(1 for _ in record.nodes()))
 """

@@ -43,16 +43,16 @@ from typing import Any
 from PIL import Image
 from pydantic import Field
 
-from vigorl_core.chat_tokens import ChatTokens
+from vigorl_core.rollout.chat_tokens import ChatTokens
 from vigorl_core.config import StageConfig
-from vigorl_core.engine import Generation, PolicyEngine, Sampling
+from vigorl_core.rollout.engine import Generation, PolicyEngine, Sampling
 from vigorl_core.frames import FrameMap
 from vigorl_core.images import model_frame_images
 from vigorl_core.prompts import system_prompt, user_text
 from vigorl_core.protocol import POINT_RE, format_point, parse_response
 from vigorl_core.records import Sample
 from vigorl_core.rewards import JUDGES, Truth, judge_for
-from vigorl_core.trees import TreeNode, TreeRecord, TreeRollout
+from vigorl_core.search.trees import TreeNode, TreeRecord, TreeRollout
 
 ASSISTANT_TAIL = "<|im_end|>\n<|im_start|>assistant\n"
 FORCED_FINAL_USER = ("Your turn! Max thoughts reached. You should now provide the final answer in the format "

@@ -7,7 +7,7 @@ the run folders the jobs wrote; jobs/quickstart.py calls it).
 Per model and benchmark: accuracy (the strict judge) with its 95% Wilson score interval, the format rate (the
 share of answers whose reward format term is not 0, i.e. that pass the format gate) and the grounding rate: the
 share of reasoning points inside the target's box. The benchmarks are the quickstart's two tasks
-(vigorl_core.synthetic.QUICKSTART_TASKS): `synthetic_colour` (single-turn) and `synthetic_zoom_colour`
+(vigorl_core.synthetic.tasks.QUICKSTART_TASKS): `synthetic_colour` (single-turn) and `synthetic_zoom_colour`
 (answered from the full view, or with zooms in multi-turn mode).
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from vigorl_core.charts import line_panels
-from vigorl_core.evaluation import Prediction, read_predictions, round_floats
+from vigorl_core.evals.evaluation import Prediction, read_predictions, round_floats
 from vigorl_core.images import annotate_points
 from vigorl_core.rewards import ci95
 

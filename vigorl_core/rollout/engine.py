@@ -140,7 +140,7 @@ class EngineConfig:
             enable_prefix_caching=self.enable_prefix_caching,
             max_num_seqs=self.max_num_seqs or (1024 if gpu else 256),
             mm_processor_cache_gb=self.mm_processor_cache_gb,
-            logprobs_mode="raw_logprobs", worker_extension_cls="vigorl_core.engine_worker.WeightLoader",
+            logprobs_mode="raw_logprobs", worker_extension_cls="vigorl_core.rollout.engine_worker.WeightLoader",
         )
         batched = self.max_num_batched_tokens or (16384 if gpu else None)
         if batched:

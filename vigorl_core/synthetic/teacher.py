@@ -1,7 +1,7 @@
 """The quickstart teacher's written data: grounded chains of its two tasks, in two formats.
 
 MCTS asks its teacher for ONE reasoning step (or the final answer) per response, under the `mcts` system
-prompt, with the previous steps in the user turn as "Previous thought i: ..." (vigorl_core.mcts). A tiny
+prompt, with the previous steps in the user turn as "Previous thought i: ..." (vigorl_core.search.mcts). A tiny
 model trained only on whole chains under the grounded prompt writes garbage there (measured: 3% of MCTS
 rollouts correct at temperature 1). So each written chain is given twice: whole, as sft_synthetic writes it
 (grounded single-turn for `colour`, a zoom conversation for `zoom_colour`), and as the MCTS teacher turns of
@@ -22,8 +22,8 @@ from vigorl_core.data import IMAGE_TOKEN
 from vigorl_core.frames import ModelProfile, resize_to_model
 from vigorl_core.prompts import system_prompt, user_text
 from vigorl_core.protocol import format_point
-from vigorl_core.sft_synthetic import write_synthetic_chains
-from vigorl_core.synthetic import QUICKSTART_TASKS, generate, quadrant_box
+from vigorl_core.synthetic.chains import write_synthetic_chains
+from vigorl_core.synthetic.tasks import QUICKSTART_TASKS, generate, quadrant_box
 
 
 def teacher_steps(sample, image, profile: ModelProfile) -> list[str]:

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vigorl_core.chat_tokens import IMAGE_PLACEHOLDER, ChatTokens
+from vigorl_core.rollout.chat_tokens import IMAGE_PLACEHOLDER, ChatTokens
 from vigorl_core.data import IMAGE_TOKEN, DataError, absolute_path, read_records, record_id, RecordLocation
 from vigorl_core.frames import ModelProfile, resize_to_model
 from vigorl_core.records import TASKS

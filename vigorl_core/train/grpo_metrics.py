@@ -24,7 +24,7 @@ def add_micro_batch(sums, values: list[float], weight_max: float) -> None:
 
 
 def loss_normalizer(aggregation: str, members, max_response_tokens: int) -> float:
-    """The global denominator of a mini-batch's loss (vigorl_core.grpo.aggregate) for its rollouts `members`."""
+    """The global denominator of a mini-batch's loss (vigorl_core.train.grpo.aggregate) for its rollouts `members`."""
     if aggregation == "token_mean":
         return float(sum(sum(r.loss_mask) for r in members))
     if aggregation == "seq_mean_token_mean":

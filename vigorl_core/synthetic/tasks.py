@@ -25,7 +25,7 @@ Same (task, n, seed, image_size) gives byte-identical PNGs and JSONL: every samp
 `random.Random` seeded with a string (seeded via sha512, independent of PYTHONHASHSEED), PIL draws without
 anti-aliasing, and PNGs are saved with fixed parameters and no metadata. Sample i does not depend on n.
 
-    from vigorl_core.synthetic import write_dataset
+    from vigorl_core.synthetic.tasks import write_dataset
     jsonl = write_dataset("visual_search", 100, seed=0, out_dir=Path("data/synth_vs"))
 """
 

@@ -1,7 +1,7 @@
 """Human-readable evaluation outputs: the summary table, report.md, bar charts, annotated examples, and
-the grounding-behaviour table (vigorl_core.behaviour).
+the grounding-behaviour table (vigorl_core.evals.behaviour).
 
-    from vigorl_core.report import format_summary, write_report
+    from vigorl_core.evals.report import format_summary, write_report
     print(format_summary(metrics))                      # metrics = evaluation.compute_metrics(predictions)
     write_report(run_dir, predictions, metrics)         # run_dir/report.md, plots/*.{svg,png}, examples/*.png
 
@@ -21,9 +21,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from vigorl_core.behaviour import DEFAULT_RADIUS, TraceInfo, behaviour_table, markdown_table
+from vigorl_core.evals.behaviour import DEFAULT_RADIUS, TraceInfo, behaviour_table, markdown_table
 from vigorl_core.charts import bar_chart
-from vigorl_core.evaluation import Prediction
+from vigorl_core.evals.evaluation import Prediction
 
 SERIES = (("score", "score (strict)", "#4c72b0"), ("score_original", "score_original", "#dd8452"))
 EXAMPLE_MAX_SIDE = 768
@@ -166,7 +166,7 @@ def write_report(out_dir: str | os.PathLike, predictions: Sequence[Prediction], 
 
 
 def behaviour_section(predictions: Sequence[Prediction], radius: float = DEFAULT_RADIUS) -> list[str]:
-    """Markdown of the grounding-behaviour table (vigorl_core.behaviour): per benchmark, all traces and the
+    """Markdown of the grounding-behaviour table (vigorl_core.evals.behaviour): per benchmark, all traces and the
     correct ones (the paper counts correct traces only)."""
     columns: dict[str, list] = {}
     for p in predictions:
@@ -178,7 +178,8 @@ def behaviour_section(predictions: Sequence[Prediction], radius: float = DEFAULT
     if not columns:
         return []
     return ["## Grounding behaviour", "",
-            (f"Mean per trace, rule-based (vigorl_core/behaviour.py): regions explored groups points within {radius:g} "
+            (f"Mean per trace, rule-based (vigorl_core/evals/behaviour.py): regions explored groups points "
+             f"within {radius:g} "
              "model-frame pixels; revisits return to an earlier region; phrases are counted from word lists, a "
              "crude proxy. `vigorl behaviour` compares runs side by side."), "",
             markdown_table(behaviour_table(columns, radius)), ""]

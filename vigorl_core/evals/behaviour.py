@@ -1,7 +1,7 @@
 """Grounding behaviour of reasoning traces: rule-based counts per trace, a side-by-side table per model, and
 the prompts and parser of the optional LLM judge (jobs/behaviour.py runs them; the eval report shows the table).
 
-    from vigorl_core.behaviour import load_traces, behaviour_table, markdown_table
+    from vigorl_core.evals.behaviour import load_traces, behaviour_table, markdown_table
     table = behaviour_table({"ours": load_traces("runs/eval/a/predictions.jsonl")}, radius=56)
     print(markdown_table(table))
 
@@ -159,7 +159,7 @@ def format_table(table: Mapping[str, Mapping[str, float | None]],
 # ------------------------------------------------------------------------------------------------- files
 
 def _from_prediction(obj: dict) -> TraceInfo:
-    from vigorl_core.evaluation import Prediction
+    from vigorl_core.evals.evaluation import Prediction
 
     p = Prediction.model_validate(obj)
     return TraceInfo(p.id, p.trace, p.score >= 1, p.truth_box, p.benchmark, p.category, p.question)
@@ -196,7 +196,7 @@ def trace_info(obj: dict) -> TraceInfo:
 def load_traces(path: str | Path) -> list[TraceInfo]:
     """Every trace of a predictions.jsonl (or its run folder), rollouts.jsonl or file of /v1/grounded answers.
     A partial last line (a killed writer) is dropped; any other bad line is an error naming file:line."""
-    from vigorl_core.evaluation import scan_jsonl
+    from vigorl_core.evals.evaluation import scan_jsonl
 
     path = Path(path)
     if path.is_dir():

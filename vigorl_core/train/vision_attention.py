@@ -7,7 +7,7 @@ bench/sft_profile.py). Windows are mostly the same length (64 patches; smaller o
 bottom edges), so grouping them by length makes each group one batched SDPA call: a handful of calls per
 block, the same arithmetic.
 
-    from vigorl_core.vision_attention import batch_window_attention
+    from vigorl_core.train.vision_attention import batch_window_attention
     batch_window_attention(model)   # a Qwen2.5-VL HF model with attn_implementation="sdpa"
 
 Patches the tower's attention modules of that model instance only (other models in the process keep

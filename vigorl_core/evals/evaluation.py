@@ -8,12 +8,12 @@ Pure: no Ray, no engine. Formats and rules are documented in docs/evaluation.md.
   strict judge (rewards.judge_for), `score_original` the original eval judge behind the original harness's
   format gate, so it reproduces the published-style number. Ground-truth boxes are rescaled into the model
   frame with the sample's FrameMap, as rollout.py does.
-- The benchmarks (task family, mode, sampling, data file, published numbers) are vigorl_core.benchmarks.
+- The benchmarks (task family, mode, sampling, data file, published numbers) are vigorl_core.evals.benchmarks.
 - `compute_metrics`: per benchmark and per category, mean and 95% interval (Wilson for 0/1 scores) of both
   scores; floats rounded to 6 significant digits (`round_floats`).
 - `PredictionWriter` / `read_predictions`: append-only JSONL, one line per key; a partial last line left by a
   killed job is dropped and reported, never an error.
-- The original project's eval files are read by vigorl_core.original_eval.
+- The original project's eval files are read by vigorl_core.evals.original_eval.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Literal, Self
 
 from pydantic import Field, ValidationError
 
-from vigorl_core.benchmarks import BENCHMARKS, benchmark_of, category_of
+from vigorl_core.evals.benchmarks import BENCHMARKS, benchmark_of, category_of
 from vigorl_core.data import DataError
 from vigorl_core.frames import FrameMap
 from vigorl_core.protocol import parse_conversation, parse_int_pair, parse_response

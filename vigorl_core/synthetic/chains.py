@@ -21,7 +21,7 @@ from vigorl_core.data import IMAGE_TOKEN
 from vigorl_core.frames import ModelProfile, resize_to_model
 from vigorl_core.prompts import observation_text, system_prompt, user_text
 from vigorl_core.protocol import format_point, render_single_turn, render_turn
-from vigorl_core.synthetic import generate, quadrant_box
+from vigorl_core.synthetic.tasks import generate, quadrant_box
 from vigorl_core.zoom import OBSERVATION_TAIL, point_crop, zoom_settings
 
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from vigorl_core.engine import Generation, PolicyEngine, Sampling
+from vigorl_core.rollout.engine import Generation, PolicyEngine, Sampling
 from vigorl_core.protocol import FORCED_FINAL_PREFIX
 
 _COORD = r"(?:0|[1-9]\d{0,2})"  # JSON ints: no leading zeros

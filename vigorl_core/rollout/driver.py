@@ -39,8 +39,8 @@ from typing import Literal
 
 from PIL import Image
 
-from vigorl_core.chat_tokens import ChatTokens
-from vigorl_core.engine import Generation, PolicyEngine, Sampling
+from vigorl_core.rollout.chat_tokens import ChatTokens
+from vigorl_core.rollout.engine import Generation, PolicyEngine, Sampling
 from vigorl_core.frames import FrameMap
 from vigorl_core.images import image_hash, model_frame_images
 from vigorl_core.prompts import observation_text, system_prompt, user_text

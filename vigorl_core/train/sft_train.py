@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from vigorl_core.sft_data import IGNORE_INDEX
+from vigorl_core.train.sft_data import IGNORE_INDEX
 
 DEFAULT_SYSTEM = "You are a helpful assistant."  # the Qwen2.5-VL template's fallback system message
 
@@ -105,7 +105,7 @@ def prepare_for_training(model: Any, *, freeze_vision_tower: bool = True, freeze
                          gradient_checkpointing: bool = False) -> list:
     """Set which parameters of a Qwen2.5-VL train and turn on gradient checkpointing; returns the trainable
     parameters. A frozen vision tower keeps its merger (the projector into the language model) trainable
-    unless `freeze_projector`. The tower's window attention runs batched (vigorl_core.vision_attention),
+    unless `freeze_projector`. The tower's window attention runs batched (vigorl_core.train.vision_attention),
     and torch's cuDNN attention backend is turned off for this process: on an H100 (torch 2.11) its
     per-call CPU cost made a 3B micro-step's backward 0.34 s against 0.20 s with the flash backend
     (bench/sft_profile.py).
@@ -117,7 +117,7 @@ def prepare_for_training(model: Any, *, freeze_vision_tower: bool = True, freeze
     checkpointing needs no such hook and the text embedding trains in a full fine-tune, so it is removed."""
     import torch
 
-    from vigorl_core.vision_attention import batch_window_attention
+    from vigorl_core.train.vision_attention import batch_window_attention
 
     visual = model.model.visual
     if freeze_vision_tower:

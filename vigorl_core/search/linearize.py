@@ -1,4 +1,4 @@
-"""Tree linearization: MCTS trees (vigorl_core.trees.TreeRecord) -> SFT reasoning chains.
+"""Tree linearization: MCTS trees (vigorl_core.search.trees.TreeRecord) -> SFT reasoning chains.
 
 An attempt is one rollout read as reasoning: the `<think>` texts of its responses from the root on (tags
 removed, whitespace collapsed), then its final answer. Chains (docs/mcts.md "Linearization"):
@@ -49,7 +49,7 @@ from vigorl_core.config import StageConfig
 from vigorl_core.data import IMAGE_TOKEN, atomic_write
 from vigorl_core.frames import FrameMap, ModelProfile, resize_to_model
 from vigorl_core.images import image_hash, open_images
-from vigorl_core.trees import TreeNode, TreeRecord
+from vigorl_core.search.trees import TreeNode, TreeRecord
 from vigorl_core.prompts import system_prompt, user_text
 from vigorl_core.protocol import (
     FORCED_FINAL_PREFIX, POINT_RE, format_point, parse_response, render_single_turn, render_turn,

@@ -34,8 +34,8 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from vigorl_core.chat_tokens import IMAGE_PLACEHOLDER, ChatTokens
-from vigorl_core.engine import Generation, Sampling
+from vigorl_core.rollout.chat_tokens import IMAGE_PLACEHOLDER, ChatTokens
+from vigorl_core.rollout.engine import Generation, Sampling
 
 FATAL_STATUS = (401, 403, 404)  # the job cannot go on: wrong key, or the model is not there
 ROLES = ("system", "user", "assistant")
