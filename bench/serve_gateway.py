@@ -70,7 +70,8 @@ async def _main(args) -> dict:
     # Both arms' engines share the machine (and the GPU on a GPU host: each takes a share of its memory).
     engine_settings = {"dtype": args.dtype, "enforce_eager": True if args.eager else None,
                        "gpu_memory_utilization": args.gpu_memory_utilization}
-    url = start(ServeConfig(model=model, port=port, engine=engine_settings, policy_gpus=args.policy_gpus))
+    url = start(ServeConfig(model=model, port=port, engine=engine_settings, policy_gpus=args.policy_gpus,
+                            gateway_replicas=args.gateway_replicas, zoom_replicas=args.zoom_replicas))
     engine = await VLLMEngine.create(EngineConfig(model=model, **engine_settings))
     chat = ChatTokens.from_pretrained(model)
     config = RolloutConfig(mode="grounded", temperature=0.0, max_turns=1, max_tokens_per_turn=args.max_tokens,
@@ -156,7 +157,8 @@ async def _main(args) -> dict:
                    "engine": "vLLM AsyncLLM, " + args.dtype + (", eager" if args.eager else ", EngineConfig's "
                              "defaults (compiled on a GPU, eager on CPU)") + "; gateway arm in a Serve replica, "
                              "direct arm in-process",
-                   "gpu_memory_utilization": args.gpu_memory_utilization, "policy_gpus": args.policy_gpus},
+                   "gpu_memory_utilization": args.gpu_memory_utilization, "policy_gpus": args.policy_gpus,
+                   "gateway_replicas": args.gateway_replicas, "zoom_replicas": args.zoom_replicas},
     }
 
 
@@ -170,6 +172,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs on a GPU (the default compiles there)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="per engine (two share a GPU)")
     parser.add_argument("--policy-gpus", type=float, default=0.0, help="GPUs of the Serve replica (1 on a GPU host)")
+    parser.add_argument("--gateway-replicas", type=int, default=1, help="Gateway replicas (ServeConfig)")
+    parser.add_argument("--zoom-replicas", type=int, default=1, help="ZoomServer replicas (ServeConfig)")
     parser.add_argument("--name", default="gateway_overhead", help="result file serve_<name>.json in --out")
     from bench.common import add_out_argument
 

@@ -83,6 +83,9 @@ class ServeConfig(StageConfig):
     policy_resources: RoleResources = Field(default_factory=dict, description="custom resources per PolicyServer "
                                             "replica, e.g. {policy_node: 0.01} on cluster.yaml's policy nodes")
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    gateway_replicas: int = Field(1, ge=1, description="Gateway replicas: HTTP parsing, prompts and answers run on "
+                                  "one event loop each (raise on many-core hosts for many concurrent requests)")
+    zoom_replicas: int = Field(1, ge=1, description="ZoomServer replicas (image decoding; CPU)")
     judge_model: str | None = Field(None, description="model folder of an LLM judge hosted by the Critic")
 
     @model_validator(mode="after")
@@ -148,16 +151,22 @@ def build_app(args: dict[str, Any]):
                                                      "resources": cfg.policy_resources}}
     if cfg.policy_autoscaling is not None:
         options["autoscaling_config"] = cfg.policy_autoscaling.model_dump()
-    elif cfg.policy_replicas > 1:  # left unset otherwise, so a Serve config's autoscaling_config applies
-        options["num_replicas"] = cfg.policy_replicas
+    else:
+        options.update(_replicas(cfg.policy_replicas))
     policy = PolicyServer.options(**options).bind(engine)
     limits = gateway.limits
-    zoom = ZoomServer.bind(asdict(ChatTokens.from_pretrained(cfg.model).profile),
+    # Replica counts are left unset at 1, so a Serve config's own num_replicas / autoscaling_config applies.
+    zoom = ZoomServer.options(**_replicas(cfg.zoom_replicas)).bind(asdict(ChatTokens.from_pretrained(cfg.model).profile),
                            {"max_pixels": limits.max_image_pixels, "max_bytes": limits.max_image_bytes,
                             "formats": tuple(limits.image_formats)})
     judge = {"model": cfg.judge_model, **cfg.engine.model_dump()} if cfg.judge_model else None
     critic = Critic.bind(judge)
-    return Gateway.bind(cfg.model, gateway.model_dump(), policy, zoom, critic)
+    return Gateway.options(**_replicas(cfg.gateway_replicas)).bind(cfg.model, gateway.model_dump(), policy, zoom,
+                                                                    critic)
+
+
+def _replicas(count: int) -> dict[str, int]:
+    return {"num_replicas": count} if count > 1 else {}
 
 
 def kill_one_replica(app: str) -> None:

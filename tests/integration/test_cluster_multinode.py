@@ -279,6 +279,23 @@ def test_policy_autoscaling_reaches_the_policy_server_deployment(tiny_model_dir)
         ServeConfig(model="m", policy_autoscaling={"min_replicas": 3, "max_replicas": 2})
 
 
+def test_gateway_and_zoom_replica_counts_reach_their_deployments(tiny_model_dir):
+    from services.app import build_app
+
+    def replicas(app) -> dict[str, int | None]:
+        gateway = app._bound_deployment
+        counts = {gateway.name: gateway._deployment_config.num_replicas}
+        for arg in gateway.init_args:
+            if getattr(arg, "_bound_deployment", None):
+                counts[arg._bound_deployment.name] = arg._bound_deployment._deployment_config.num_replicas
+        return counts
+
+    scaled = replicas(build_app({"model": str(tiny_model_dir), "gateway_replicas": 3, "zoom_replicas": 2,
+                                 "policy_replicas": 2}))
+    assert scaled == {"Gateway": 3, "ZoomServer": 2, "PolicyServer": 2, "Critic": 1}
+    assert replicas(build_app({"model": str(tiny_model_dir)}))["Gateway"] == 1
+
+
 @pytest.mark.slow
 def test_eval_over_two_node_types_survives_losing_an_env_node(cluster_run):
     part = cluster_run["eval"]
