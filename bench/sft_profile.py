@@ -11,6 +11,8 @@ synchronised around every phase:
   frozen tower is recomputed and backpropagated; its window attention is one call per window);
 - vigorl: `vigorl_core.train.sft_train.prepare_for_training` as the SFT job does it (tower out of autograd,
   batched window attention, cuDNN attention off);
+- vigorl_liger, vigorl_compile: vigorl with the language model's fused kernels (vigorl_core.train.kernels: Liger's
+  Triton kernels; torch.compile per decoder layer; the compile happens in the first, unmeasured micro-step);
 - deepspeed: the vigorl model in a single-rank DeepSpeed engine with the job's config (one bf16 rank: the
   BF16 optimizer); deepspeed_zero2: the same with ZeRO-2 forced (what the job ran before): their overheads.
 ratio = vigorl / stock tokens/s (plain loops) -> runs/bench/sft_step_<gpu|cpu>.json (--out). `vision_nograd`
@@ -50,7 +52,7 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _model(model_dir: str, device: str, bf16: bool, checkpointing: bool, stock: bool):
+def _model(model_dir: str, device: str, bf16: bool, checkpointing: bool, stock: bool, kernels: str = "none"):
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -59,7 +61,7 @@ def _model(model_dir: str, device: str, bf16: bool, checkpointing: bool, stock: 
     model = AutoModelForImageTextToText.from_pretrained(
         model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation="sdpa").to(device)
     if not stock:
-        prepare_for_training(model, gradient_checkpointing=checkpointing)
+        prepare_for_training(model, gradient_checkpointing=checkpointing, kernels=kernels, gpu=device == "cuda")
         return model
     torch.backends.cuda.enable_cudnn_sdp(True)  # torch's default (prepare_for_training turns it off)
     for name, param in model.model.visual.named_parameters():
@@ -162,10 +164,11 @@ def main() -> None:
     print("data", report, flush=True)
     bf16, checkpointing = device == "cuda", not args.no_checkpointing
     arms = args.arms.split(",")
-    for arm in ("stock", "vigorl"):
+    for arm in ("stock", "vigorl", "vigorl_liger", "vigorl_compile"):
         if arm not in arms:
             continue
-        model = _model(args.model, device, bf16, checkpointing, stock=arm == "stock")
+        kernels = arm.removeprefix("vigorl_") if arm.startswith("vigorl_") else "none"
+        model = _model(args.model, device, bf16, checkpointing, stock=arm == "stock", kernels=kernels)
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 

@@ -80,7 +80,8 @@ def baseline(config_path: str, out_path: str, pure_bf16: bool = False) -> None:
         contextlib.nullcontext
     trainable = prepare_for_training(model, freeze_vision_tower=cfg.freeze_vision_tower,
                                      freeze_projector=cfg.freeze_projector,
-                                     gradient_checkpointing=cfg.gradient_checkpointing)
+                                     gradient_checkpointing=cfg.gradient_checkpointing, kernels=cfg.kernels,
+                                     gpu=cfg.use_gpu)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
                                   fused=cfg.use_gpu or None)  # what HF Trainer picks on a GPU (adamw_torch_fused)
     chat = ChatTokens.from_pretrained(cfg.model)
@@ -138,6 +139,7 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=None, help="examples per step (default 16 CPU, 16 GPU)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (GPU default: off; "
                         "an H200 holds a 3B model's activations at micro-batch 2 of ~3k tokens)")
+    parser.add_argument("--kernels", default="auto", help="the job's kernels (both arms): auto, liger, compile, none")
     parser.add_argument("--zero-stage", type=int, default=2, help="the job's zero_stage (one bf16 rank at 1 or 2 "
                         "runs DeepSpeed's BF16 optimizer)")
     parser.add_argument("--baseline", default=None, help=argparse.SUPPRESS)  # internal: run the plain loop
@@ -190,6 +192,7 @@ def _measure(args, work: Path) -> dict:
         "micro_batch_size": args.micro_batch or 2, "lr": 1e-5, "warmup_ratio": 0.0, "freeze_vision_tower": gpu,
         "num_workers": workers, "use_gpu": gpu, "cpus_per_worker": 8 if gpu else 1, "zero_stage": args.zero_stage,
         "precision": "bf16" if gpu else "fp32", "gradient_checkpointing": args.checkpointing,
+        "kernels": args.kernels,
         "attn_implementation": "sdpa", "dataloader_workers": 4 if gpu else 0, "save_every": 10 ** 6, "save_at_end": False,
         "eval_every": 10 ** 6, "log_every": 5,
     }

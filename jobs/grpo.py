@@ -117,6 +117,10 @@ class GRPOConfig(StageConfig):
     freeze_projector: bool = Field(True, description="also freeze the merger (the original's freeze_vision_tower "
                                    "freezes all of model.visual)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (long sequences)")
+    kernels: Literal["auto", "liger", "compile", "none"] = Field(
+        "auto", description="fused kernels for the language model: liger (Liger's Triton RMSNorm, SwiGLU, rotary; "
+        "GPU, pip install liger-kernel), compile (torch.compile per decoder layer), none; auto = liger on a GPU "
+        "when liger-kernel is installed, else none")
     num_workers: int = Field(1, ge=1, description="Ray Train trainer workers (one per GPU on GPU clusters)")
     use_gpu: bool = Field(False, description="one GPU per trainer worker, NCCL, bf16")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per trainer worker")

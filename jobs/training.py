@@ -62,7 +62,7 @@ def check_same_settings(cfg: Any, run_dir: Path, keys: Iterable[str]) -> None:
 def deepspeed_engine(cfg: Any, model_dir: str, accumulation: int, world: int):
     """The model (vision tower frozen as configured) in a DeepSpeed engine with a torch AdamW; `cfg` is a
     stage config with the trainer fields (SFTConfig, GRPOConfig): precision, zero_stage, micro_batch_size,
-    max_grad_norm, offload_optimizer, use_gpu, attn_implementation, freeze_*, gradient_checkpointing, lr,
+    max_grad_norm, offload_optimizer, use_gpu, attn_implementation, freeze_*, gradient_checkpointing, kernels, lr,
     adam_betas, weight_decay. Returns (engine, optimizer)."""
     import deepspeed
     import torch
@@ -79,7 +79,8 @@ def deepspeed_engine(cfg: Any, model_dir: str, accumulation: int, world: int):
         model_dir, dtype=torch.bfloat16 if bf16 else torch.float32, attn_implementation=attention(cfg))
     trainable = prepare_for_training(model, freeze_vision_tower=cfg.freeze_vision_tower,
                                      freeze_projector=cfg.freeze_projector,
-                                     gradient_checkpointing=cfg.gradient_checkpointing)
+                                     gradient_checkpointing=cfg.gradient_checkpointing, kernels=cfg.kernels,
+                                     gpu=cfg.use_gpu)
     # fused: one kernel for all of AdamW's tensors on a GPU (the default foreach path launches several per group).
     fused = cfg.use_gpu and not cfg.offload_optimizer
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,

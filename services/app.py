@@ -156,9 +156,10 @@ def build_app(args: dict[str, Any]):
     policy = PolicyServer.options(**options).bind(engine)
     limits = gateway.limits
     # Replica counts are left unset at 1, so a Serve config's own num_replicas / autoscaling_config applies.
-    zoom = ZoomServer.options(**_replicas(cfg.zoom_replicas)).bind(asdict(ChatTokens.from_pretrained(cfg.model).profile),
-                           {"max_pixels": limits.max_image_pixels, "max_bytes": limits.max_image_bytes,
-                            "formats": tuple(limits.image_formats)})
+    profile = asdict(ChatTokens.from_pretrained(cfg.model).profile)
+    zoom = ZoomServer.options(**_replicas(cfg.zoom_replicas)).bind(
+        profile, {"max_pixels": limits.max_image_pixels, "max_bytes": limits.max_image_bytes,
+                  "formats": tuple(limits.image_formats)})
     judge = {"model": cfg.judge_model, **cfg.engine.model_dump()} if cfg.judge_model else None
     critic = Critic.bind(judge)
     return Gateway.options(**_replicas(cfg.gateway_replicas)).bind(cfg.model, gateway.model_dump(), policy, zoom,

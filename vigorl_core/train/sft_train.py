@@ -102,7 +102,7 @@ def uses_bf16_optimizer(stage: int, world_size: int, bf16: bool, offload_optimiz
 
 
 def prepare_for_training(model: Any, *, freeze_vision_tower: bool = True, freeze_projector: bool = False,
-                         gradient_checkpointing: bool = False) -> list:
+                         gradient_checkpointing: bool = False, kernels: str = "none", gpu: bool = False) -> list:
     """Set which parameters of a Qwen2.5-VL train and turn on gradient checkpointing; returns the trainable
     parameters. A frozen vision tower keeps its merger (the projector into the language model) trainable
     unless `freeze_projector`. The tower's window attention runs batched (vigorl_core.train.vision_attention),
@@ -114,9 +114,13 @@ def prepare_for_training(model: Any, *, freeze_vision_tower: bool = True, freeze
     embedding included) to make its output require grad, a PEFT convenience. With the ViT frozen that
     makes autograd record, recompute and backpropagate the whole frozen tower: on a 3B model with 1344-px
     images it was most of the step (thousands of per-window attention calls). Non-reentrant
-    checkpointing needs no such hook and the text embedding trains in a full fine-tune, so it is removed."""
+    checkpointing needs no such hook and the text embedding trains in a full fine-tune, so it is removed.
+
+    `kernels` fuses the language model's element-wise work (vigorl_core.train.kernels: auto, liger, compile,
+    none; `gpu` says whether the model trains on a CUDA GPU)."""
     import torch
 
+    from vigorl_core.train.kernels import apply_kernels
     from vigorl_core.train.vision_attention import batch_window_attention
 
     visual = model.model.visual
@@ -131,6 +135,7 @@ def prepare_for_training(model: Any, *, freeze_vision_tower: bool = True, freeze
         model.disable_input_require_grads()
     model.config.use_cache = False
     batch_window_attention(model)
+    apply_kernels(model, kernels, gpu)
     torch.backends.cuda.enable_cudnn_sdp(False)
     return [p for p in model.parameters() if p.requires_grad]
 

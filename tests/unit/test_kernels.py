@@ -1,0 +1,48 @@
+"""The trainer's fused-kernel choice (vigorl_core.train.kernels): what each name means on this machine, and
+torch.compile per decoder layer giving the same logits and gradients as the plain model (Inductor on CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from vigorl_core.train.kernels import resolve_kernels
+
+
+def test_auto_means_nothing_without_a_gpu_and_unknown_names_are_refused():
+    assert resolve_kernels("auto", gpu=False) == "none"
+    assert resolve_kernels("compile", gpu=False) == "compile"
+    assert resolve_kernels("none", gpu=True) == "none"
+    with pytest.raises(ValueError, match="'fused' is not one of auto, liger, compile, none"):
+        resolve_kernels("fused", gpu=False)
+
+
+def test_liger_without_a_gpu_says_what_it_needs():
+    with pytest.raises(ValueError, match="liger needs a CUDA GPU and the liger-kernel package"):
+        resolve_kernels("liger", gpu=False)
+    if importlib.util.find_spec("liger_kernel") is None:
+        assert resolve_kernels("auto", gpu=True) == "none"
+
+
+def test_compiled_decoder_layers_match_the_plain_model(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vigorl_core.train.sft_train import prepare_for_training
+
+    plain, compiled = (AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+                       for _ in range(2))
+    prepare_for_training(plain, kernels="none")
+    prepare_for_training(compiled, kernels="compile")
+    assert all(layer._compiled_call_impl is not None for layer in compiled.model.language_model.layers)
+    torch.manual_seed(0)
+    for length in (17, 29):  # two lengths: dynamic shapes, no recompile needed to be right
+        ids = torch.randint(0, 1000, (2, length))
+        losses = [model(input_ids=ids).logits.float().logsumexp(-1).mean() for model in (plain, compiled)]
+        for loss in losses:
+            loss.backward()
+        assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    grad = [dict(m.named_parameters())["model.language_model.layers.0.mlp.up_proj.weight"].grad
+            for m in (plain, compiled)]
+    assert torch.allclose(grad[0], grad[1], atol=1e-5)
