@@ -32,9 +32,10 @@ for what in "$@"; do
     serve) python3 -m bench.serve_gateway --model "$MODEL" --dtype bfloat16 --policy-gpus 1 \
              --gpu-memory-utilization 0.4 --requests 24 --repeats 2 --max-tokens 128 --gateway-replicas 4 \
              --zoom-replicas 2 --name gateway_overhead_gpu --out "$OUT" ;;
-    sft) python3 -m bench.sft_throughput --gpu --model "$MODEL" --out "$OUT" ;;
+    # The job's kernels (auto: Liger's when liger-kernel is installed); SFT_KERNELS=none|compile to compare.
+    sft) python3 -m bench.sft_throughput --gpu --model "$MODEL" --kernels "${SFT_KERNELS:-auto}" --out "$OUT" ;;
     step) python3 -m bench.sft_profile --model "$MODEL" --micro-steps 6 --micro-batch 2 --no-checkpointing \
-             --arms stock,vigorl,deepspeed,deepspeed_zero2 --out "$OUT" ;;
+             --arms stock,vigorl,vigorl_liger,vigorl_compile,deepspeed --out "$OUT" ;;
     # Turn lengths with a long tail (32-3,600 characters of thought, about 8-900 tokens), as a trained model's.
     rollout) python3 -m bench.rollout_lockstep --model "$MODEL" --conversations 64 --repeats 2 \
                --think-lengths 32,64,128,256,512,1024,2048,3600 --name async_vs_lockstep_gpu --out "$OUT" ;;
