@@ -30,8 +30,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for what in "$@"; do
   case "$what" in
     serve) python3 -m bench.serve_gateway --model "$MODEL" --dtype bfloat16 --policy-gpus 1 \
-             --gpu-memory-utilization 0.4 --requests 24 --repeats 2 --max-tokens 128 --gateway-replicas 4 \
-             --zoom-replicas 2 --name gateway_overhead_gpu --out "$OUT" ;;
+             --gpu-memory-utilization 0.4 --requests 24 --repeats 2 --max-tokens 128 \
+             --gateway-replicas "${GATEWAY_REPLICAS:-1}" --zoom-replicas "${ZOOM_REPLICAS:-1}" \
+             --name "gateway_overhead_gpu${SERVE_SUFFIX:-}" --out "$OUT" ;;
     # The job's kernels (auto: Liger's when liger-kernel is installed); SFT_KERNELS=none|compile to compare.
     sft) python3 -m bench.sft_throughput --gpu --model "$MODEL" --kernels "${SFT_KERNELS:-auto}" --out "$OUT" ;;
     step) python3 -m bench.sft_profile --model "$MODEL" --micro-steps 6 --micro-batch 2 --no-checkpointing \

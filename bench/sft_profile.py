@@ -117,6 +117,41 @@ def _profile_arm(name: str, model, step_fn, backward_fn, batches: list[dict], de
     return summary
 
 
+def _plain_arm(arm: str, args, batches: list[dict], device: str, bf16: bool, checkpointing: bool) -> dict:
+    """stock, vigorl or vigorl_<kernels>: a plain loop with torch's AdamW."""
+    import torch
+
+    kernels = arm.removeprefix("vigorl_") if arm.startswith("vigorl_") else "none"
+    model = _model(args.model, device, bf16, checkpointing, stock=arm == "stock", kernels=kernels)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+    def step():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return _profile_arm(arm, model, step, lambda loss: loss.backward(), batches, device, args.trace)
+
+
+def _deepspeed_arm(arm: str, args, batches: list[dict], device: str, bf16: bool, checkpointing: bool) -> dict:
+    """The vigorl model in a single-rank DeepSpeed engine (deepspeed_zero2: ZeRO-2 forced)."""
+    import deepspeed
+    import torch
+
+    from vigorl_core.train.sft_train import deepspeed_config
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    model = _model(args.model, device, bf16, checkpointing, stock=False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6,
+                                  fused=device == "cuda" or None)
+    config = deepspeed_config(2, args.micro_batch, 1, 1, bf16, 1.0, gpu=device == "cuda")
+    if arm == "deepspeed_zero2":
+        config["zero_optimization"]["stage"] = 2
+        config.pop("data_types", None)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine.train()
+    return _profile_arm(arm, engine, engine.step, engine.backward, batches, device, args.trace)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -139,7 +174,6 @@ def main() -> None:
     from vigorl_core.rollout.chat_tokens import ChatTokens
     from vigorl_core.train.sft_data import SFTDataset, collate
     from vigorl_core.synthetic.chains import write_synthetic_chains
-    from vigorl_core.train.sft_train import deepspeed_config
 
     device = "cpu" if args.cpu else "cuda"
     work = Path(tempfile.mkdtemp(prefix="vigorl-sft-profile-"))
@@ -164,38 +198,13 @@ def main() -> None:
     print("data", report, flush=True)
     bf16, checkpointing = device == "cuda", not args.no_checkpointing
     arms = args.arms.split(",")
-    for arm in ("stock", "vigorl", "vigorl_liger", "vigorl_compile"):
-        if arm not in arms:
-            continue
-        kernels = arm.removeprefix("vigorl_") if arm.startswith("vigorl_") else "none"
-        model = _model(args.model, device, bf16, checkpointing, stock=arm == "stock", kernels=kernels)
-        model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-
-        def step(optimizer=optimizer):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        report[arm] = _profile_arm(arm, model, step, lambda loss: loss.backward(), batches, device, args.trace)
-        del model, optimizer, step
-        _free(device)
-    for arm in ("deepspeed", "deepspeed_zero2"):
-        if arm not in arms:
-            continue
-        import deepspeed
-
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
-        model = _model(args.model, device, bf16, checkpointing, stock=False)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6,
-                                      fused=device == "cuda" or None)
-        config = deepspeed_config(2, args.micro_batch, 1, 1, bf16, 1.0, gpu=device == "cuda")
-        if arm == "deepspeed_zero2":
-            config["zero_optimization"]["stage"] = 2
-            config.pop("data_types", None)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        engine.train()
-        report[arm] = _profile_arm(arm, engine, engine.step, engine.backward, batches, device, args.trace)
-        del model, optimizer, engine
-        _free(device)
+    # Liger patches transformers' Qwen2.5-VL module itself (its RMSNorm, MLP and rotary function), so every model
+    # built after it would run Liger's kernels too: its arm goes last.
+    for arm in ("stock", "vigorl", "vigorl_compile", "deepspeed", "deepspeed_zero2", "vigorl_liger"):
+        if arm in arms:
+            measure = _deepspeed_arm if arm.startswith("deepspeed") else _plain_arm
+            report[arm] = measure(arm, args, batches, device, bf16, checkpointing)
+            _free(device)  # the arm's model and optimizer went with its function's frame
     print(json.dumps(report, indent=2))
     if "stock" in report and "vigorl" in report:
         from bench.common import write_result
