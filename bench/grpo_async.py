@@ -66,7 +66,7 @@ def summarize_arm(run: dict) -> dict:
 
 
 def _measure(args, runs_dir: Path) -> dict:
-    from jobs.training import model_folder
+    from jobs.common import model_folder
 
     # The tiny model is built once, before both arms, so neither job's wall time carries the build.
     model_folder(args.model or "tiny", str(runs_dir))

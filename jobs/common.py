@@ -17,7 +17,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from vigorl_core.config import ConfigError
@@ -61,6 +61,11 @@ def local_model(model: str) -> str:
     return str(Path(model).resolve()) if Path(model).exists() else model
 
 
+def settings_named(keys: Iterable[str]) -> Callable[[dict], dict]:
+    """check_resume's `fixed` for settings given by name: those of `keys` that a config has."""
+    return lambda config: {k: config[k] for k in keys if k in config}
+
+
 def model_folder(model: str, runs_dir: str | Path) -> str:
     """The model a stage loads: 'tiny' is the tiny model in <runs_dir>/models/tiny (built when missing); a
     local folder becomes its absolute path (local_model); a hub id stays as it is. Raises ConfigError when its
@@ -81,10 +86,12 @@ def model_folder(model: str, runs_dir: str | Path) -> str:
     return local_model(model)
 
 
-def check_resume(run_dir: Path, config: dict, fixed: Callable[[dict], dict], made: str = "made") -> None:
+def check_resume(run_dir: Path, config: dict, fixed: Callable[[dict], dict], made: str = "made",
+                 save: bool = True) -> None:
     """Rerunning a run folder continues it, so what decides its results must not change: `fixed(config)`
     (settings by name) must equal `fixed` of the config.yaml saved there (a setting the old file lacks is
-    not compared). Raises ConfigError naming the changed settings; then saves `config` as config.yaml."""
+    not compared). Raises ConfigError naming the changed settings; then saves `config` as config.yaml (unless
+    `save` is False: a trainer saves it once its data has loaded)."""
     import yaml
 
     saved = Path(run_dir) / "config.yaml"
@@ -94,6 +101,8 @@ def check_resume(run_dir: Path, config: dict, fixed: Callable[[dict], dict], mad
         if changed:
             raise ConfigError(f"run {run_dir} was {made} with different {', '.join(changed)}; use a new "
                               f"--run_name (or the settings in {saved})")
+    if not save:
+        return
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(yaml.safe_dump(config, sort_keys=False))
 

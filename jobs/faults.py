@@ -9,7 +9,7 @@ below, and each fires once per run folder (jobs.training.first_fault marks it).
 |---|---|---|
 | `actor_exit_after` | eval | the first EvalActor to finish this many samples exits abruptly (os._exit) |
 | `kill_policy_after` | eval, mcts | once this many samples (trees) are done, one PolicyServer replica is killed |
-| `trainer_exit_at_step` | grpo | the last trainer rank exits abruptly before this step |
+| `trainer_exit_at_step` | sft, grpo | the last trainer rank exits abruptly before this step |
 | `kill_replay_at_step` | grpo | the replay buffer actor is killed while this step rolls out (it restarts empty) |
 | `kill_policy_at_step` | grpo | one PolicyServer replica is killed while this step rolls out (Serve replaces it) |
 

@@ -50,7 +50,8 @@ from typing import Literal
 import yaml
 from pydantic import Field, model_validator
 
-from jobs.common import REPO_ROOT, init_ray, log_to_run_folder, previous_output, run_main
+from jobs.common import (REPO_ROOT, check_resume, init_ray, log_to_run_folder, model_folder, previous_output, run_main,
+                         settings_named)
 from jobs.faults import requested_faults
 from jobs.training import TrackerSettings
 from services.app import EngineSettings
@@ -479,9 +480,7 @@ def _samples(cfg: GRPOConfig) -> list:
 
 def _check_resume(cfg: GRPOConfig, run_dir: Path) -> tuple[int, int, Path | None]:
     """(step, policy version, checkpoint folder) a rerun continues from; (0, 0, None) for a new run."""
-    from jobs.training import check_same_settings
-
-    check_same_settings(cfg, run_dir, RESUME_FIXED)
+    check_resume(run_dir, cfg.model_dump(mode="json"), settings_named(RESUME_FIXED), made="trained", save=False)
     latest = run_dir / "latest"
     if not (latest / "trainer_state.json").is_file():
         return 0, 0, None
@@ -500,7 +499,7 @@ def _run(argv: list[str]) -> int:
     import ray
     from ray import serve
 
-    from jobs.training import cpus_needed, fit, model_folder
+    from jobs.training import cpus_needed, fit
     from services.app import start_policy_app
     from services.replay import NAMESPACE, ReplayBuffer, replay_name
     from services.rollouts import RolloutWorker

@@ -46,7 +46,8 @@ from typing import Literal
 import yaml
 from pydantic import Field
 
-from jobs.common import REPO_ROOT, init_ray, log_to_run_folder, previous_output, run_main
+from jobs.common import (REPO_ROOT, check_resume, init_ray, log_to_run_folder, model_folder, previous_output, run_main,
+                         settings_named)
 from jobs.training import TrackerSettings
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 
@@ -117,8 +118,6 @@ class SFTConfig(StageConfig):
     logging: TrackerSettings = Field(default_factory=TrackerSettings)  # --logging.wandb / --logging.mlflow
     max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint before "
                                                    "the run fails")
-    fail_at_step: int | None = Field(None, ge=1, description="testing: the last rank exits abruptly before "
-                                                             "this step, once per run (fault-recovery tests)")
 
 
 # Worker output goes through logging: Ray Train prints a worker's print() twice (stdout and its logger).
@@ -213,7 +212,9 @@ def train_worker(config: dict) -> None:
     from vigorl_core.train.sft_data import BatchPlan, SFTDataset, collate
     from vigorl_core.train.sft_train import set_system_template
 
-    cfg = SFTConfig.model_validate(config["cfg"])
+    from jobs.faults import Faults
+
+    cfg, faults = SFTConfig.model_validate(config["cfg"]), Faults.model_validate(config["faults"])
     data = ray.get(config["data"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -238,7 +239,7 @@ def train_worker(config: dict) -> None:
     log = RunLog(run_dir / "log.jsonl", start, total, world, logger, LOGGED, _progress,
                  trackers=cfg.logging) if rank == 0 else None
     for step in range(start, total):
-        if cfg.fail_at_step == step + 1 and rank == world - 1 and first_fault(run_dir):
+        if faults.trainer_exit_at_step == step + 1 and rank == world - 1 and first_fault(run_dir):
             os._exit(1)  # a dying worker process: no cleanup, no exception
         started = time.perf_counter()
         lr = _set_lr(optimizer, cfg, step, total)
@@ -315,6 +316,7 @@ def _validate(engine, cfg: SFTConfig, val_set, collate_fn, rank: int, world: int
 def _fit(cfg: SFTConfig, run_dir: Path, model_dir: Path, data: dict):
     import ray
 
+    from jobs.faults import requested_faults
     from jobs.sft import train_worker  # by module name, so workers import it instead of unpickling __main__
     from jobs.training import cpus_needed, fit
 
@@ -322,7 +324,7 @@ def _fit(cfg: SFTConfig, run_dir: Path, model_dir: Path, data: dict):
     init_ray(num_cpus=cpus_needed(cfg))
     try:
         return fit(train_worker, {"cfg": cfg.model_dump(mode="json"), "data": ray.put(data), "run_dir": str(run_dir),
-                                  "model_dir": str(model_dir)}, cfg, run_dir)
+                                  "model_dir": str(model_dir), "faults": requested_faults().model_dump()}, cfg, run_dir)
     finally:
         if owned:
             ray.shutdown()
@@ -351,13 +353,11 @@ def _summary(run_dir: Path, data: dict, result, seconds: float) -> dict:
 
 
 def _run(argv: list[str]) -> int:
-    from jobs.training import check_same_settings, model_folder
-
     cfg = parse_config(SFTConfig, argv, prog="vigorl sft")
     if cfg.data is None:
         cfg = cfg.model_copy(update={"data": str(previous_output("sft", cfg.runs_dir, cfg.run_name).resolve())})
     run_dir = (Path(cfg.runs_dir) / "sft" / cfg.run_name).resolve()
-    check_same_settings(cfg, run_dir, RESUME_FIXED)
+    check_resume(run_dir, cfg.model_dump(mode="json"), settings_named(RESUME_FIXED), made="trained", save=False)
     log_to_run_folder(run_dir)
     started = time.perf_counter()
     model_dir = model_folder(cfg.model, cfg.runs_dir)

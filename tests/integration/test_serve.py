@@ -266,7 +266,7 @@ def test_policy_client_sends_each_image_once(serve_app, tiny_model_dir):
     from services.policy import PolicyClient
     from vigorl_core.rollout.chat_tokens import ChatTokens
     from vigorl_core.rollout.engine import Sampling
-    from vigorl_core.rollout.driver import image_hash
+    from vigorl_core.images import image_hash
 
     client = PolicyClient(serve.get_deployment_handle("PolicyServer", "vigorl"))
     chat = ChatTokens.from_pretrained(tiny_model_dir)

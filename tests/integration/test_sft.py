@@ -47,7 +47,8 @@ def chains(tmp_path_factory, tiny_model_dir) -> Path:
 def faulted_run(tmp_path_factory, joined_env, tiny_model_dir, chains) -> Path:
     """16 steps, checkpoints every 6; the last rank dies abruptly before step 10, once."""
     runs = tmp_path_factory.mktemp("runs")
-    result = _sft(["--max_steps", "16", "--fail_at_step", "10"], joined_env, runs, tiny_model_dir, chains)
+    faults = {**joined_env, "VIGORL_FAULTS": json.dumps({"trainer_exit_at_step": 10})}  # jobs/faults.py
+    result = _sft(["--max_steps", "16"], faults, runs, tiny_model_dir, chains)
     (runs / "terminal.txt").write_text(result.stdout + result.stderr)
     return runs / "sft" / "t"
 

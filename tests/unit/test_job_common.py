@@ -67,3 +67,16 @@ def test_no_job_config_carries_a_test_fault():
 
     for config in (EvalConfig, MCTSJobConfig, GRPOConfig):
         assert not [name for name in config.model_fields if "fault" in name or name.startswith("fail_")], config
+
+
+@pytest.mark.parametrize("stage", ["sft", "grpo"])
+def test_a_trainer_refuses_to_continue_a_run_with_other_data_before_it_starts(stage, tmp_path):
+    import importlib
+
+    run = tmp_path / stage / "r"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "m", "data": "old.jsonl"}))
+    job = importlib.import_module(f"jobs.{stage}")
+    with pytest.raises(ConfigError, match=r"was trained with different data; use a new --run_name"):
+        job._run(["--runs_dir", str(tmp_path), "--run_name", "r", "--model", "m", "--data", "new.jsonl"])
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"] == "old.jsonl"
