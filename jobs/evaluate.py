@@ -334,18 +334,6 @@ class EvalActor:
         return pred.model_dump_json(), retry.retries
 
 
-# --------------------------------------------------------------------------------------- policy and progress
-
-def start_policy(cfg: EvalConfig, model: str) -> tuple[str, bool]:
-    """(Serve app name, whether this job started it). A reused app must serve the same model."""
-    from services.app import start_policy_app
-
-    p = cfg.policy
-    app, _, started = start_policy_app(f"policy-{cfg.run_name}", model, engine=p.engine, replicas=p.replicas,
-                                       gpus=p.gpus, reuse=p.app, resources=p.resources)
-    return app, started
-
-
 # -------------------------------------------------------------------------------------------------- the run
 
 def run_dataset(cfg: EvalConfig, model: str, app: str, todo: list[tuple[str, object]], writer,
@@ -451,6 +439,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     """The whole job; returns the run's numbers (also in metrics.json under "run")."""
     import ray
 
+    from services.app import start_policy_app
     from vigorl_core.evals import evaluation as ev
     from vigorl_core.evals.report import format_summary, write_report
 
@@ -475,7 +464,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         elif todo:
             started_ray = not ray.is_initialized()
             init_ray(reuses=f"policy.app {cfg.policy.app!r}" if cfg.policy.app else None)
-            app, started_app = start_policy(cfg, model)
+            p = cfg.policy  # a reused app (policy.app) must serve the same model
+            app, _, started_app = start_policy_app(f"policy-{cfg.run_name}", model, engine=p.engine,
+                                                   replicas=p.replicas, gpus=p.gpus, reuse=p.app,
+                                                   resources=p.resources)
             try:
                 stats.update(run_dataset(cfg, model, app, todo, writer, run_dir))
             finally:

@@ -32,16 +32,21 @@ class _Lines:
 class Progress:
     """A tqdm bar of `total` items (see the module docstring for where it goes)."""
 
-    def __init__(self, total: int, desc: str, *, unit: str = "it", every: float = 10.0):
+    def __init__(self, total: int, desc: str, *, unit: str = "it", every: float = 10.0, leave: bool = True):
         self.live = sys.stderr.isatty()
         if self.live:
-            self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=leave)
         else:
             self.bar = tqdm(total=total, desc=desc, unit=unit, file=_Lines(), ncols=90, ascii=True,
                             mininterval=every, maxinterval=every)
 
     def update(self, n: int = 1) -> None:
         self.bar.update(n)
+
+    def show(self, done: int, total: int) -> None:
+        """Set the bar to `done` of `total` (for work counted elsewhere, e.g. in a job's files)."""
+        self.bar.total = total
+        self.bar.update(done - self.bar.n)
 
     def write(self, line: str) -> None:
         """Print `line` without breaking the bar."""

@@ -46,6 +46,7 @@ import yaml
 from pydantic import Field
 
 from jobs.common import REPO_ROOT, is_verbose, run_main
+from jobs.progress import Progress
 from vigorl_core.config import StageConfig, parse_config
 
 MODELS = ("random", "teacher", "sft", "grpo", "grpo_zoom")
@@ -280,12 +281,6 @@ def _provenance(p: Paths) -> str:
 
 # ----------------------------------------------------------------------------------------------- running
 
-def _bar(done: int, total: int, elapsed: float, width: int = 24) -> str:
-    frac = min(1.0, done / total) if total else 0.0
-    eta = f"ETA {elapsed / frac - elapsed:4.0f}s" if 0 < frac < 1 else "        "
-    return f"[{'#' * round(frac * width):<{width}}] {done}/{total} {elapsed:4.0f}s {eta}"
-
-
 def _run_job(stage: Stage, p: Paths, env: dict[str, str], verbose: bool) -> int:
     """The stage's job as a process, its output in logs/<stage>.log; a progress bar while it runs."""
     config_path = p.out / "configs" / f"{stage.name}.yaml"
@@ -294,7 +289,8 @@ def _run_job(stage: Stage, p: Paths, env: dict[str, str], verbose: bool) -> int:
     command = [sys.executable, "-m", stage.module, "--config", str(config_path), *(["--verbose"] if verbose else [])]
     log_path = p.out / "logs" / f"{stage.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    # A bar on a terminal only: the stage lines are all a log or a test reads.
+    bar = Progress(1, f"  {stage.name}", leave=False) if stage.progress and not verbose and sys.stderr.isatty() else None
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
@@ -304,14 +300,15 @@ def _run_job(stage: Stage, p: Paths, env: dict[str, str], verbose: bool) -> int:
         try:
             while proc.poll() is None:
                 time.sleep(1.0)
-                if stage.progress and not verbose and sys.stdout.isatty():
-                    print(f"\r  {_bar(*stage.progress(), time.perf_counter() - started)}", end="", flush=True)
+                if bar:
+                    bar.show(*stage.progress())
         except KeyboardInterrupt:
             proc.terminate()
             proc.wait()
             raise
-    if stage.progress and not verbose and sys.stdout.isatty():
-        print("\r" + " " * 72 + "\r", end="")
+        finally:
+            if bar:
+                bar.close()
     return proc.returncode
 
 

@@ -47,6 +47,14 @@ def test_progress_prints_lines_with_count_rate_and_eta_off_a_terminal(capsys):
     assert lines[-1].startswith("eval: 100%") and "4/4 [" in lines[-1] and "sample/s]" in lines[-1]
 
 
+def test_progress_shows_work_counted_elsewhere_with_its_total(capsys):
+    with Progress(1, "sft", every=0) as progress:  # the quickstart reads (done, total) from a job's files
+        progress.show(3, 12)
+        progress.show(12, 12)
+    lines = capsys.readouterr().out.splitlines()
+    assert any("sft:  25%" in line and "3/12" in line for line in lines) and "12/12" in lines[-1]
+
+
 def test_faults_come_from_the_environment_and_a_bad_one_is_named(monkeypatch):
     from jobs.faults import requested_faults
 
