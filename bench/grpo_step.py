@@ -199,7 +199,8 @@ def main() -> None:
               f"{arm['first_step']['step']:.1f}s): {split}; {arm['rollouts_per_step']} rollouts/step, "
               f"{arm['turns_per_conversation']:.2f} turns, {arm['zooms_per_conversation']:.2f} zooms, "
               f"{arm['generated_tokens_per_rollout']:.0f} generated tokens per rollout")
-    print(f"sync share {result['sync_share']['both']:.1%} of the step (goal < 5%), ratio {result['ratio']:.3f} -> {path}")
+    print(f"sync share {result['sync_share']['both']:.1%} of the step (goal < 5%), "
+          f"ratio {result['ratio']:.3f} -> {path}")
 
 
 if __name__ == "__main__":

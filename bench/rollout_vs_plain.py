@@ -125,7 +125,7 @@ class Recorder:
 async def driver_arms(args) -> tuple[dict, dict]:
     """Driver (and raw-engine) arms on one VLLMEngine; returns (results, what the plain subprocess replays)."""
     from vigorl_core.rollout.chat_tokens import ChatTokens
-    from vigorl_core.rollout.engine import EngineConfig, Sampling, VLLMEngine
+    from vigorl_core.rollout.engine import EngineConfig, VLLMEngine
     from vigorl_core.rollout.planned import PlannedTurnsEngine
     from vigorl_core.rollout.driver import RolloutConfig, RolloutDriver
     from vigorl_core.synthetic.tasks import generate

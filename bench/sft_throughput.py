@@ -162,7 +162,8 @@ def main() -> None:
     path = write_result("sft_throughput", "gpu" if args.gpu else "cpu", result, args.out)
     vigorl, plain = result["vigorl"], result["baseline"]
     print(f"vigorl {vigorl['tokens_per_s']:.0f} tok/s {vigorl['samples_per_s']:.2f} samples/s, baseline "
-          f"{plain['tokens_per_s']:.0f} tok/s {plain['samples_per_s']:.2f} samples/s, ratio {result['ratio']:.2f} -> {path}")
+          f"{plain['tokens_per_s']:.0f} tok/s {plain['samples_per_s']:.2f} samples/s, "
+          f"ratio {result['ratio']:.2f} -> {path}")
 
 
 def _measure(args, work: Path) -> dict:
@@ -193,7 +194,8 @@ def _measure(args, work: Path) -> dict:
         "num_workers": workers, "use_gpu": gpu, "cpus_per_worker": 8 if gpu else 1, "zero_stage": args.zero_stage,
         "precision": "bf16" if gpu else "fp32", "gradient_checkpointing": args.checkpointing,
         "kernels": args.kernels,
-        "attn_implementation": "sdpa", "dataloader_workers": 4 if gpu else 0, "save_every": 10 ** 6, "save_at_end": False,
+        "attn_implementation": "sdpa", "dataloader_workers": 4 if gpu else 0, "save_every": 10 ** 6,
+        "save_at_end": False,
         "eval_every": 10 ** 6, "log_every": 5,
     }
     config_path = work / "sft.yaml"

@@ -25,8 +25,9 @@ any stage can be rerun by hand with the same command (the stage's log names it):
 The terminal shows one line per stage and a progress bar; what each job would show on a terminal (its stage
 lines, progress, results, errors) goes to runs/quickstart/<run>/logs/<stage>.log, and its engine, Ray and
 library logs to job.log in its run folder (e.g. runs/sft/quickstart-default/job.log). Each stage reads the
-previous stage's output of the same run name where the jobs default to it (chains <- mcts, grpo <- sft). Rerunning the same command resumes: finished stages (their marker in
-stages/) are skipped, and an interrupted job resumes from its own run folder.
+previous stage's output of the same run name where the jobs default to it (chains <- mcts, grpo <- sft).
+Rerunning the same command resumes: finished stages (their marker in stages/) are skipped, and an interrupted
+job resumes from its own run folder.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class QuickstartConfig(StageConfig):
     runs_dir: str = Field(str(REPO_ROOT / "runs"), description="root of models, data and run folders")
     fast: bool = Field(False, description="a few samples and steps per stage: the plumbing, not the learning")
     seed: int = Field(0, description="data and training seed")
-    num_cpus: int = Field(8, ge=1, description="logical CPUs of the local Ray it starts (stages schedule fractions); with RAY_ADDRESS set, the stages join that Ray instead")
+    num_cpus: int = Field(8, ge=1, description="logical CPUs of the local Ray it starts (stages schedule "
+                                               "fractions); with RAY_ADDRESS set, the stages join that Ray instead")
 
 
 # What each stage does at each size. The full sizes are chosen for learning on 2 cores (docs/tiny_learning.md);
@@ -141,7 +143,8 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
     stages.append(Stage(
         "teacher", "teacher: tiny model, short SFT on written grounded chains", p.model("teacher"), module="jobs.sft",
         config={**common, "run_name": p.name + "-teacher", "model": str(p.random_model),
-                "data": str(teacher_data), "val_fraction": 0.05, "max_steps": s["teacher_steps"], "global_batch_size": 8,
+                "data": str(teacher_data), "val_fraction": 0.05, "max_steps": s["teacher_steps"],
+                "global_batch_size": 8,
                 "micro_batch_size": 4, "num_workers": 1, "lr": 2e-3, "warmup_ratio": 0.05, "precision": "fp32",
                 "freeze_vision_tower": False, "save_every": s["teacher_steps"], "eval_every": s["teacher_steps"],
                 "log_every": 10, "keep_checkpoints": 1, "max_length": 2048},
@@ -182,7 +185,8 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
     stages.append(Stage(
         "grpo", "GRPO single-turn (grounded, colour) from the SFT checkpoint", p.model("grpo"), module="jobs.grpo",
         config={**grpo, "run_name": p.name, "data": str(p.split(SINGLE, "train")),  # model: sft's latest
-                "task": "visual_search", "mode": "grounded", "max_steps": s["grpo_steps"], "save_every": s["grpo_steps"],
+                "task": "visual_search", "mode": "grounded", "max_steps": s["grpo_steps"],
+                "save_every": s["grpo_steps"],
                 "max_tokens_per_turn": s["turn_tokens"], "max_response_tokens": s["turn_tokens"]},
         progress=_steps_progress(p.run("grpo") / "metrics.jsonl", s["grpo_steps"])))
     stages.append(Stage(
@@ -290,7 +294,8 @@ def _run_job(stage: Stage, p: Paths, env: dict[str, str], verbose: bool) -> int:
     log_path = p.out / "logs" / f"{stage.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # A bar on a terminal only: the stage lines are all a log or a test reads.
-    bar = Progress(1, f"  {stage.name}", leave=False) if stage.progress and not verbose and sys.stderr.isatty() else None
+    on_terminal = stage.progress and not verbose and sys.stderr.isatty()
+    bar = Progress(1, f"  {stage.name}", leave=False) if on_terminal else None
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()

@@ -42,7 +42,8 @@ def fake_cluster_config(gcs_address: str) -> dict:
         resources = {**node["resources"], "CPU": 2, "object_store_memory": 100 * 1024**2}
         types[name] = {"resources": resources, "node_config": {}, "min_workers": node["min_workers"], "max_workers": 1}
     return {
-        "cluster_name": "vigorl-simulated", "max_workers": len(types) - 1, "upscaling_speed": cluster["upscaling_speed"],
+        "cluster_name": "vigorl-simulated", "max_workers": len(types) - 1,
+        "upscaling_speed": cluster["upscaling_speed"],
         "idle_timeout_minutes": 0.05,  # cluster.yaml's 10 minutes, scaled down to 3 s
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True, "gcs_address": gcs_address},
@@ -129,7 +130,8 @@ def simulate() -> dict:
         result = {"requests": requests, "nodes_at_start": nodes_at_start,
                   "ran_on_type": {piece: [ROLE_OF[r] for r in roles[node]] for piece, node in ran_on.items()},
                   "worker_types": sorted(ROLE_OF[r] for rs in roles.values() for r in rs),
-                  "gpus_of_type": {ROLE_OF[r]: res.get("GPU", 0) for res in nodes.values() for r in res if r in ROLE_OF},
+                  "gpus_of_type": {ROLE_OF[r]: res.get("GPU", 0)
+                                   for res in nodes.values() for r in res if r in ROLE_OF},
                   "seconds_to_run": round(time.perf_counter() - started, 1)}
         # Once the work is gone, idle nodes go away again (idle_timeout_minutes).
         for actor in actors.values():

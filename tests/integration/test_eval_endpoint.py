@@ -37,7 +37,8 @@ def endpoint_run(serve_app, tiny_model_dir, tmp_path_factory):
 
 def test_predictions_metrics_and_resume(endpoint_run):
     cfg, stats, run_dir, files = endpoint_run
-    preds = [E.Prediction.model_validate_json(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    lines = (run_dir / "predictions.jsonl").read_text().splitlines()
+    preds = [E.Prediction.model_validate_json(line) for line in lines]
     expected = {E.sample_key(s) for p in files.values() for s in load_samples(p, check_images=False)}
     assert {p.key for p in preds} == expected and len(preds) == 5
     assert stats["evaluated"] == 5 and stats["errors"] == 0, [p.metadata for p in preds if p.finish == "error"]

@@ -47,7 +47,8 @@ def sft_checkpoint(tmp_path_factory, joined_env, tiny_model_dir) -> Path:
     and the reward rose by 0.054, too close to the test's 0.05)."""
     runs = tmp_path_factory.mktemp("sft-runs")
     _job("jobs.sft", ["--config", str(REPO / "configs" / "sft_tiny.yaml"), "--runs_dir", str(runs),
-                      "--model", str(tiny_model_dir), "--data", "synthetic", "--max_steps", "200", "--save_every", "200",
+                      "--model", str(tiny_model_dir), "--data", "synthetic", "--max_steps", "200",
+                      "--save_every", "200",
                       "--eval_every", "200", "--log_every", "50"], joined_env)
     return (runs / "sft" / "tiny" / "latest").resolve()
 

@@ -117,7 +117,8 @@ def _hf_logprobs(model, processor, train_ids, images, image_pad_id):
     ids = torch.tensor([train_ids])
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels["pixel_values"],
-                       image_grid_thw=pixels["image_grid_thw"], mm_token_type_ids=(ids == image_pad_id).long()).logits[0]
+                       image_grid_thw=pixels["image_grid_thw"],
+                       mm_token_type_ids=(ids == image_pad_id).long()).logits[0]
     logprobs = torch.log_softmax(logits.float(), -1)
     return [0.0] + [logprobs[i - 1, train_ids[i]].item() for i in range(1, len(train_ids))]
 
@@ -213,7 +214,8 @@ def test_turn_budget_and_response_budget(vllm_engine, chat, visual_search):
 
 
 def test_malformed_and_out_of_image_tool_calls_are_handled(vllm_engine, chat, visual_search):
-    bad_json = r'<think> [a-z ]{4,10} \(1, 2\)\. </think>\n<tool_call>\n\{"name": "search_coordinate", "arguments": \{"coordinate": \[5\]\}\}\n</tool_call>'
+    bad_json = (r'<think> [a-z ]{4,10} \(1, 2\)\. </think>\n<tool_call>\n'
+                r'\{"name": "search_coordinate", "arguments": \{"coordinate": \[5\]\}\}\n</tool_call>')
     [rollout] = _one(vllm_engine, chat, [bad_json, _zoom_at("900, 950")], visual_search[:1])
     rec = rollout.record
     assert "The tool call could not be executed" in rec.text
@@ -233,8 +235,8 @@ def test_weight_update_changes_outputs_and_bumps_the_version(vllm_engine, tiny_m
     engine = vllm_engine.engine
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir).eval()
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]}],
-                                         add_generation_prompt=True)
+    question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]}]
+    text = processor.apply_chat_template(question, add_generation_prompt=True)
     ids = processor.tokenizer(text)["input_ids"]
     image = Image.new("RGB", (112, 112), (250, 200, 0))
     greedy = Sampling(max_tokens=10, temperature=0)

@@ -109,7 +109,8 @@ def test_checkpoint_loads_with_transformers_auto_classes(faulted_run, chains):
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     # No system message given: the template supplies the task's prompt (the released models' convention).
     assert text.startswith(f"<|im_start|>system\n{system_prompt('grounding', 'grounded')}<|im_end|>")
-    image = resize_to_model(Image.open(chains.parent / "images" / "grounding-0-00000_0.png"), ChatTokens.from_pretrained(latest).profile)[0]
+    image = resize_to_model(Image.open(chains.parent / "images" / "grounding-0-00000_0.png"),
+                            ChatTokens.from_pretrained(latest).profile)[0]
     inputs = processor(text=[text], images=[image], return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     generated = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:])

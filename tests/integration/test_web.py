@@ -35,7 +35,8 @@ def png(width: int, height: int) -> bytes:
 @pytest.fixture(scope="module")
 def browser():
     if not os.path.exists(CHROMIUM):
-        pytest.skip("Debian's Chromium is not installed (apt-get install -y chromium; scripts/setup.sh does it as root)")
+        pytest.skip("Debian's Chromium is not installed "
+                    "(apt-get install -y chromium; scripts/setup.sh does it as root)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the dev extra)")
     with sync_api.sync_playwright() as playwright:
         # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
