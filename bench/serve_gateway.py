@@ -51,7 +51,7 @@ async def _main(args) -> dict:
     import httpx
 
     from jobs.serve import start
-    from services.gateway import parse_server_timing
+    from services.schemas import parse_server_timing
     from services.app import ServeConfig
     from vigorl_core.rollout.chat_tokens import ChatTokens
     from vigorl_core.rollout.engine import EngineConfig, TimedPolicy, VLLMEngine

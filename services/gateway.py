@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import json
 import os
 import time
@@ -31,16 +30,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
-from fastapi import Depends, FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, FastAPI, Response
+from fastapi.responses import StreamingResponse
 from ray import serve
 
 from services.grounded import grounded_response, run_grounded
+from services.http import add_http_handling, guard
 from services.pages import add_pages
 from services.policy import PolicyClient, is_replica_loss
-from services.schemas import ApiError, ChatRequest, GatewaySettings, GroundedRequest, ScoreRequest, body_error
+from services.schemas import (ApiError, ChatRequest, GatewaySettings, GroundedRequest, ScoreRequest, server_timing)
 from vigorl_core.rollout.chat_tokens import ChatTokens
 from vigorl_core.rollout.engine import Sampling, TimedPolicy
 from vigorl_core.images import ImageError, image_bytes
@@ -48,92 +46,9 @@ from vigorl_core.rewards import Truth, reward_for
 
 app = FastAPI(title="vigorl", description="grounded visual reasoning: chat completions and the grounded loop")
 add_pages(app)  # GET / (demo page), /browse (trace files), /web/* (services/pages.py)
+add_http_handling(app)  # errors, body limits, bearer token, metrics (services/http.py)
 _SPECIAL_TAIL = ("<|im_end|>", "<|endoftext|>")
-_metrics: dict[str, Any] = {}
 T = TypeVar("T")
-
-
-@app.exception_handler(ApiError)
-async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-
-@app.exception_handler(RequestValidationError)
-async def _bad_body(request: Request, err: RequestValidationError) -> JSONResponse:
-    """FastAPI's validation of a typed body, in the OpenAI-style error shape (400 naming the field)."""
-    return await _api_error(request, body_error(err.errors()))
-
-
-@app.exception_handler(Exception)
-async def _server_error(_: Request, err: Exception) -> JSONResponse:
-    return JSONResponse(ApiError(500, f"internal error: {type(err).__name__}: {err}", code="internal").body(),
-                        status_code=500)
-
-
-@app.middleware("http")
-async def _body_is_json(request: Request, call_next):
-    """413 before a body is read when its declared length is over the limit (`_guard` checks what arrived), and
-    every body read as JSON whatever its Content-Type says (FastAPI parses JSON only when it says JSON; curl's
-    `-d` says form-urlencoded), so a client that forgets the header gets its JSON parsed or a JSON error."""
-    gateway = getattr(request.app.state, "gateway", None)
-    declared = request.headers.get("content-length")
-    if gateway is not None and declared and declared.isdigit() and int(declared) > gateway.limits.max_body_bytes:
-        return await _api_error(request, _too_large(int(declared), gateway.limits.max_body_bytes))
-    if request.method == "POST" and request.url.path.startswith("/v1/"):
-        request.scope["headers"] = [(k, v) for k, v in request.scope["headers"] if k != b"content-type"] + [
-            (b"content-type", b"application/json")]
-    return await call_next(request)
-
-
-def _too_large(size: int, limit: int) -> ApiError:
-    return ApiError(413, f"request body of {size} bytes is over the limit of {limit}", code="too_large")
-
-
-_bearer = HTTPBearer(auto_error=False)  # a missing token is our 401 below, not FastAPI's 403
-
-
-async def _guard(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
-    """Every /v1 call: the bearer token (when the server has one) and the size of the body that arrived."""
-    gateway = request.app.state.gateway
-    if gateway.token is not None:
-        given = credentials.credentials if credentials is not None else ""
-        if not hmac.compare_digest(given.encode(), gateway.token.encode()):
-            raise ApiError(401, "missing or wrong bearer token (Authorization: Bearer <token>)", code="invalid_api_key")
-    size = len(await request.body())
-    if size > gateway.limits.max_body_bytes:
-        raise _too_large(size, gateway.limits.max_body_bytes)
-
-
-@app.middleware("http")
-async def _count(request: Request, call_next):
-    from ray.serve.metrics import Counter, Histogram
-
-    if not _metrics:
-        _metrics["requests"] = Counter("vigorl_requests", "HTTP requests by path and status",
-                                       tag_keys=("path", "status"))
-        _metrics["latency"] = Histogram("vigorl_latency_ms", "request latency (ms)",
-                                        boundaries=[10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000],
-                                        tag_keys=("path",))
-    start = time.perf_counter()
-    response = await call_next(request)
-    _metrics["requests"].inc(tags={"path": request.url.path, "status": str(response.status_code)})
-    _metrics["latency"].observe((time.perf_counter() - start) * 1000, tags={"path": request.url.path})
-    return response
-
-
-def server_timing(image_seconds: float, policy: TimedPolicy, total_seconds: float) -> str:
-    """A `Server-Timing` header value (W3C), milliseconds of where a request's time went on the server, e.g.
-    `image;dur=3.1, policy;dur=850.2, engine;dur=842.0, total;dur=856.4` (image = fetch + decode in the ZoomServer,
-    policy = the calls to PolicyServer replicas, engine = the time their engines reported, total = the whole
-    handler). Browsers' developer tools show it; `parse_server_timing` reads it back."""
-    spans = {"image": image_seconds, "policy": policy.seconds, "engine": policy.engine_seconds,
-             "total": total_seconds}
-    return ", ".join(f"{name};dur={1000 * seconds:.1f}" for name, seconds in spans.items())
-
-
-def parse_server_timing(header: str) -> dict[str, float]:
-    """`server_timing`'s header back to {name: milliseconds} (bench/serve_gateway.py splits overhead by hop)."""
-    return {name: float(dur.split("=")[1]) for name, dur in (part.strip().split(";") for part in header.split(","))}
 
 
 def _visible(text: str) -> str:
@@ -161,7 +76,7 @@ class Gateway:
         self._replicas: tuple[float, dict[str, int] | None] = (0.0, None)  # (when read, PolicyServer replica states)
         self._states_read: asyncio.Future | None = None
         self._http: httpx.AsyncClient | None = None  # remote images (allow-listed), made on first use
-        app.state.gateway = self  # for _guard and _body_is_json (one Gateway per replica process)
+        app.state.gateway = self  # for services/http.py's guard and body checks (one Gateway per replica process)
         from ray.serve.metrics import Counter
 
         self._retries = Counter("vigorl_replica_retries", "requests run again after their policy replica died",
@@ -298,12 +213,12 @@ class Gateway:
         return {"status": "ok", "model": self.settings.model_name, "policy_version": info["version"],
                 "replicas": states}
 
-    @app.get("/v1/models", dependencies=[Depends(_guard)])
+    @app.get("/v1/models", dependencies=[Depends(guard)])
     async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": self.settings.model_name, "object": "model", "created": 0,
                                             "owned_by": "vigorl", "max_model_len": await self._max_len()}]}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(_guard)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(guard)])
     async def chat_completions(self, body: ChatRequest, response: Response):
         start = time.perf_counter()
         if body.model not in (None, self.settings.model_name):
@@ -385,7 +300,7 @@ class Gateway:
         yield event({}, finish)
         yield "data: [DONE]\n\n"
 
-    @app.post("/v1/grounded", dependencies=[Depends(_guard)])
+    @app.post("/v1/grounded", dependencies=[Depends(guard)])
     async def grounded(self, body: GroundedRequest, response: Response) -> dict[str, Any]:
         start = time.perf_counter()
         # Unset budgets take the usual value capped by this server's limits; explicit ones must fit.
@@ -415,7 +330,7 @@ class Gateway:
         response.headers["Server-Timing"] = server_timing(image_seconds, policy, answer["latency_ms"] / 1000)
         return answer
 
-    @app.post("/v1/score", dependencies=[Depends(_guard)])
+    @app.post("/v1/score", dependencies=[Depends(guard)])
     async def score(self, body: ScoreRequest) -> dict[str, Any]:
         try:
             reward_for(body.task, body.mode)

@@ -1,4 +1,5 @@
-"""Request bodies and settings of the HTTP gateway (pydantic), and the error every bad request gets.
+"""Request bodies and settings of the HTTP gateway (pydantic), the error every bad request gets, and the
+Server-Timing header every answer carries.
 
 Chat completions follow the OpenAI schema (unknown fields are ignored, as OpenAI clients send extras);
 `/v1/grounded` and `/v1/score` are ours and strict (an unknown field is an error naming it).
@@ -7,12 +8,15 @@ Chat completions follow the OpenAI schema (unknown fields are ignored, as OpenAI
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from vigorl_core.images import DEFAULT_FORMATS
 from vigorl_core.records import Task
+
+if TYPE_CHECKING:
+    from vigorl_core.rollout.engine import TimedPolicy
 
 
 class ApiError(Exception):
@@ -160,3 +164,18 @@ class ScoreRequest(BaseModel):
     text: str
     answer: str
     bbox: tuple[float, float, float, float] | None = Field(None, description="model-frame box, point tasks")
+
+
+def server_timing(image_seconds: float, policy: TimedPolicy, total_seconds: float) -> str:
+    """A `Server-Timing` header value (W3C), milliseconds of where a request's time went on the server, e.g.
+    `image;dur=3.1, policy;dur=850.2, engine;dur=842.0, total;dur=856.4` (image = fetch + decode in the ZoomServer,
+    policy = the calls to PolicyServer replicas, engine = the time their engines reported, total = the whole
+    handler). Browsers' developer tools show it; `parse_server_timing` reads it back."""
+    spans = {"image": image_seconds, "policy": policy.seconds, "engine": policy.engine_seconds,
+             "total": total_seconds}
+    return ", ".join(f"{name};dur={1000 * seconds:.1f}" for name, seconds in spans.items())
+
+
+def parse_server_timing(header: str) -> dict[str, float]:
+    """`server_timing`'s header back to {name: milliseconds} (bench/serve_gateway.py splits overhead by hop)."""
+    return {name: float(dur.split("=")[1]) for name, dur in (part.strip().split(";") for part in header.split(","))}

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from services.gateway import parse_server_timing
+from services.schemas import parse_server_timing
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
