@@ -78,5 +78,6 @@ def test_teacher_chains_hold_the_mcts_turns_of_each_written_chain(tmp_path):
     sample = generate("colour", 1, 0)[0][0]
     last = next(c for c in turns if c.id == f"{sample.id}-mcts2")
     assert last.messages[0][1].startswith(system_prompt("visual_search", "mcts").split("\n")[0])
-    assert "Previous thought 2: The square at" in last.messages[1][1]
+    assert "Previous thought 2: I read the colour of the square at" in last.messages[1][1]
+    assert sample.answer not in last.messages[1][1].split("Previous thought 1")[1]  # no step names the colour
     assert last.messages[2][1] == f"<answer> {sample.answer} </answer>" and len(last.images) == 1

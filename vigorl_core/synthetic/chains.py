@@ -57,11 +57,17 @@ def _visual_search(sample, image, profile: ModelProfile) -> tuple[dict, list]:
     return {"messages": messages}, [image, crop.image]
 
 
+def colour_steps(x: int, y: int) -> list[str]:
+    """The `colour` task's reasoning steps: where the square is, never its colour. A step that names a colour
+    lets a model copy its own words into the answer (a text shortcut the quickstart's first runs learned); with
+    the colour only in the answer, it must come from the image."""
+    return [f"The square is at {format_point(x, y)}.", f"I read the colour of the square at {format_point(x, y)}."]
+
+
 def _colour(sample, image, profile: ModelProfile) -> tuple[dict, list]:
     _, frame = resize_to_model(image, profile)
     x, y = (round(v) for v in frame.to_model(*sample.point))
-    chain = render_single_turn([f"The square is at {format_point(x, y)}.",
-                                f"The square at {format_point(x, y)} is {sample.answer}."], sample.answer)
+    chain = render_single_turn(colour_steps(x, y), sample.answer)
     messages = [{"role": "system", "content": system_prompt("visual_search", "grounded")},
                 {"role": "user", "content": IMAGE_TOKEN + user_text(sample.question, sample.options)},
                 {"role": "assistant", "content": chain}]

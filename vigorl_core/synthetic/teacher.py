@@ -7,8 +7,9 @@ rollouts correct at temperature 1). So each written chain is given twice: whole,
 (grounded single-turn for `colour`, a zoom conversation for `zoom_colour`), and as the MCTS teacher turns of
 the same steps, one record per step and one for the answer.
 
-Steps: `colour` names the square's centre, then says its colour; `zoom_colour` names the centre of the quadrant
-the question names (the zoom point the multi-turn chains of its trees turn it into), then answers.
+Steps: `colour` names the square's centre twice and leaves its colour to the answer (chains.colour_steps);
+`zoom_colour` names the centre of the quadrant the question names (the zoom point the multi-turn chains of its
+trees turn it into), then answers.
 
     path = write_teacher_chains("runs/data/teacher", n=256, seed=2000, profile=get_profile("tiny"))
 """
@@ -22,7 +23,7 @@ from vigorl_core.data import IMAGE_TOKEN
 from vigorl_core.frames import ModelProfile, resize_to_model
 from vigorl_core.prompts import system_prompt, user_text
 from vigorl_core.protocol import format_point
-from vigorl_core.synthetic.chains import write_synthetic_chains
+from vigorl_core.synthetic.chains import colour_steps, write_synthetic_chains
 from vigorl_core.synthetic.tasks import QUICKSTART_TASKS, generate, quadrant_box
 
 
@@ -33,8 +34,7 @@ def teacher_steps(sample, image, profile: ModelProfile) -> list[str]:
         x1, y1, x2, y2 = quadrant_box(sample.metadata["quadrant"], image.size)
         x, y = (round(v) for v in frame.to_model((x1 + x2) / 2, (y1 + y2) / 2))
         return [f"The small square in the {sample.metadata['quadrant']} quadrant is near {format_point(x, y)}."]
-    x, y = (round(v) for v in frame.to_model(*sample.point))
-    return [f"The square is at {format_point(x, y)}.", f"The square at {format_point(x, y)} is {sample.answer}."]
+    return colour_steps(*(round(v) for v in frame.to_model(*sample.point)))
 
 
 def mcts_turns(sample, steps: list[str]) -> list[dict]:
