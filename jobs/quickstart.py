@@ -24,7 +24,8 @@ any stage can be rerun by hand with the same command (the stage's log names it):
 
 The terminal shows one line per stage and a progress bar; what each job would show on a terminal (its stage
 lines, progress, results, errors) goes to runs/quickstart/<run>/logs/<stage>.log, and its engine, Ray and
-library logs to job.log in its run folder (e.g. runs/sft/quickstart-default/job.log). Each stage reads the
+library logs to job.log in its run folder (e.g. runs/sft/quickstart-default/job.log); the local Ray's own
+warnings go to logs/ray.log. Each stage reads the
 previous stage's output of the same run name where the jobs default to it (chains <- mcts, grpo <- sft).
 Rerunning the same command resumes: finished stages (their marker in stages/) are skipped, and an interrupted
 job resumes from its own run folder.
@@ -336,15 +337,24 @@ def _libc():
 _LIBC = _libc()
 
 
-def _ray_address(cfg: QuickstartConfig) -> tuple[str, bool]:
+def _ray_address(cfg: QuickstartConfig, log_path: Path) -> tuple[str, bool]:
     """The Ray every stage runs on, and whether this process started it. With RAY_ADDRESS set (a running
-    cluster, as under `ray job submit`) the stages join it; otherwise one local Ray is started for them all."""
+    cluster, as under `ray job submit`) the stages join it; otherwise one local Ray is started for them all,
+    and what it reports to this driver (the raylet's warnings) goes to `log_path`, not the terminal."""
     import ray
+    import ray._private.worker as ray_worker
 
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"], False
     ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1", logging_level="ERROR")
+
+    # log_to_driver=False silences the workers, not the raylet's messages to every driver (e.g. "8 PYTHON worker
+    # processes have been started"), which Ray's listener thread prints through this module function.
+    def to_log(data: dict, ignore_prefix: bool) -> None:
+        with open(log_path, "a") as log:
+            log.writelines(f"({data.get('pid')}) {line}\n" for line in data.get("lines", []))
+    ray_worker.print_to_stdstream = to_log
     return ray.get_runtime_context().gcs_address, True
 
 
@@ -377,7 +387,7 @@ def _run(argv: list[str]) -> int:
                     return 1
             else:
                 if env is None:
-                    address, started_ray = _ray_address(cfg)
+                    address, started_ray = _ray_address(cfg, p.out / "logs" / "ray.log")
                     env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
                 print(f"{head} ...", flush=True)
                 code = _run_job(stage, p, env, is_verbose())

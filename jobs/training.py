@@ -34,6 +34,10 @@ def deepspeed_engine(cfg: Any, model_dir: str, accumulation: int, world: int):
 
     from vigorl_core.train.sft_train import deepspeed_config, prepare_for_training
 
+    if not cfg.use_gpu:
+        # DeepSpeed's CPU shared-memory all-reduce is a C++ op compiled at the first engine on a machine (about a
+        # minute on 2 cores, again for each new venv); torch.distributed's gloo does that job for CPU runs.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     bf16 = uses_bf16(cfg)
     ds_config = deepspeed_config(cfg.zero_stage, cfg.micro_batch_size, accumulation, world, bf16,
                                  cfg.max_grad_norm, cfg.offload_optimizer, gpu=cfg.use_gpu)

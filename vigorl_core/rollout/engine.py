@@ -174,7 +174,14 @@ class VLLMEngine:
 
         from vllm.platforms import current_platform
 
-        args = AsyncEngineArgs(**config.engine_args(gpu=current_platform.is_cuda_alike()))
+        gpu = current_platform.is_cuda_alike()
+        if not gpu:
+            # On CPU, vLLM gives its model worker a process of its own unless V1 multiprocessing is off; off, the
+            # worker runs inside the EngineCore process (which AsyncLLM still starts): one process fewer to spawn
+            # and import torch and vLLM into, about 10 s of every engine start on 2 cores, same tokens. Setting
+            # VLLM_ENABLE_V1_MULTIPROCESSING=1 restores vLLM's default.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        args = AsyncEngineArgs(**config.engine_args(gpu=gpu))
         llm = AsyncLLM.from_engine_args(args)
         tokenizer = AutoTokenizer.from_pretrained(config.model)
         suppressed = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS if t in tokenizer.get_vocab()]
