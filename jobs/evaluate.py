@@ -52,7 +52,7 @@ from jobs.common import (REPO_ROOT, check_resume, init_ray, log_to_run_folder, m
                          previous_output, run_main)
 from jobs.faults import Faults, requested_faults
 from jobs.progress import Progress
-from services.app import EngineSettings, kill_one_replica
+from services.app import PolicyAppSettings, kill_one_replica
 from vigorl_core.evals.benchmarks import get_benchmark
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 
@@ -99,14 +99,9 @@ class BenchmarkEntry(StageConfig):
         return self
 
 
-class PolicySettings(StageConfig):
+class PolicySettings(PolicyAppSettings):
     """How the job reaches the policy: its own PolicyServer app, or a running app's."""
 
-    replicas: int = Field(1, ge=1, description="PolicyServer replicas (one vLLM engine each) of the app the job starts")
-    gpus: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines)")
-    resources: RoleResources = Field(default_factory=dict, description="custom resources per replica, e.g. "
-                                     "{policy_node: 0.01}: lands replicas on cluster.yaml's policy nodes")
-    engine: EngineSettings = Field(default_factory=EngineSettings)
     app: str | None = Field(None, description="name of a running Serve app whose PolicyServer serves `model` "
                                               "(e.g. 'vigorl' of vigorl serve); None: start policy-<run_name>")
     endpoint: str | None = Field(None, description="base URL of an OpenAI-compatible server to evaluate instead "

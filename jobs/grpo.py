@@ -53,20 +53,10 @@ from pydantic import Field, model_validator
 from jobs.common import (REPO_ROOT, check_resume, init_ray, log_to_run_folder, model_folder, previous_output, run_main,
                          settings_named)
 from jobs.faults import requested_faults
-from jobs.training import TrackerSettings
-from services.app import EngineSettings
+from jobs.training import Kernels, TrackerSettings
+from services.app import PolicyAppSettings
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 from vigorl_core.train.grpo import AGGREGATIONS
-
-
-class PolicySettings(StageConfig):
-    """The PolicyServer app the rollouts use (started and deleted by the job)."""
-
-    replicas: int = Field(1, ge=1, description="PolicyServer replicas (one vLLM engine each)")
-    gpus: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines)")
-    resources: RoleResources = Field(default_factory=dict, description="custom resources per replica, e.g. "
-                                     "{policy_node: 0.01}: lands replicas on cluster.yaml's policy nodes")
-    engine: EngineSettings = Field(default_factory=EngineSettings)
 
 
 class GRPOConfig(StageConfig):
@@ -118,10 +108,7 @@ class GRPOConfig(StageConfig):
     freeze_projector: bool = Field(True, description="also freeze the merger (the original's freeze_vision_tower "
                                    "freezes all of model.visual)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (long sequences)")
-    kernels: Literal["auto", "liger", "compile", "none"] = Field(
-        "auto", description="fused kernels for the language model: liger (Liger's Triton RMSNorm, SwiGLU, rotary; "
-        "GPU, pip install liger-kernel), compile (torch.compile per decoder layer), none; auto = liger on a GPU "
-        "when liger-kernel is installed, else none")
+    kernels: Kernels = "auto"
     num_workers: int = Field(1, ge=1, description="Ray Train trainer workers (one per GPU on GPU clusters)")
     use_gpu: bool = Field(False, description="one GPU per trainer worker, NCCL, bf16")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per trainer worker")
@@ -136,7 +123,7 @@ class GRPOConfig(StageConfig):
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
         "auto", description="auto: flash_attention_2 on GPU when flash-attn is installed, else sdpa")
-    policy: PolicySettings = Field(default_factory=PolicySettings)
+    policy: PolicyAppSettings = Field(default_factory=PolicyAppSettings)
     rollout_workers: int = Field(1, ge=1, description="RolloutWorker actors")
     rollout_concurrency: int = Field(64, ge=1, description="groups each rollout worker rolls out at once")
     rollout_resources: RoleResources = Field(default_factory=dict, description="custom resources of each rollout "

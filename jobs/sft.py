@@ -48,7 +48,7 @@ from pydantic import Field
 
 from jobs.common import (REPO_ROOT, check_resume, init_ray, log_to_run_folder, model_folder, previous_output, run_main,
                          settings_named)
-from jobs.training import TrackerSettings
+from jobs.training import Kernels, TrackerSettings
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 
 
@@ -95,10 +95,7 @@ class SFTConfig(StageConfig):
     freeze_vision_tower: bool = Field(True, description="freeze the ViT (patch embedding and blocks)")
     freeze_projector: bool = Field(False, description="also freeze the vision-language merger (projector)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (long sequences)")
-    kernels: Literal["auto", "liger", "compile", "none"] = Field(
-        "auto", description="fused kernels for the language model: liger (Liger's Triton RMSNorm, SwiGLU, rotary; "
-        "GPU, pip install liger-kernel), compile (torch.compile per decoder layer), none; auto = liger on a GPU "
-        "when liger-kernel is installed, else none")
+    kernels: Kernels = "auto"
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on GPU clusters)")
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL, bf16")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker")

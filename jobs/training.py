@@ -15,12 +15,18 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
 from vigorl_core.config import StageConfig
 from vigorl_core.evals.evaluation import round_floats
+
+# The `kernels` field of the trainer configs (vigorl_core.train.kernels).
+Kernels = Annotated[Literal["auto", "liger", "compile", "none"], Field(
+    description="fused kernels for the language model: liger (Liger's Triton RMSNorm, SwiGLU, rotary; GPU, pip "
+    "install liger-kernel), compile (torch.compile per decoder layer), none; auto = liger on a GPU when "
+    "liger-kernel is installed, else none")]
 
 
 def deepspeed_engine(cfg: Any, model_dir: str, accumulation: int, world: int):

@@ -45,6 +45,16 @@ class EngineSettings(StageConfig):
     max_images_per_prompt: int = Field(8, description="images one prompt may carry (original + crops)")
 
 
+class PolicyAppSettings(StageConfig):
+    """The PolicyServer app a job starts for itself (MCTS teachers keep their own fields)."""
+
+    replicas: int = Field(1, ge=1, description="PolicyServer replicas (one vLLM engine each) of the app the job starts")
+    gpus: float = Field(0.0, ge=0, description="GPUs per replica (0 on CPU machines)")
+    resources: RoleResources = Field(default_factory=dict, description="custom resources per replica, e.g. "
+                                     "{policy_node: 0.01}: lands replicas on cluster.yaml's policy nodes")
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+
+
 class PolicyAutoscaling(StageConfig):
     """Serve autoscaling of the PolicyServer replicas on ongoing requests (Serve's `autoscaling_config`)."""
 

@@ -6,9 +6,7 @@ import base64
 import http.server
 import io
 import json
-import struct
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -18,6 +16,7 @@ from PIL import Image
 
 from services.schemas import parse_server_timing
 from tests.conftest import REPO_ROOT
+from tests.unit.test_images import png_declaring
 
 pytestmark = pytest.mark.slow
 
@@ -38,16 +37,6 @@ def noisy_png(side: int) -> bytes:
 
 def data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A valid PNG header that declares width x height, with almost no pixel data (a decompression bomb)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ def encoded(image: Image.Image, fmt: str) -> bytes:
 
 
 def png_declaring(width: int, height: int) -> bytes:
+    """A valid PNG header that declares width x height, with almost no pixel data (a decompression bomb; the
+    gateway's bad-input tests send it too)."""
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
