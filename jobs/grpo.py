@@ -201,6 +201,7 @@ def train_worker(config: dict) -> None:
     from jobs.training import (
         RunLog, deepspeed_engine, first_fault, grad_norm, load_checkpoint, save_checkpoint, set_lr,
     )
+    from services.app import wait_for_app
     from services.replay import NAMESPACE, replay_name
     from services.weight_sync import WeightPublisher
     from vigorl_core.rollout.chat_tokens import ChatTokens
@@ -225,6 +226,7 @@ def train_worker(config: dict) -> None:
     if DEFAULT_SYSTEM in (processor.chat_template or ""):  # an SFT checkpoint already carries the task's prompt
         processor = set_system_template(processor, system_prompt(cfg.task, cfg.mode))
     buffer = ray.get_actor(replay_name(cfg.run_name), namespace=NAMESPACE)
+    wait_for_app(config["app"])  # the driver started it without waiting, to overlap its engines' start with ours
     publisher = WeightPublisher(cfg.run_name, config["app"]) if rank == 0 else None
     if publisher and publisher.version() != version:
         # A restarted worker group: the replicas serve weights newer than this checkpoint; make them agree.
@@ -520,9 +522,10 @@ def _run(argv: list[str]) -> int:
     workers, started_app = [], False
     try:
         # The replicas load the weights the trainer starts from: the checkpoint a rerun continues, else the model.
+        # Not waited for here: the trainer workers load their model while the engines start (train_worker waits).
         _, _, started_app = start_policy_app(app, str(checkpoint or model_dir), engine=cfg.policy.engine,
                                              replicas=cfg.policy.replicas, gpus=cfg.policy.gpus, weights=cfg.run_name,
-                                             resources=cfg.policy.resources)
+                                             resources=cfg.policy.resources, wait=False)
         samples_ref = ray.put(samples)
         # A worker that dies restarts, and its `run` call with it; it hands its unfinished claims back first.
         workers = [RolloutWorker.options(max_restarts=-1, max_task_retries=-1, resources=cfg.rollout_resources).remote(

@@ -120,11 +120,12 @@ def policy_app(model: str, engine: EngineSettings | None = None, replicas: int =
 
 def start_policy_app(name: str, model: str | None, *, engine: EngineSettings | None = None, replicas: int = 1,
                      gpus: float = 0.0, reuse: str | None = None, weights: str | None = None,
-                     resources: dict[str, float] | None = None) -> tuple[str, str, bool]:
+                     resources: dict[str, float] | None = None, wait: bool = True) -> tuple[str, str, bool]:
     """Start the Serve app `name` of PolicyServer replicas of `model` for a batch stage (MCTS, evaluation,
     GRPO), or reuse the running app `reuse` (then `model` may be None: asked from the server; if given, it
     must be what the app serves). Returns (app name, model it serves, whether this call started it: the
-    caller deletes only what it started). Handles only, no HTTP proxy."""
+    caller deletes only what it started). Handles only, no HTTP proxy. `wait=False` returns once the app is
+    deployed, while its engines still start (the caller overlaps its own start-up, then calls wait_for_app)."""
     import os
 
     from ray import serve
@@ -141,9 +142,40 @@ def start_policy_app(name: str, model: str | None, *, engine: EngineSettings | N
         raise ValueError("a model is required unless a running Serve app is reused")
     serve.start(proxy_location="Disabled", logging_config={"enable_access_log": False})
     print(f"starting {replicas} PolicyServer replica(s) of {model} (Serve app {name})", flush=True)
-    serve.run(policy_app(model, engine, replicas, gpus, weights, resources), name=name, route_prefix=None,
-              logging_config={"enable_access_log": False})
+    target = serve.RunTarget(policy_app(model, engine, replicas, gpus, weights, resources), name=name,
+                             route_prefix=None, logging_config={"enable_access_log": False})
+    serve.run_many([target], wait_for_applications_running=wait)
     return name, model, True
+
+
+def wait_for_app(name: str, timeout_s: float = 1800.0) -> None:
+    """Block until the Serve app `name` runs. RuntimeError with Serve's message when it fails to deploy (an
+    engine that cannot start), or when it is not running within `timeout_s` (a large engine takes minutes)."""
+    import time
+
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(name)
+        if app is not None and app.status == ApplicationStatus.RUNNING:
+            return
+        if app is None or app.status == ApplicationStatus.DEPLOY_FAILED or time.monotonic() > deadline:
+            status = "not deployed"
+            if app is not None:  # the app's message is generic; its deployments' name the failing constructor
+                reasons = [app.message] + [f"{d}: {_first_and_last_line(s.message)}"
+                                           for d, s in app.deployments.items() if s.message]
+                status = f"{app.status.value}: {' '.join(reasons)}"
+            raise RuntimeError(f"Serve app {name!r} did not start ({status})")
+        time.sleep(1.0)
+
+
+def _first_and_last_line(message: str) -> str:
+    """Serve's message about a failed replica holds the constructor's whole traceback: what failed (its first
+    line) and why (the exception, its last line)."""
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    return lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1].strip()}"
 
 
 def build_app(args: dict[str, Any]):

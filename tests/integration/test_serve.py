@@ -335,3 +335,24 @@ def test_replica_death_costs_no_request(serve_app, api):
     again = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "back?"}],
                                                     "max_tokens": 4})
     assert again.status_code == 200 and httpx.get(serve_app.url + "/healthz").json()["replicas"]["RUNNING"] == 1
+
+
+def test_wait_for_app_names_an_app_that_cannot_start(serve_app):
+    """GRPO starts its policy app without waiting (its trainer loads meanwhile), then waits with wait_for_app:
+    an app whose engine cannot start is an error that names it and Serve's reason, not an endless wait."""
+    from ray import serve
+
+    from services.app import wait_for_app
+
+    @serve.deployment(max_constructor_retry_count=1, ray_actor_options={"num_cpus": 0})
+    class NoEngine:
+        def __init__(self):
+            raise ValueError("no engine here")
+
+    serve.run_many([serve.RunTarget(NoEngine.bind(), name="no-engine", route_prefix=None)],
+                   wait_for_applications_running=False)
+    try:
+        with pytest.raises(RuntimeError, match=r"Serve app 'no-engine' did not start \(.*DEPLOY_FAILED.*no engine"):
+            wait_for_app("no-engine", timeout_s=120)
+    finally:
+        serve.delete("no-engine")
