@@ -99,8 +99,9 @@ def check_resume(run_dir: Path, config: dict, fixed: Callable[[dict], dict], mad
         before, now = fixed(yaml.safe_load(saved.read_text()) or {}), fixed(config)
         changed = [k for k in now if k in before and before[k] != now[k]]
         if changed:
-            raise ConfigError(f"run {run_dir} was {made} with different {', '.join(changed)}; use a new "
-                              f"--run_name (or the settings in {saved})")
+            diff = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed)
+            raise ConfigError(f"run {run_dir} was {made} with different {diff}; use a new --run_name (or the "
+                              f"settings in {saved})")
     if not save:
         return
     saved.parent.mkdir(parents=True, exist_ok=True)

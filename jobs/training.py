@@ -29,6 +29,15 @@ Kernels = Annotated[Literal["auto", "liger", "compile", "none"], Field(
     "liger-kernel is installed, else none")]
 
 
+def skip_cpu_shm_op() -> None:
+    """Before a CPU DeepSpeed engine starts: DeepSpeed's shared-memory all-reduce is a C++ op compiled at the first
+    engine on a machine (about a minute on 2 cores, again for each new venv or extensions folder), and
+    torch.distributed's gloo does that job for CPU runs, so it is not built."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def deepspeed_engine(cfg: Any, model_dir: str, accumulation: int, world: int):
     """The model (vision tower frozen as configured) in a DeepSpeed engine with a torch AdamW; `cfg` is a
     stage config with the trainer fields (SFTConfig, GRPOConfig): precision, zero_stage, micro_batch_size,
@@ -41,9 +50,7 @@ def deepspeed_engine(cfg: Any, model_dir: str, accumulation: int, world: int):
     from vigorl_core.train.sft_train import deepspeed_config, prepare_for_training
 
     if not cfg.use_gpu:
-        # DeepSpeed's CPU shared-memory all-reduce is a C++ op compiled at the first engine on a machine (about a
-        # minute on 2 cores, again for each new venv); torch.distributed's gloo does that job for CPU runs.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        skip_cpu_shm_op()
     bf16 = uses_bf16(cfg)
     ds_config = deepspeed_config(cfg.zero_stage, cfg.micro_batch_size, accumulation, world, bf16,
                                  cfg.max_grad_norm, cfg.offload_optimizer, gpu=cfg.use_gpu)

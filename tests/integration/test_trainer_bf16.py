@@ -29,7 +29,10 @@ def test_only_a_single_bf16_rank_leaves_zero():
 SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch, deepspeed
+    from jobs.training import skip_cpu_shm_op
     from vigorl_core.train.sft_train import deepspeed_config
+
+    skip_cpu_shm_op()  # as the trainers do on CPU
 
     def engine():
         torch.manual_seed(0)

@@ -21,7 +21,8 @@ def test_check_resume_saves_the_config_and_names_each_changed_setting(tmp_path):
     assert yaml.safe_load((run / "config.yaml").read_text())["limit"] == 4
     check_resume(run, {"model": "m", "sampling": {"t": 0}, "limit": 8}, _fixed)  # not fixed: may change
     assert yaml.safe_load((run / "config.yaml").read_text())["limit"] == 8
-    with pytest.raises(ConfigError, match=r"was evaluated with different model, sampling; use a new --run_name"):
+    with pytest.raises(ConfigError, match=r"was evaluated with different model: 'm' -> 'other', "
+                                          r"sampling: \{'t': 0\} -> \{'t': 1\}; use a new --run_name"):
         check_resume(run, {"model": "other", "sampling": {"t": 1}, "limit": 8}, _fixed, made="evaluated")
     assert yaml.safe_load((run / "config.yaml").read_text())["model"] == "m"  # a refused run saves nothing
 
@@ -85,6 +86,7 @@ def test_a_trainer_refuses_to_continue_a_run_with_other_data_before_it_starts(st
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"model": "m", "data": "old.jsonl"}))
     job = importlib.import_module(f"jobs.{stage}")
-    with pytest.raises(ConfigError, match=r"was trained with different data; use a new --run_name"):
+    with pytest.raises(ConfigError, match=r"was trained with different data: 'old.jsonl' -> 'new.jsonl'; use a new "
+                                          r"--run_name"):
         job._run(["--runs_dir", str(tmp_path), "--run_name", "r", "--model", "m", "--data", "new.jsonl"])
     assert yaml.safe_load((run / "config.yaml").read_text())["data"] == "old.jsonl"
