@@ -25,8 +25,8 @@ any stage can be rerun by hand with the same command (the stage's log names it):
 The terminal shows one line per stage and a progress bar; what each job would show on a terminal (its stage
 lines, progress, results, errors) goes to runs/quickstart/<run>/logs/<stage>.log, and its engine, Ray and
 library logs to job.log in its run folder (e.g. runs/sft/quickstart-default/job.log); the local Ray's own
-warnings go to logs/ray.log. Each stage reads the
-previous stage's output of the same run name where the jobs default to it (chains <- mcts, grpo <- sft).
+warnings go to logs/ray.log. Each stage reads the previous stage's output of the same run name where the jobs
+default to it (chains <- mcts, grpo <- sft).
 Rerunning the same command resumes: finished stages (their marker in stages/) are skipped, and an interrupted
 job resumes from its own run folder.
 """

@@ -48,6 +48,7 @@ from pydantic import Field
 
 from jobs.common import (REPO_ROOT, check_resume, init_ray, log_to_run_folder, model_folder, previous_output, run_main,
                          settings_named)
+from jobs.faults import Faults, requested_faults
 from jobs.training import Kernels, TrackerSettings
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 
@@ -209,8 +210,6 @@ def train_worker(config: dict) -> None:
     from vigorl_core.train.sft_data import BatchPlan, SFTDataset, collate
     from vigorl_core.train.sft_train import set_system_template
 
-    from jobs.faults import Faults
-
     cfg, faults = SFTConfig.model_validate(config["cfg"]), Faults.model_validate(config["faults"])
     data = ray.get(config["data"])
     ctx = ray.train.get_context()
@@ -310,10 +309,9 @@ def _validate(engine, cfg: SFTConfig, val_set, collate_fn, rank: int, world: int
 
 # ------------------------------------------------------------------------------------------------ driver
 
-def _fit(cfg: SFTConfig, run_dir: Path, model_dir: Path, data: dict):
+def _fit(cfg: SFTConfig, run_dir: Path, model_dir: Path, data: dict, faults: Faults):
     import ray
 
-    from jobs.faults import requested_faults
     from jobs.sft import train_worker  # by module name, so workers import it instead of unpickling __main__
     from jobs.training import cpus_needed, fit
 
@@ -321,7 +319,7 @@ def _fit(cfg: SFTConfig, run_dir: Path, model_dir: Path, data: dict):
     init_ray(num_cpus=cpus_needed(cfg))
     try:
         return fit(train_worker, {"cfg": cfg.model_dump(mode="json"), "data": ray.put(data), "run_dir": str(run_dir),
-                                  "model_dir": str(model_dir), "faults": requested_faults().model_dump()}, cfg, run_dir)
+                                  "model_dir": str(model_dir), "faults": faults.model_dump()}, cfg, run_dir)
     finally:
         if owned:
             ray.shutdown()
@@ -350,7 +348,7 @@ def _summary(run_dir: Path, data: dict, result, seconds: float) -> dict:
 
 
 def _run(argv: list[str]) -> int:
-    cfg = parse_config(SFTConfig, argv, prog="vigorl sft")
+    cfg, faults = parse_config(SFTConfig, argv, prog="vigorl sft"), requested_faults()
     if cfg.data is None:
         cfg = cfg.model_copy(update={"data": str(previous_output("sft", cfg.runs_dir, cfg.run_name).resolve())})
     run_dir = (Path(cfg.runs_dir) / "sft" / cfg.run_name).resolve()
@@ -366,7 +364,7 @@ def _run(argv: list[str]) -> int:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     print(f"sft {cfg.run_name}: {len(data['train'])} train / {len(data['val'])} val examples from {data['data']}, "
           f"{cfg.num_workers} workers, ZeRO-{cfg.zero_stage}; run folder {run_dir}", flush=True)
-    result = _fit(cfg, run_dir, model_dir, data)
+    result = _fit(cfg, run_dir, model_dir, data, faults)
     metrics = _summary(run_dir, data, result, time.perf_counter() - started)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"done: {metrics['steps']} steps, loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}"

@@ -38,7 +38,7 @@ from services.grounded import grounded_response, run_grounded
 from services.http import add_http_handling, guard
 from services.pages import add_pages
 from services.policy import PolicyClient, is_replica_loss
-from services.schemas import (ApiError, ChatRequest, GatewaySettings, GroundedRequest, ScoreRequest, server_timing)
+from services.schemas import ApiError, ChatRequest, GatewaySettings, GroundedRequest, ScoreRequest, server_timing
 from vigorl_core.rollout.chat_tokens import ChatTokens
 from vigorl_core.rollout.engine import Sampling, TimedPolicy
 from vigorl_core.images import ImageError, image_bytes
