@@ -37,10 +37,11 @@ for what in "$@"; do
     sft) python3 -m bench.sft_throughput --gpu --model "$MODEL" --kernels "${SFT_KERNELS:-auto}" --out "$OUT" ;;
     step) python3 -m bench.sft_profile --model "$MODEL" --micro-steps 6 --micro-batch 2 --no-checkpointing \
              --arms stock,vigorl,vigorl_liger,vigorl_compile,deepspeed --out "$OUT" ;;
-    # Turn lengths with a long tail (32-3,600 characters of thought, about 8-900 tokens), as a trained model's.
-    # CONVERSATIONS=256 for GRPO-sized batches (64 left the engine's batch too small for async to pay off).
+    # Turn lengths with a long tail (thoughts of 8-900 tokens, log-spaced), as a trained model's.
+    # CONVERSATIONS=256 for GRPO-sized batches.
     rollout) python3 -m bench.rollout_lockstep --model "$MODEL" --conversations "${CONVERSATIONS:-64}" --repeats 2 \
-               --think-lengths 32,64,128,256,512,1024,2048,3600 --name async_vs_lockstep_gpu --out "$OUT" ;;
+               --think-lengths 8,16,32,64,128,256,512,900 --name "async_vs_lockstep_gpu${ROLLOUT_SUFFIX:-}" \
+               --out "$OUT" ;;
     # The rollout driver (single- and multi-turn, paper's multi-turn budgets) against plain vLLM, one run.
     plain) python3 -m bench.rollout_vs_plain --model "$MODEL" --max-tokens 512 --name gpu --out "$OUT" ${PLAIN_ARGS:-} ;;
     model) ;;

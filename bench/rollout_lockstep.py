@@ -13,9 +13,11 @@ settings (5 turns, 1024 tokens a turn, 4096 response tokens counting observation
 runs/bench/rollout_async_vs_lockstep.json (--out).
 
 A random-weight model fills every think block to `--max-think-chars`, so all turns of a batch end together and
-lockstep loses nothing waiting. `--think-lengths 32,64,...,3600` gives each turn a think block of one of those
-lengths instead (log-spaced: most turns short, a few near the turn budget, as a trained model's are); the turn
-length histogram is in the JSON. `bench/gpu.sh rollout` uses it.
+lockstep loses nothing waiting. `--think-lengths 8,16,...,900` gives each turn a thought of one of those lengths
+in tokens instead (log-spaced: most turns short, a few near the turn budget, as a trained model's are), sampled
+without a grammar (PlannedTurnsEngine: letter tokens under a logits mask, then a short grammar for the point and
+the call), so the engine decodes at its own speed; the turn count histogram is in the JSON. `bench/gpu.sh
+rollout` uses it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,23 @@ import time
 from collections import Counter
 
 from jobs.common import set_runtime_env
+
+
+def _generated_runs(loss_mask: list[int]) -> list[int]:
+    """Lengths of the generated (loss_mask 1) runs of a record: one per turn."""
+    runs, length = [], 0
+    for m in [*loss_mask, 0]:
+        if m:
+            length += 1
+        elif length:
+            runs.append(length)
+            length = 0
+    return runs
+
+
+def _quantiles(values: list[int]) -> dict[str, int]:
+    ordered = sorted(values)
+    return {f"p{q}": ordered[min(len(ordered) - 1, len(ordered) * q // 100)] for q in (10, 50, 90, 100)}
 
 
 async def _main(args) -> dict:
@@ -71,6 +90,7 @@ async def _main(args) -> dict:
                 "turns": sum(r.num_turns for r in records),
                 "generated_tokens": sum(sum(r.loss_mask) for r in records),
                 "turn_histogram": {str(t): sum(r.num_turns == t for r in records) for t in range(1, 7)},
+                "turn_tokens_quantiles": _quantiles([n for r in records for n in _generated_runs(r.loss_mask)]),
                 "longest_conversation_tokens": max(sum(r.loss_mask) for r in records),
                 "finishes": dict(Counter(r.finish for r in records)),
             }
@@ -101,8 +121,9 @@ def main() -> None:
                         "(paper: 4096)")
     parser.add_argument("--max-model-len", type=int, default=8192)
     parser.add_argument("--max-think-chars", type=int, default=600, help="longest sampled thought per turn")
-    parser.add_argument("--think-lengths", default="", help="comma-separated exact think lengths in characters, "
-                        "one picked per turn (a long tail of turn lengths); default: up to --max-think-chars")
+    parser.add_argument("--think-lengths", default="", help="comma-separated exact thought lengths in tokens, "
+                        "one picked per turn (a long tail of turn lengths); default: a grammar-bounded thought of up "
+                        "to --max-think-chars characters")
     parser.add_argument("--dtype", default=None, help="default: EngineConfig's (bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--eager", action="store_true", help="force eager (default: compiled on GPU)")
     parser.add_argument("--name", default="async_vs_lockstep", help="result file rollout_<name>.json in --out")

@@ -89,15 +89,18 @@ class Gateway:
             self._max_model_len = (await self.policy.info())["max_model_len"]
         return self._max_model_len
 
-    async def _replica_states(self) -> dict[str, int] | None:
+    async def _replica_states(self, fresh: bool = True) -> dict[str, int] | None:
         """PolicyServer replicas by state ({"RUNNING": 1, "STARTING": 1}), read from the Serve controller at most once
         a second, by one read that concurrent requests share; None when the controller cannot say (then requests
-        are not held back)."""
+        are not held back). With fresh=False a reading that had a running replica is returned at once and a stale
+        one is refreshed in the background: the controller's answer (tens of ms) stays off the request's path."""
         read_at, states = self._replicas
         if time.monotonic() - read_at < 1.0:
             return states
         if self._states_read is None or self._states_read.done():
             self._states_read = asyncio.ensure_future(self._read_replica_states())
+        if not fresh and read_at and (states is None or states.get("RUNNING")):
+            return states
         return await asyncio.shield(self._states_read)
 
     async def _read_replica_states(self) -> dict[str, int] | None:
@@ -117,7 +120,7 @@ class Gateway:
     async def _await_replica(self) -> None:
         """Return once the Serve controller counts a running PolicyServer replica; 503 after `replica_wait_s`."""
         deadline = time.monotonic() + self.settings.replica_wait_s
-        while (states := await self._replica_states()) is not None and not states.get("RUNNING"):
+        while (states := await self._replica_states(fresh=False)) is not None and not states.get("RUNNING"):
             if time.monotonic() >= deadline:
                 raise self._unavailable(f"no policy replica can serve (replicas: {states or 'none'}) after waiting "
                                         f"{self.settings.replica_wait_s:g} s")

@@ -111,6 +111,28 @@ def test_multiturn_parity_with_hf_processor_and_forward(vllm_engine, chat, proce
     assert max(abs(hf[i] - engine_lp[i]) for i in positions) < 2e-3
 
 
+def test_free_thought_turns_on_real_vllm(vllm_engine, chat, visual_search):
+    """think_lengths (the scheduling benchmark's long tail of turn lengths): each turn opens with `<think> `, then
+    exactly its planned number of letter tokens sampled under a logits mask (no grammar), then the tail grammar's
+    point and zoom call or answer; every conversation answers, and token parity holds as for one-call turns."""
+    import re
+
+    engine = PlannedTurnsEngine(vllm_engine.engine, chat.tokenizer, max_zooms=2, think_lengths=(12,))
+    config = RolloutConfig(mode="multiturn", group_size=2, seed=0, max_tokens_per_turn=160)
+    rollouts = _rollouts(vllm_engine, engine, chat, config, visual_search[:3])
+    letters, opening = set(engine.letters), engine.think_open
+    assert {r.record.num_turns for r in rollouts} != {1}, "some conversations zoom"
+    for rollout in rollouts:
+        rec = rollout.record
+        assert rec.finish == "answer" and chat.expand(rec.engine_ids, rollout.images) == rec.train_ids
+        turns = [ids for generated, ids in _segments(rollout) if generated]
+        assert len(turns) == rec.num_turns
+        for ids in turns:
+            assert ids[:len(opening)] == opening and all(t in letters for t in ids[len(opening):len(opening) + 12])
+            text = chat.tokenizer.decode(ids)
+            assert re.match(r"<think> [a-z ]+ \(\d+, \d+\)\. </think>\n(<tool_call>|<answer>)", text), text
+
+
 def _hf_logprobs(model, processor, train_ids, images, image_pad_id):
     """log p(train_ids[i] | train_ids[:i]) from an HF forward (index 0 is meaningless)."""
     pixels = processor.image_processor(images=images, return_tensors="pt")

@@ -1,5 +1,5 @@
-"""PlannedTurnsEngine's grammar choice (pure: no engine runs): the zoom plan, and `think_lengths`, the long tail
-of turn lengths that scheduling benchmarks need."""
+"""PlannedTurnsEngine's turn plans (pure: no engine runs): the zoom plan and its grammars, and `think_lengths`, the
+long tail of turn lengths that scheduling benchmarks need, sampled without a grammar."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import re
 import pytest
 
 from vigorl_core.rollout.chat_tokens import ChatTokens
-from vigorl_core.rollout.planned import PlannedTurnsEngine
+from vigorl_core.rollout.engine import Generation, Sampling
+from vigorl_core.rollout.planned import PlannedTurnsEngine, letter_token_ids, think_tail
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +25,62 @@ def _prompt(chat, question: str, turns: int) -> list[int]:
     return chat.encode(text)
 
 
-def test_think_lengths_give_each_turn_one_exact_length(chat):
+def test_think_lengths_give_each_turn_one_length(chat):
     lengths = (16, 64, 256, 1024)
     engine = PlannedTurnsEngine(None, chat.tokenizer, min_zooms=4, max_zooms=4, think_lengths=lengths)
     chosen = []
     for question in [f"where is object {i}?" for i in range(12)]:
         for turn in range(5):
-            regex = engine.regex_for(_prompt(chat, question, turn))
-            assert regex == engine.regex_for(_prompt(chat, question, turn))  # the same plan in every arm
-            [length] = [n for n in lengths if re.fullmatch(regex.split(" \\(")[0], "<think> " + "a" * n)]
-            assert ("search_coordinate" in regex) == (turn < 4)  # 4 zooms, then the answer
+            zoom, length = engine.think_plan(_prompt(chat, question, turn))
+            assert (zoom, length) == engine.think_plan(_prompt(chat, question, turn))  # the same plan in every arm
+            assert zoom == (turn < 4)  # 4 zooms, then the answer
             chosen.append(length)
     assert set(chosen) == set(lengths)  # the tail is there: short and long turns in one batch
+
+
+def test_free_thoughts_are_letters_and_the_tail_grammar_closes_the_turn(chat):
+    letters = letter_token_ids(chat.tokenizer)
+    decoded = [chat.tokenizer.decode([i]) for i in letters]
+    assert len(letters) > 100 and all(re.fullmatch("[a-z ]+", text) for text in decoded)
+    assert " the" in decoded and chat.tokenizer.convert_tokens_to_ids("<|im_end|>") not in letters
+    zoom = ' (12, 3). </think>\n<tool_call>\n{"name": "search_coordinate", "arguments": {"coordinate": [40, 7]}}\n' \
+           '</tool_call>'
+    assert re.fullmatch(think_tail(True), zoom) and not re.fullmatch(think_tail(False), zoom)
+    assert re.fullmatch(think_tail(False), " (0, 99). </think>\n<answer> red </answer>")
+
+
+class _Recorder:
+    """Records generate calls and answers each with `max_tokens` ids (pure logic: how a turn is put together)."""
+
+    version = 3
+
+    def __init__(self):
+        self.calls = []
+
+    async def generate(self, prompt_ids, images, sampling, request_id=None):
+        self.calls.append((list(prompt_ids), sampling))
+        ids = [7] * min(sampling.max_tokens, 5 if sampling.regex else sampling.max_tokens)
+        return [Generation(ids, "x" * len(ids), [-0.5] * len(ids), "stop", policy_version=self.version)]
+
+
+def test_a_free_thought_turn_is_two_calls_joined_as_one_generation(chat):
+    import asyncio
+
+    recorder = _Recorder()
+    engine = PlannedTurnsEngine(recorder, chat.tokenizer, min_zooms=1, max_zooms=1, think_lengths=(20,))
+    prompt = _prompt(chat, "where?", 0)
+    [gen] = asyncio.run(engine.generate(prompt, [], Sampling(max_tokens=200, seed=5)))
+    (think_prompt, think), (tail_prompt, tail) = recorder.calls
+    opening = chat.tokenizer.encode("<think> ", add_special_tokens=False)
+    assert think_prompt == prompt + opening and think.regex is None and think.allowed_token_ids == engine.letters
+    assert think.max_tokens == 20 and not think.stop_token_ids  # exactly its length: no stop among the letters
+    assert tail_prompt == think_prompt + [7] * 20 and tail.regex == think_tail(True)
+    assert tail.max_tokens == 200 - len(opening) - 20 and tail.stop_token_ids == (engine.eos_id,)
+    assert gen.token_ids == opening + [7] * 25 and gen.text == "<think> " + "x" * 25
+    assert gen.logprobs == [0.0] * len(opening) + [-0.5] * 25 and gen.policy_version == 3
+    recorder.calls.clear()
+    assert len(asyncio.run(engine.generate(prompt, [], Sampling(n=3, max_tokens=200, seed=5)))) == 3
+    assert [s.seed for _, s in recorder.calls[::2]] == [5, 6, 7]  # a group's samples differ
 
 
 def test_without_think_lengths_the_think_block_is_bounded_not_exact(chat):
@@ -44,4 +89,4 @@ def test_without_think_lengths_the_think_block_is_bounded_not_exact(chat):
     assert re.fullmatch(regex, "<think> " + "a" * 8) and re.fullmatch(regex, "<think> " + "a" * 48)
     assert not re.fullmatch(regex, "<think> " + "a" * 49)
     with pytest.raises(ValueError, match="think_lengths"):
-        PlannedTurnsEngine(None, chat.tokenizer, think_lengths=(4,))
+        PlannedTurnsEngine(None, chat.tokenizer, think_lengths=(0,))

@@ -45,6 +45,7 @@ class Sampling:
     seed: int | None = None
     logprobs: bool = True
     regex: str | None = None  # constrain the output to a regular expression (structured outputs)
+    allowed_token_ids: tuple[int, ...] = ()  # sample only these tokens (a logits mask; no grammar)
 
 
 @dataclass
@@ -198,6 +199,7 @@ class VLLMEngine:
             logit_bias=dict(self._suppress) or None, skip_special_tokens=False,
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
             structured_outputs=StructuredOutputsParams(regex=sampling.regex) if sampling.regex else None,
+            allowed_token_ids=list(sampling.allowed_token_ids) or None,
         )
 
     def _outputs(self, prompt_ids: Sequence[int], images: Sequence[Any], params: Any, request_id: str):

@@ -10,12 +10,19 @@ reproducible (min_zooms = max_zooms fixes it).
 
 A random-weight model fills its think block up to the limit, so every turn has about the same length. Benchmarks
 of turn scheduling need the long tail a trained model shows (most turns short, a few near the budget):
-`think_lengths` gives each turn a think block of exactly one of those lengths, picked by crc32 of the first user
-turn and the turn's index (a few lengths, so vLLM compiles a few grammars, not one per turn).
+`think_lengths` gives each turn a thought of exactly one of those lengths in TOKENS, picked by crc32 of the first
+user turn and the turn's index. Such a turn is two engine calls, so that no grammar runs over the long part: the
+thought is sampled freely among letter-and-space tokens (`Sampling.allowed_token_ids`, a logits mask; a grammar
+over a 1,000-token thought made every decode step wait on the structured-output matcher and hid what scheduling
+does), then the point, `</think>` and the tool call or answer under a short grammar, prompted with everything
+before it (a prefix-cache hit). The forced `<think> ` opening is part of the returned tokens with log-prob 0, as
+under a grammar that allows one token.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -44,6 +51,20 @@ def answer_turn(max_think_chars: int = 48, exact: bool = False) -> str:
 
 ANSWER_TURN = answer_turn()
 FORCED_ANSWER = r" [a-z]{1,12} </answer>"
+THINK_OPEN = "<think> "
+_LONGEST_TAIL = ' (999, 999). </think>\n<tool_call>\n{"name": "search_coordinate", "arguments": {"coordinate": ' \
+                '[999, 999]}}\n</tool_call><|im_end|>'
+
+
+def think_tail(zoom: bool) -> str:
+    """The grammar after a free thought: its point, `</think>`, then a zoom call or an answer."""
+    return r" \(C, C\)\. </think>\n".replace("C", _COORD) + (_TOOL.replace("C", _COORD) if zoom else _ANSWER)
+
+
+def letter_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """Ids of the byte-level tokens that decode to lowercase letters and spaces only (Ġ is the space byte)."""
+    plain = re.compile("[a-z\u0120]+")
+    return tuple(sorted(i for token, i in tokenizer.get_vocab().items() if plain.fullmatch(token)))
 
 
 class PlannedTurnsEngine:
@@ -57,10 +78,15 @@ class PlannedTurnsEngine:
                  min_zooms: int = 0, think_lengths: Sequence[int] = ()):
         if not 0 <= min_zooms <= max_zooms:
             raise ValueError(f"need 0 <= min_zooms <= max_zooms, got {min_zooms}, {max_zooms}")
-        if any(n < 8 for n in think_lengths):
-            raise ValueError(f"think_lengths must be >= 8 characters, got {list(think_lengths)}")
+        if any(n < 1 for n in think_lengths):
+            raise ValueError(f"think_lengths must be >= 1 token, got {list(think_lengths)}")
         self.engine = engine
         self.think_lengths = tuple(think_lengths)
+        self.letters = letter_token_ids(tokenizer) if think_lengths else ()
+        self.think_open = tokenizer.encode(THINK_OPEN, add_special_tokens=False)
+        # Room kept after a free thought for its point, `</think>` and the call: the longest tail's tokens, spelled
+        # letter by letter as a grammar may (the tiny model's small vocabulary does).
+        self.tail_room = len(_LONGEST_TAIL) + 4
         self.min_zooms, self.max_zooms = min_zooms, max_zooms
         self.zoom_regex, self.answer_regex = zoom_turn(max_think_chars), answer_turn(max_think_chars)
         self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -81,25 +107,54 @@ class PlannedTurnsEngine:
         digest = zlib.crc32(bytes(str(ids[:first]), "ascii"))
         return len(starts) - 1, self.min_zooms + digest % (self.max_zooms - self.min_zooms + 1), digest
 
+    def _forced(self, prompt_ids: Sequence[int]) -> bool:
+        return list(prompt_ids[-len(self.forced_tail):]) == self.forced_tail
+
     def regex_for(self, prompt_ids: Sequence[int]) -> str:
-        if list(prompt_ids[-len(self.forced_tail):]) == self.forced_tail:
+        """The grammar of a one-call turn (without think_lengths, and for the driver's forced answer)."""
+        if self._forced(prompt_ids):
             return FORCED_ANSWER
-        turn, plan, digest = self._turn_and_plan(prompt_ids)
-        if self.think_lengths:
-            length = self.think_lengths[zlib.crc32(f"{digest}/{turn}".encode()) % len(self.think_lengths)]
-            return (zoom_turn if turn < plan else answer_turn)(length, exact=True)
+        turn, plan, _ = self._turn_and_plan(prompt_ids)
         return self.zoom_regex if turn < plan else self.answer_regex
+
+    def think_plan(self, prompt_ids: Sequence[int]) -> tuple[bool, int]:
+        """(does this turn zoom, its thought's length in tokens) under think_lengths."""
+        turn, plan, digest = self._turn_and_plan(prompt_ids)
+        return turn < plan, self.think_lengths[zlib.crc32(f"{digest}/{turn}".encode()) % len(self.think_lengths)]
 
     async def generate(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
                        request_id: str | None = None) -> list[Generation]:
         # The grammar spells `</tool_call>` with sub-word tokens; were the single `</tool_call>` token still a
         # stop token, the model could append it after the grammar completes. Only EOS ends a planned turn.
-        constrained = replace(sampling, regex=self.regex_for(prompt_ids), stop_token_ids=(self.eos_id,))
-        return await self.engine.generate(prompt_ids, images, constrained, request_id)
+        room = sampling.max_tokens - len(self.think_open) - self.tail_room
+        if not self.think_lengths or self._forced(prompt_ids) or room < 1:
+            constrained = replace(sampling, regex=self.regex_for(prompt_ids), stop_token_ids=(self.eos_id,))
+            return await self.engine.generate(prompt_ids, images, constrained, request_id)
+        samples = [replace(sampling, n=1, seed=None if sampling.seed is None else sampling.seed + k)
+                   for k in range(sampling.n)]
+        return list(await asyncio.gather(*(self._free_thought_turn(prompt_ids, images, one, room, f"{request_id}-{k}")
+                                           for k, one in enumerate(samples))))
+
+    async def _free_thought_turn(self, prompt_ids: Sequence[int], images: Sequence[Any], sampling: Sampling,
+                                 room: int, request_id: str) -> Generation:
+        zoom, length = self.think_plan(prompt_ids)
+        head = list(prompt_ids) + self.think_open
+        [thought] = await self.engine.generate(head, images, replace(
+            sampling, max_tokens=min(length, room), stop=(), stop_token_ids=(), allowed_token_ids=self.letters),
+            f"{request_id}-think")
+        [tail] = await self.engine.generate(head + thought.token_ids, images, replace(
+            sampling, max_tokens=sampling.max_tokens - len(self.think_open) - len(thought.token_ids),
+            regex=think_tail(zoom), stop_token_ids=(self.eos_id,)), f"{request_id}-tail")
+        logprobs = None
+        if thought.logprobs is not None and tail.logprobs is not None:
+            logprobs = [0.0] * len(self.think_open) + thought.logprobs + tail.logprobs
+        return replace(tail, token_ids=self.think_open + thought.token_ids + tail.token_ids,
+                       text=THINK_OPEN + thought.text + tail.text, logprobs=logprobs,
+                       policy_version=min(thought.policy_version, tail.policy_version),
+                       engine_seconds=thought.engine_seconds + tail.engine_seconds)
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
 
     async def update_weights(self, state_dict: Mapping[str, Any], version: int) -> int:
         return await self.engine.update_weights(state_dict, version)
-
