@@ -70,7 +70,7 @@ class QuickstartConfig(StageConfig):
 # --fast keeps every kind of stage with a few samples, steps and tokens, and evaluates the last model only
 # (grpo_zoom: grounded on colour and multi-turn on zoom_colour, so both evaluation modes run).
 SIZES: dict[str, dict[str, Any]] = {
-    "full": {"train_n": 256, "heldout_n": 64, "teacher_steps": 300, "mcts_n": 64, "sft_steps": 200,
+    "full": {"train_n": 1024, "heldout_n": 64, "teacher_steps": 300, "mcts_n": 512, "sft_steps": 400,
              "grpo_steps": 36, "grpo_zoom_steps": 24, "rollout_batch": 8, "group": 8, "mcts_simulations": 4,
              "turn_tokens": 96, "response_tokens": 384, "eval_models": MODELS,
              "mcts": {"children": 3, "rollouts_per_child": 2, "max_depth": 4, "time_limit_s": 120}},
