@@ -17,6 +17,7 @@ on a GPU cluster each replica is its own GPU and throughput scales until the Eva
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def _config(args, model: str, runs: Path, replicas: int):
                         "sampling": {"max_tokens_per_turn": 128}}],
         "sampling": {"max_tokens_per_turn": args.max_tokens_per_turn, "max_response_tokens": 1024},
         "policy": {"replicas": replicas}, "actors": args.actors, "actor_cpus": 0.5,
-        "batch_size": args.batch_size, "concurrency": args.concurrency, "planned_zooms": 2, "examples": 0})
+        "batch_size": args.batch_size, "concurrency": args.concurrency, "examples": 0})
 
 
 def main() -> None:
@@ -50,6 +51,7 @@ def main() -> None:
     add_out_argument(parser)
     args = parser.parse_args()
     set_runtime_env()
+    os.environ.setdefault("VIGORL_PLANNED_ZOOMS", "2")  # the random-weight model zooms twice under a grammar
     import ray
 
     from bench.common import write_result

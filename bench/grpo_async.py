@@ -78,7 +78,7 @@ def _measure(args, runs_dir: Path) -> dict:
                                       args.timeout)
         arms[name] = summarize_arm(run)
     keep = ("mode", "task", "seed", "rollout_batch_size", "group_size", "train_batch_size", "micro_batch_size",
-            "max_tokens_per_turn", "max_response_tokens", "max_turns", "planned_zooms", "importance_cap",
+            "max_tokens_per_turn", "max_response_tokens", "max_turns", "importance_cap",
             "num_workers", "rollout_workers", "rollout_concurrency", "replay_capacity", "precision", "max_steps")
     result = {
         "ratio": arms["async"]["trajectories_per_second"] / arms["sync"]["trajectories_per_second"],

@@ -6,7 +6,8 @@
 Runs the GRPO job (`python -m jobs.grpo`) twice as a subprocess, each on its shipped tiny config with a
 fresh run folder and checkpoints only at the end (outside every step's time):
 - single_turn: configs/grpo_tiny.yaml (grounded pointing, one assistant turn);
-- multi_turn: configs/grpo_tiny_multiturn.yaml (the zoom loop, turns constrained by planned_zooms).
+- multi_turn: configs/grpo_tiny_multiturn.yaml (the zoom loop; VIGORL_PLANNED_ZOOMS=2 makes the random-weight
+  model zoom under a grammar).
 The result records each arm's batch settings (prompts x samples, optimizer steps per RL step).
 Each arm's numbers come from its run's per-step records (runs/grpo/<run>/metrics.jsonl). The first step
 of a run carries the warm-up and is reported apart; the means and shares are over the steps after it.
@@ -52,6 +53,8 @@ def run_arm(name: str, config: str, steps: int, runs_dir: Path, extra: list[str]
     argv = [sys.executable, "-m", "jobs.grpo", "--config", config, "--run_name", f"bench-{name}",
             "--runs_dir", str(runs_dir), "--max_steps", str(steps), "--save_every", str(10 ** 6), *extra]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if "multiturn" in Path(config).name:  # a random-weight model zooms only under a plan (vigorl_core.rollout.planned)
+        env.setdefault("VIGORL_PLANNED_ZOOMS", "2")
     log_path = runs_dir / f"{name}.log"
     print(f"{name}: {' '.join(argv[1:])} (output: {log_path})", flush=True)
     started, load_before = time.perf_counter(), os.getloadavg()[0]
@@ -151,7 +154,7 @@ def _measure(args, runs_dir: Path) -> dict:
         steady += [r for r in run["records"] if r["step"] > 1]
     sync, step = sum(r["time/sync"] for r in steady), sum(r["time/step"] for r in steady)
     keep = ("mode", "task", "rollout_batch_size", "group_size", "train_batch_size", "micro_batch_size",
-            "max_tokens_per_turn", "max_response_tokens", "max_turns", "planned_zooms", "kl_coef", "num_workers",
+            "max_tokens_per_turn", "max_response_tokens", "max_turns", "kl_coef", "num_workers",
             "rollout_workers", "precision", "zero_stage", "max_steps")
     result = {
         "ratio": 1 - sync / step,

@@ -11,8 +11,8 @@ points in the original image's pixels, zooms, answer, finish, tokens) and writes
 - the same name with `.html`: the web page's view of the trace, self-contained (open it in any browser);
 - the same name with `.json`: the answer exactly as `/v1/grounded` would return it (crops included).
 
-A random-weight model (`vigorl tiny`) never zooms on its own: `--planned_zooms N` constrains its turns to
-zoom N times first (demos and tests only; the gateway has the same setting).
+A random-weight model (`vigorl tiny`) never zooms on its own: VIGORL_PLANNED_ZOOMS=N constrains its turns to
+zoom N times first (demos and tests only; the gateway reads it too).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pydantic import Field
 from jobs.common import local_model, run_main
 from vigorl_core.config import StageConfig, parse_config
 from vigorl_core.records import Task
+from vigorl_core.rollout.planned import requested_planned_zooms
 
 
 class DemoConfig(StageConfig):
@@ -47,7 +48,6 @@ class DemoConfig(StageConfig):
     temperature: float = Field(0.0, ge=0.0, description="sampling temperature (0: greedy)")
     seed: int | None = Field(None, description="sampling seed")
     max_model_len: int = Field(8192, description="engine context (prompt + images + response)")
-    planned_zooms: int = Field(0, ge=0, description="demo/test only: make a random-weight model zoom N times")
 
 
 def request_for(cfg: DemoConfig, image_url: str):
@@ -69,7 +69,8 @@ async def grounded_answer(cfg: DemoConfig, engine: Any, chat: Any, data: bytes) 
     original = decode_image(data, ImageLimits(), "image")
     image, frame = resize_to_model(original, chat.profile)
     request = request_for(cfg, "file")
-    rollout = await run_grounded(request, image, frame, engine, chat, cfg.max_model_len, "demo", cfg.planned_zooms)
+    rollout = await run_grounded(request, image, frame, engine, chat, cfg.max_model_len, "demo",
+                                 requested_planned_zooms() or 0)
     return grounded_response(rollout, frame, request, request_id="demo", model=Path(cfg.model).name)
 
 

@@ -4,7 +4,7 @@
     vigorl eval --config configs/eval_tiny.yaml --model tiny    # the random tiny model; = python -m jobs.evaluate
     ray job submit --working-dir . -- python -m jobs.evaluate --config configs/eval_vigorl_7b.yaml
     vigorl eval --config configs/eval_tiny.yaml --model tiny --policy.app vigorl   # a running Serve app
-    vigorl eval --config configs/eval_tiny.yaml --model tiny --planned_zooms 0 --policy.endpoint http://host:8000/v1
+    vigorl eval --config configs/eval_tiny.yaml --model tiny --policy.endpoint http://host:8000/v1
                                                   # any OpenAI-compatible server (vllm serve, vigorl serve)
 
 What happens (docs/evaluation.md, "The evaluation job"):
@@ -32,8 +32,8 @@ appended as it finishes. `model` then only supplies the tokenizer and processor 
 A sample whose rollout fails (unreadable image, an engine error for that request) becomes a prediction
 with finish="error", score 0 and the error in metadata["error"]; it is not retried on resume (delete its
 line to retry). Infrastructure errors (a dead PolicyServer, Serve unavailable) stop the job instead:
-rerun to resume. `planned_zooms` (demo and tests only) constrains multi-turn turns to a zoom plan
-(vigorl_core.rollout.planned), since the random-weight tiny model never zooms on its own.
+rerun to resume. VIGORL_PLANNED_ZOOMS=N (tests and demos of random-weight models, which never zoom on their
+own) makes every multi-turn conversation zoom N times under a grammar (vigorl_core.rollout.planned).
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ from jobs.progress import Progress
 from services.app import PolicyAppSettings, kill_one_replica
 from vigorl_core.evals.benchmarks import get_benchmark
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
+from vigorl_core.rollout.planned import PLANNED_ZOOMS_ENV, requested_planned_zooms
 
-RESUME_FIXED = ("model", "sampling", "planned_zooms")  # settings a resumed run must keep
+RESUME_FIXED = ("model", "sampling")  # settings a resumed run must keep
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -139,8 +140,6 @@ class EvalConfig(StageConfig):
                                            "{env_node: 0.01} (cluster.yaml's CPU nodes)")
     batch_size: int = Field(16, ge=1, description="samples per Ray Data batch (one EvalActor call)")
     concurrency: int = Field(16, ge=1, description="conversations each EvalActor runs at once")
-    planned_zooms: int = Field(0, ge=0, description="demo/tests only: multi-turn conversations zoom exactly this "
-                                                    "many times (grammar-constrained turns; 0 = off)")
     examples: int = Field(3, ge=0, description="annotated examples per benchmark in report.md, correct and wrong")
     replica_retry_s: float = Field(120.0, ge=0, description="a conversation whose PolicyServer replica died (or "
                                    "was unreachable) is rolled out again from its start, backing off 1 s to 10 s, "
@@ -150,9 +149,6 @@ class EvalConfig(StageConfig):
     def _one_policy(self) -> EvalConfig:
         if self.policy.endpoint and self.policy.app:
             raise ValueError("policy.endpoint and policy.app name two policies: give one")
-        if self.policy.endpoint and self.planned_zooms:
-            raise ValueError("planned_zooms constrains the in-cluster engine's turns and cannot reach an endpoint: "
-                             "set --planned_zooms 0 with policy.endpoint")
         return self
 
     @field_validator("benchmarks")
@@ -348,7 +344,7 @@ def run_dataset(cfg: EvalConfig, model: str, app: str, todo: list[tuple[str, obj
         compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(rows))), num_cpus=cfg.actor_cpus,
         resources=cfg.actor_resources or None,
         fn_constructor_kwargs={"model": model, "app": app, "configs": configs, "concurrency": cfg.concurrency,
-                               "planned_zooms": cfg.planned_zooms, "run_dir": str(run_dir),
+                               "planned_zooms": requested_planned_zooms() or 0, "run_dir": str(run_dir),
                                "retry_s": cfg.replica_retry_s, "faults": requested_faults().model_dump()})
     # No retry options passed: Ray Data's actor pool already restarts a dead actor and re-runs its batch
     # (max_restarts=-1, max_task_retries=-1 in ActorPoolMapOperator._apply_default_remote_args), and
@@ -440,6 +436,9 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     if cfg.model is None:
         cfg = cfg.model_copy(update={"model": str(previous_output("eval", cfg.runs_dir, cfg.run_name).resolve())})
+    if cfg.policy.endpoint and requested_planned_zooms():
+        raise ConfigError(f"{PLANNED_ZOOMS_ENV} constrains the in-cluster engine's turns and cannot reach "
+                          f"policy.endpoint: unset it")
     run_dir = Path(cfg.runs_dir) / "eval" / cfg.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     benchmarks = load_benchmarks(cfg)

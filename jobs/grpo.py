@@ -57,6 +57,7 @@ from jobs.training import Kernels, TrackerSettings
 from services.app import PolicyAppSettings
 from vigorl_core.config import ConfigError, RoleResources, StageConfig, parse_config
 from vigorl_core.train.grpo import AGGREGATIONS
+from vigorl_core.rollout.planned import requested_planned_zooms
 
 
 class GRPOConfig(StageConfig):
@@ -101,9 +102,6 @@ class GRPOConfig(StageConfig):
                                      "(paper: 2048 single-turn, 4096 multi-turn)")
     max_turns: int = Field(5, ge=1, description="assistant turns per conversation (multiturn)")
     max_images: int = Field(5, ge=1, description="original + crops per conversation (multiturn)")
-    planned_zooms: int | None = Field(None, ge=0, description="random-weight demo models only: constrain each "
-                                      "turn to a zoom plan of up to N zooms (their log-probs are marked "
-                                      "constrained; training recomputes its own)")
     freeze_vision_tower: bool = Field(True, description="freeze the ViT (the original freezes it)")
     freeze_projector: bool = Field(True, description="also freeze the merger (the original's freeze_vision_tower "
                                    "freezes all of model.visual)")
@@ -530,7 +528,7 @@ def _run(argv: list[str]) -> int:
         # A worker that dies restarts, and its `run` call with it; it hands its unfinished claims back first.
         workers = [RolloutWorker.options(max_restarts=-1, max_task_retries=-1, resources=cfg.rollout_resources).remote(
                        f"rollout-{i}", cfg.run_name, app, str(model_dir), samples_ref, _rollout_settings(cfg),
-                       cfg.planned_zooms)
+                       requested_planned_zooms())
                    for i in range(cfg.rollout_workers)]
         for worker in workers:
             worker.run.remote(cfg.rollout_concurrency)

@@ -25,6 +25,7 @@ from services.policy import PolicyServer
 from services.schemas import GatewaySettings
 from services.zoom import ZoomServer
 from vigorl_core.config import RoleResources, StageConfig
+from vigorl_core.rollout.planned import requested_planned_zooms
 
 
 class EngineSettings(StageConfig):
@@ -204,8 +205,9 @@ def build_app(args: dict[str, Any]):
                   "formats": tuple(limits.image_formats)})
     judge = {"model": cfg.judge_model, **cfg.engine.model_dump()} if cfg.judge_model else None
     critic = Critic.bind(judge)
+    # VIGORL_PLANNED_ZOOMS (tests and demos of random-weight models) is read where the app is built.
     return Gateway.options(**_replicas(cfg.gateway_replicas)).bind(cfg.model, gateway.model_dump(), policy, zoom,
-                                                                    critic)
+                                                                    critic, requested_planned_zooms() or 0)
 
 
 def _replicas(count: int) -> dict[str, int]:

@@ -62,8 +62,10 @@ def _visible(text: str) -> str:
 class Gateway:
     """HTTP ingress over the PolicyServer, ZoomServer and Critic handles."""
 
-    def __init__(self, model_dir: str, settings: dict[str, Any], policy: Any, zoom: Any, critic: Any):
+    def __init__(self, model_dir: str, settings: dict[str, Any], policy: Any, zoom: Any, critic: Any,
+                 planned_zooms: int = 0):
         self.settings = GatewaySettings(**settings)
+        self.planned_zooms = planned_zooms  # VIGORL_PLANNED_ZOOMS: random-weight test and demo models zoom N times
         self.limits = self.settings.limits
         self.token = self.settings.api_token or os.environ.get("VIGORL_API_TOKEN") or None
         self.chat = ChatTokens.from_pretrained(model_dir)
@@ -320,7 +322,7 @@ class Gateway:
         max_len = await self._max_len()
         policy = TimedPolicy(self.policy)
         rollout = await self._on_policy(lambda: run_grounded(body, decoded.image, decoded.frame, policy, self.chat,
-                                                             max_len, request_id, self.settings.planned_zooms),
+                                                             max_len, request_id, self.planned_zooms),
                                         response, "/v1/grounded")
         answer = grounded_response(rollout, decoded.frame, body, request_id=request_id,
                                    model=self.settings.model_name)

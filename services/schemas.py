@@ -84,8 +84,6 @@ class GatewaySettings(BaseModel):
     replica_wait_s: float = Field(30.0, gt=0, description="how long a request waits for a policy replica that can "
                                   "serve (while Serve replaces a dead one) before it gets 503")
     retry_after_s: int = Field(10, ge=1, description="the Retry-After of a 503: about a replica's start-up time")
-    planned_zooms: int = Field(0, ge=0, description="demo/test only: constrain /v1/grounded turns to a zoom plan "
-                                                    "of up to N zooms (random-weight models never zoom alone)")
 
 
 # ---- OpenAI chat completions ----

@@ -143,8 +143,11 @@ def serve_app(ray_local, tiny_model_dir) -> ServeApp:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = ServeConfig(model=str(tiny_model_dir), port=port, gateway={
-        "api_token": API_TOKEN, "planned_zooms": 2, "allowed_image_urls": ["http://127.0.0.1:"],
+        "api_token": API_TOKEN, "allowed_image_urls": ["http://127.0.0.1:"],
         "limits": {"max_body_bytes": 2 * 1024 * 1024, "max_images": 4, "max_tokens": 256, "max_turns": 6}})
-    yield ServeApp(start(cfg), "tiny")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VIGORL_PLANNED_ZOOMS", "2")  # read once, where the app is built (vigorl_core.rollout.planned)
+        url = start(cfg)
+    yield ServeApp(url, "tiny")
     serve.delete(APP_NAME)
     serve.shutdown()

@@ -16,7 +16,7 @@ from vigorl_core.evals import trace_image as T
 pytestmark = pytest.mark.slow
 
 
-def test_demo_writes_png_html_and_json(vllm_engine, tiny_model_dir, tmp_path: Path):
+def test_demo_writes_png_html_and_json(vllm_engine, tiny_model_dir, tmp_path: Path, monkeypatch):
     from vigorl_core.rollout.chat_tokens import ChatTokens
 
     image = tmp_path / "scene.png"
@@ -25,7 +25,8 @@ def test_demo_writes_png_html_and_json(vllm_engine, tiny_model_dir, tmp_path: Pa
     scene.save(image)
     cfg = demo.DemoConfig(model=str(tiny_model_dir), image=str(image), question="What colour is the square?",
                           options=["red", "blue"], multiturn=True, out=str(tmp_path / "out" / "trace.png"),
-                          max_tokens=96, max_model_len=4096, planned_zooms=2)
+                          max_tokens=96, max_model_len=4096)
+    monkeypatch.setenv("VIGORL_PLANNED_ZOOMS", "2")  # the random-weight model zooms twice (a test's switch)
     data = image.read_bytes()
     answer = vllm_engine.run(demo.grounded_answer(cfg, vllm_engine.engine, ChatTokens.from_pretrained(cfg.model), data))
     assert answer["turns"] == 3 and len(answer["zooms"]) == 2 and answer["image"]["original_size"] == [500, 375]

@@ -30,7 +30,7 @@ def endpoint_run(serve_app, tiny_model_dir, tmp_path_factory):
         # greedy, one conversation at a time: the engine computes each request alone, as in the comparison below
         "sampling": {"temperature": 0.0, "max_tokens_per_turn": 24, "max_response_tokens": 1024, "max_images": 4},
         "policy": {"endpoint": serve_app.url + "/v1", "api_key": serve_app.token}, "concurrency": 1,
-        "planned_zooms": 0, "examples": 0})
+        "examples": 0})
     stats = job.evaluate(cfg)
     return cfg, stats, root / "runs" / "eval" / "endpoint", files
 

@@ -78,7 +78,22 @@ def _config(runs: Path, model: Path, files: dict[str, Path], root: Path, **kw) -
                        for n, p in files.items()],
         "sampling": {"max_tokens_per_turn": 24, "max_response_tokens": 1024},
         "policy": {"app": "vigorl"}, "actors": 1, "actor_cpus": 0.25, "batch_size": 8, "concurrency": 8,
-        "planned_zooms": 2, "examples": 1, **kw})
+        "examples": 1, **kw})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def planned_zooms():
+    """The random-weight model never zooms by itself: its multi-turn conversations zoom twice under a grammar."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VIGORL_PLANNED_ZOOMS", "2")
+        yield
+
+
+def test_planned_zooms_cannot_reach_an_endpoint(tiny_model_dir, tmp_path):
+    cfg = job.EvalConfig(runs_dir=str(tmp_path), model=str(tiny_model_dir), policy={"endpoint": "http://h:1/v1"},
+                         benchmarks=[{"name": "synthetic_grounding"}])
+    with pytest.raises(job.ConfigError, match="VIGORL_PLANNED_ZOOMS constrains the in-cluster engine"):
+        job.evaluate(cfg)
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,7 @@ def test_asynchronous_grpo_survives_a_dead_buffer_a_dead_replica_and_a_dead_trai
     args = ["--config", str(REPO / "configs" / "grpo_tiny_multiturn.yaml"), "--runs_dir", str(tmp_path),
             "--model", str(tiny_model_dir), "--run_name", "async", "--max_staleness", "1", "--max_steps", "4",
             "--save_every", "2"]
-    joined_env = {**joined_env, "VIGORL_FAULTS": json.dumps(  # a test's faults (jobs/faults.py)
+    joined_env = {**joined_env, "VIGORL_PLANNED_ZOOMS": "2", "VIGORL_FAULTS": json.dumps(  # a test's switches
         {"kill_replay_at_step": 2, "kill_policy_at_step": 3, "trainer_exit_at_step": 4})}
     _job("jobs.grpo", args, joined_env)
     run_dir = tmp_path / "grpo" / "async"

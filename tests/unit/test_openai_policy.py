@@ -226,8 +226,7 @@ def test_eval_config_takes_one_policy():
     base = ["--model", "tiny", "--benchmarks", "[{name: synthetic_grounding}]"]
     cfg = parse_config(EvalConfig, base + ["--policy.endpoint", "http://h:8000/v1", "--policy.api_key", "secret"])
     assert cfg.policy.api_key == "secret" and "api_key" not in cfg.model_dump()["policy"]  # not in config.yaml
-    for extra, problem in ((["--policy.app", "vigorl"], "two policies"), (["--planned_zooms", "2"], "planned_zooms"),
-                           ([], "http")):
+    for extra, problem in ((["--policy.app", "vigorl"], "two policies"), ([], "http")):
         url = "h:8000" if not extra else "http://h:8000/v1"
         with pytest.raises(ConfigError, match=problem):
             parse_config(EvalConfig, base + ["--policy.endpoint", url] + extra)

@@ -90,3 +90,16 @@ def test_without_think_lengths_the_think_block_is_bounded_not_exact(chat):
     assert not re.fullmatch(regex, "<think> " + "a" * 49)
     with pytest.raises(ValueError, match="think_lengths"):
         PlannedTurnsEngine(None, chat.tokenizer, think_lengths=(0,))
+
+
+def test_planned_zooms_come_from_the_environment_only(monkeypatch):
+    from vigorl_core.config import ConfigError
+    from vigorl_core.rollout.planned import requested_planned_zooms
+
+    monkeypatch.delenv("VIGORL_PLANNED_ZOOMS", raising=False)
+    assert requested_planned_zooms() is None
+    monkeypatch.setenv("VIGORL_PLANNED_ZOOMS", "2")
+    assert requested_planned_zooms() == 2
+    monkeypatch.setenv("VIGORL_PLANNED_ZOOMS", "two")
+    with pytest.raises(ConfigError, match="VIGORL_PLANNED_ZOOMS='two': give a number of zooms"):
+        requested_planned_zooms()

@@ -8,6 +8,11 @@ The text inside the think block, the points and the answer are sampled by the mo
 `min_zooms + crc32(first user turn) % (max_zooms - min_zooms + 1)`, so it varies across prompts and is
 reproducible (min_zooms = max_zooms fixes it).
 
+Jobs and the gateway use it only when VIGORL_PLANNED_ZOOMS=N is set (`requested_planned_zooms`): tests and demos of
+a random-weight model (`vigorl tiny`) set it; it is no config field, so nobody trains or evaluates a real model
+under a grammar by mistake. Evaluation, the demo and `/v1/grounded` then zoom exactly N times in multi-turn mode;
+GRPO's rollouts zoom 0 to N times (the plan varies by prompt, so a group's rewards can differ).
+
 A random-weight model fills its think block up to the limit, so every turn has about the same length. Benchmarks
 of turn scheduling need the long tail a trained model shows (most turns short, a few near the budget):
 `think_lengths` gives each turn a thought of exactly one of those lengths in TOKENS, picked by crc32 of the first
@@ -22,12 +27,14 @@ under a grammar that allows one token.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from vigorl_core.config import ConfigError
 from vigorl_core.rollout.engine import Generation, PolicyEngine, Sampling
 from vigorl_core.protocol import FORCED_FINAL_PREFIX
 
@@ -50,6 +57,18 @@ def answer_turn(max_think_chars: int = 48, exact: bool = False) -> str:
 
 
 ANSWER_TURN = answer_turn()
+PLANNED_ZOOMS_ENV = "VIGORL_PLANNED_ZOOMS"
+
+
+def requested_planned_zooms() -> int | None:
+    """N of VIGORL_PLANNED_ZOOMS=N (None when unset or empty); a ConfigError naming it when N is no integer >= 0."""
+    value = os.environ.get(PLANNED_ZOOMS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ConfigError(f"{PLANNED_ZOOMS_ENV}={value!r}: give a number of zooms (an integer >= 0)")
+    return int(value)
+
 FORCED_ANSWER = r" [a-z]{1,12} </answer>"
 THINK_OPEN = "<think> "
 _LONGEST_TAIL = ' (999, 999). </think>\n<tool_call>\n{"name": "search_coordinate", "arguments": {"coordinate": ' \
