@@ -112,9 +112,24 @@ class Setup:
 
     def answer(self, colour: str, box) -> str:
         if self.args.task != "point":
-            return f"<think> It is {colour}. </think>\n<answer> {colour} </answer>"
+            return self.colour_chain(colour, box)
         x, y = (box[0] + box[2]) // 2, (box[1] + box[3]) // 2
         return f"<think> The {colour} square is at ({x}, {y}). </think>\n<answer> ({x}, {y}) </answer>"
+
+    def colour_chain(self, colour: str, box) -> str:
+        """--chain named: the thought names the colour; answer_only: it names the square's centre and the
+        answer alone names the colour (the quickstart's written chains); noisy: as the quickstart's MCTS chains,
+        a backtracking thought at random points (fixed per image: seeded by its box), then the answer."""
+        if self.args.chain == "named":
+            return f"<think> It is {colour}. </think>\n<answer> {colour} </answer>"
+        x, y = (box[0] + box[2]) // 2, (box[1] + box[3]) // 2
+        if self.args.chain == "answer_only":
+            return f"<think>\nThe square is at ({x}, {y}).\n</think>\n<answer> {colour} </answer>"
+        r = random.Random(str(box))
+        p = [(r.randrange(SIZE), r.randrange(SIZE)) for _ in range(4)]
+        return (f"<think>\nThe square is at {p[0]}. I read the colour of the square at {p[1]}. Wait, this seems off. "
+                f"Let's try something else. The square is at {p[2]}. I read the colour of the square at {p[3]}.\n"
+                f"</think>\n<answer> {colour} </answer>")
 
     def batch(self, items):
         """Right-padded training batch; labels only on the assistant's tokens."""
@@ -144,7 +159,8 @@ class Setup:
             enc = self.proc(text=prompts, images=[[im] for im, *_ in part], return_tensors="pt",
                             padding=True).to(self.args.device)
             with torch.no_grad():
-                out = self.model.generate(**enc, max_new_tokens=40, do_sample=False)
+                out = self.model.generate(**enc, max_new_tokens=40 if self.args.chain == "named" else 400,
+                                          do_sample=False)
             for (_, colour, box, _), ids in zip(part, out):
                 text = self.proc.tokenizer.decode(ids[enc.input_ids.shape[1]:], skip_special_tokens=True)
                 if self.args.task != "point":
@@ -170,13 +186,15 @@ def train(args) -> None:
     centre = SIZE // 2  # what answering the image's centre every time scores: the bar pointing must clear
     centre_hits = sum(b[0] <= centre < b[2] and b[1] <= centre < b[3] for _, _, b, _ in held) / len(held)
     rng = random.Random(args.seed)
+    pool = [draw(rng) for _ in range(args.pool)]  # --pool N: N fixed training images instead of fresh ones
     opt = torch.optim.AdamW(s.model.parameters(), lr=args.lr, weight_decay=0.0)
     started = time.perf_counter()
     s.model.train()
     for step in range(1, args.steps + 1):
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, step / 20)
-        loss = s.model(**s.batch([draw(rng) for _ in range(args.batch)])).loss
+        items = [rng.choice(pool) if pool else draw(rng) for _ in range(args.batch)]
+        loss = s.model(**s.batch(items)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(s.model.parameters(), 1.0)
         opt.step()
@@ -274,6 +292,9 @@ def main() -> None:
                         help="square side from SIZE/A to SIZE/B pixels, as A,B (default 7,5: 16-22 px at 112)")
     parser.add_argument("--background", choices=["plain", "gradient", "through"], default="plain")
     parser.add_argument("--system", choices=["short", "full"], default="short")
+    parser.add_argument("--chain", choices=["named", "answer_only", "noisy"], default="named",
+                        help="the colour task's target text (see Setup.colour_chain)")
+    parser.add_argument("--pool", type=int, default=0, help="train on this many fixed images (0: fresh ones)")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)

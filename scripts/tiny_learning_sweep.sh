@@ -3,7 +3,7 @@
 # 100 steps in $OUT/<variant>.jsonl). Every variant stops after LIMIT seconds (default 240), so a lent
 # machine's call returns with whatever each reached.
 #
-#   OUT=/tmp/out bash scripts/tiny_learning_sweep.sh            # SET=area, SET=through: later sweeps
+#   OUT=/tmp/out bash scripts/tiny_learning_sweep.sh            # SET=area, SET=through, SET=chains: later sweeps
 set -uo pipefail
 OUT=${OUT:-/tmp/tiny-learning}
 LIMIT=${LIMIT:-240}
@@ -38,6 +38,12 @@ if [[ ${SET:-first} == area ]]; then  # the target's size in vision tokens, with
   run point_224_side4_t     --model /tmp/tiny-theta --task point --size 224 --side 4,3
   run point_224_side4_t_grad --model /tmp/tiny-theta --task point --size 224 --side 4,3 --background gradient
   run point_224_side4_t_big --model /tmp/tiny-theta-big --task point --size 224 --side 4,3
+elif [[ ${SET:-first} == chains ]]; then  # what the quickstart's SFT data changes: its chains, its image count
+  for chain in named answer_only noisy; do
+    run "${chain}_fresh"   --model /tmp/tiny-base --task colour --side 3,2 --system full --batch 8 --chain "$chain"
+    run "${chain}_pool310" --model /tmp/tiny-base --task colour --side 3,2 --system full --batch 8 --chain "$chain" \
+      --pool 310
+  done
 elif [[ ${SET:-first} == through ]]; then  # position written into the pixels, under the squares too
   run point_112_s32_grad         --model /tmp/tiny-theta --task point --side 3,2 --background gradient
   run point_112_s32_through      --model /tmp/tiny-theta --task point --side 3,2 --background through
