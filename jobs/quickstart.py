@@ -70,11 +70,12 @@ class QuickstartConfig(StageConfig):
 # --fast keeps every kind of stage with a few samples, steps and tokens, and evaluates the last model only
 # (grpo_zoom: grounded on colour and multi-turn on zoom_colour, so both evaluation modes run).
 SIZES: dict[str, dict[str, Any]] = {
-    "full": {"train_n": 1024, "heldout_n": 64, "teacher_steps": 300, "mcts_n": 512, "sft_steps": 400,
+    "full": {"train_n": 1024, "heldout_n": 64, "teacher_chains": 256, "teacher_steps": 300, "mcts_n": 512,
+             "sft_steps": 400,
              "grpo_steps": 36, "grpo_zoom_steps": 24, "rollout_batch": 8, "group": 8, "mcts_simulations": 4,
              "turn_tokens": 96, "response_tokens": 384, "eval_models": MODELS,
              "mcts": {"children": 3, "rollouts_per_child": 2, "max_depth": 4, "time_limit_s": 120}},
-    "fast": {"train_n": 8, "heldout_n": 4, "teacher_steps": 4, "mcts_n": 2, "sft_steps": 4,
+    "fast": {"train_n": 8, "heldout_n": 4, "teacher_chains": 8, "teacher_steps": 4, "mcts_n": 2, "sft_steps": 4,
              "grpo_steps": 2, "grpo_zoom_steps": 2, "rollout_batch": 2, "group": 2, "mcts_simulations": 1,
              "turn_tokens": 48, "response_tokens": 144, "eval_models": ("grpo_zoom",),
              "mcts": {"children": 2, "rollouts_per_child": 1, "max_depth": 2, "time_limit_s": 10}},
@@ -140,7 +141,7 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
     # Its own seed: the written chains are of other images than the train and held-out splits.
     teacher_data = p.data / "teacher-chains" / "chains.jsonl"
     stages.append(Stage("teacher_data", "teacher data: written grounded chains", teacher_data,
-                        call=lambda: _write_teacher_chains(teacher_data.parent, s["train_n"], cfg.seed + 2000)))
+                        call=lambda: _write_teacher_chains(teacher_data.parent, s["teacher_chains"], cfg.seed + 2000)))
     stages.append(Stage(
         "teacher", "teacher: tiny model, short SFT on written grounded chains", p.model("teacher"), module="jobs.sft",
         config={**common, "run_name": p.name + "-teacher", "model": str(p.random_model),
