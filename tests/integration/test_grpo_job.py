@@ -48,7 +48,7 @@ def sft_checkpoint(tmp_path_factory, joined_env, tiny_model_dir) -> Path:
     runs = tmp_path_factory.mktemp("sft-runs")
     _job("jobs.sft", ["--config", str(REPO / "configs" / "sft_tiny.yaml"), "--runs_dir", str(runs),
                       "--model", str(tiny_model_dir), "--data", "synthetic", "--max_steps", "200",
-                      "--save_every", "200",
+                      "--save_every", "200", "--micro_batch_size", "4",  # 2 workers x 4: no accumulation, same batch
                       "--eval_every", "200", "--log_every", "50"], joined_env)
     return (runs / "sft" / "tiny" / "latest").resolve()
 
