@@ -1,4 +1,5 @@
-"""Shared plumbing of bench scripts: provenance for result files, the JSON writer and its `--out` option.
+"""Shared plumbing of bench scripts: provenance for result files, the JSON writer and its `--out` option, and
+the percentile that latency and turn-length figures are reported with.
 
 A bench writes its result to `--out` (default runs/bench/, git-ignored), so a trial run never touches the
 committed results; `--out bench/results` updates them, for a run meant to be committed."""
@@ -14,6 +15,12 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"  # committed results: written only when --out names it
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "runs" / "bench"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0 <= q <= 1) of `values` by nearest rank: one of the values, never an interpolation."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def provenance() -> dict:

@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections import Counter
 
+from bench.common import percentile
 from jobs.common import set_runtime_env
 
 
@@ -42,11 +43,6 @@ def _generated_runs(loss_mask: list[int]) -> list[int]:
             runs.append(length)
             length = 0
     return runs
-
-
-def _quantiles(values: list[int]) -> dict[str, int]:
-    ordered = sorted(values)
-    return {f"p{q}": ordered[min(len(ordered) - 1, len(ordered) * q // 100)] for q in (10, 50, 90, 100)}
 
 
 async def _main(args) -> dict:
@@ -85,12 +81,13 @@ async def _main(args) -> dict:
             groups = await arm()
             seconds[name].append(time.perf_counter() - start)
             records = [r.record for g in groups for r in g]
+            turn_tokens = [n for r in records for n in _generated_runs(r.loss_mask)]
             stats[name] = {
                 "conversations": len(records),
                 "turns": sum(r.num_turns for r in records),
                 "generated_tokens": sum(sum(r.loss_mask) for r in records),
                 "turn_histogram": {str(t): sum(r.num_turns == t for r in records) for t in range(1, 7)},
-                "turn_tokens_quantiles": _quantiles([n for r in records for n in _generated_runs(r.loss_mask)]),
+                "turn_tokens_quantiles": {f"p{q}": percentile(turn_tokens, q / 100) for q in (10, 50, 90, 100)},
                 "longest_conversation_tokens": max(sum(r.loss_mask) for r in records),
                 "finishes": dict(Counter(r.finish for r in records)),
             }

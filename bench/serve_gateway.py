@@ -28,6 +28,7 @@ import socket
 import statistics
 import time
 
+from bench.common import percentile
 from jobs.common import REPO_ROOT, set_runtime_env
 
 
@@ -40,11 +41,6 @@ def _hops(requests: list[dict[str, float]]) -> dict[str, float]:
                  total_minus_policy=statistics.median(r["total"] - r["policy"] for r in requests),
                  policy_minus_engine=statistics.median(r["policy"] - r["engine"] for r in requests))
     return {k: round(v, 2) for k, v in split.items()}
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def _main(args) -> dict:
@@ -137,7 +133,7 @@ async def _main(args) -> dict:
     for (name, concurrency), rounds in runs.items():
         latencies = [x for r in rounds for x in r["latencies"]]
         summary.setdefault(name, {})[f"concurrency_{concurrency}"] = {
-            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * _percentile(latencies, 0.99),
+            "p50_ms": 1000 * statistics.median(latencies), "p99_ms": 1000 * percentile(latencies, 0.99),
             "requests_per_s": statistics.median(len(r["latencies"]) / r["seconds"] for r in rounds),
             "generated_tokens_per_round": [r["tokens"] for r in rounds],
             "hops_ms": _hops([h for r in rounds for h in r["hops"]]),

@@ -42,3 +42,9 @@ def test_every_bench_that_writes_a_result_takes_out_and_passes_it():
         calls = re.findall(r"write_result\((.*)\)", text)
         assert "add_out_argument(parser)" in text, path.name
         assert calls and all("args.out" in call for call in calls), (path.name, calls)
+
+
+def test_percentile_is_a_nearest_rank_value():
+    assert common.percentile([5, 1, 3, 2, 4], 0.5) == 3
+    assert common.percentile(list(range(100)), 0.99) == 98 and common.percentile(list(range(100)), 1.0) == 99
+    assert common.percentile([7], 0.1) == 7
