@@ -70,7 +70,7 @@ class QuickstartConfig(StageConfig):
 # --fast keeps every kind of stage with a few samples, steps and tokens, and evaluates the last model only
 # (grpo_zoom: grounded on colour and multi-turn on zoom_colour, so both evaluation modes run).
 SIZES: dict[str, dict[str, Any]] = {
-    "full": {"train_n": 1024, "heldout_n": 64, "teacher_chains": 256, "teacher_steps": 300, "mcts_n": 512,
+    "full": {"train_n": 1024, "heldout_n": 64, "teacher_chains": 512, "teacher_steps": 700, "mcts_n": 256,
              "sft_steps": 400,
              "grpo_steps": 36, "grpo_zoom_steps": 24, "rollout_batch": 8, "group": 8, "mcts_simulations": 4,
              "turn_tokens": 96, "response_tokens": 384, "eval_models": MODELS,
@@ -165,7 +165,9 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
         "chains", "chains: trees linearized into SFT data", p.run("chains") / "train.json", module="jobs.chains",
         config={"runs_dir": str(p.runs), "run_name": p.name, "student": "tiny",  # trees: runs/mcts/<run_name>
                 "formats": ["single_turn", "multi_turn"], "statuses": ["ok", "timeout"],
-                "linearize": {"val_fraction": 0.1, "seed": cfg.seed, "max_images": 5}}))
+                # At most 2 backtracking chains per sample (default 10): each one is a long, unique text that
+                # a tiny student memorizes as a key to its answer instead of reading the image.
+                "linearize": {"val_fraction": 0.1, "seed": cfg.seed, "max_images": 5, "max_backtrack": 2}}))
     sft_data = p.out / "sft_data.jsonl"
     stages.append(Stage("sft_data", "SFT data: the single-turn and zoom chains in one file", sft_data,
                         call=lambda: _merge_chains(p, sft_data, s["train_n"], cfg.seed, cfg.fast)))

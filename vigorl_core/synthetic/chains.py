@@ -4,7 +4,7 @@ Grounding samples become single-turn grounded chains (`<think>` steps naming the
 `<answer> (x, y) </answer>`); visual-search samples become multi-turn zoom chains: a turn that zooms on
 the target with a `search_coordinate` tool call, the observation turn with the real crop (zoom.point_crop,
 the task's zoom settings), and a final turn that answers the colour. The quickstart's `colour` samples
-become single-turn chains whose steps name the square's centre, and its `zoom_colour` samples zoom chains
+become single-turn chains whose steps name a point in the square (`token_point`), and its `zoom_colour` samples zoom chains
 that zoom into the quadrant the question names. Points are in the model frame of
 `profile` (frames.resize_to_model), as MCTS chains are. Records are sharegpt lines with a `task` key,
 readable by sft_data.read_conversations and by LLaMA-Factory.
@@ -57,6 +57,21 @@ def _visual_search(sample, image, profile: ModelProfile) -> tuple[dict, list]:
     return {"messages": messages}, [image, crop.image]
 
 
+def token_point(box_model: tuple[float, float, float, float], profile: ModelProfile) -> tuple[int, int]:
+    """The point a written `colour` chain names for a target box (model frame): the centre of the merged vision
+    token nearest the box's centre among those inside the box (the box's centre when none is). A tiny model names
+    one of a few token centres (16 at 112 px) more reliably than any pixel: a teacher trained on these points
+    grounds 44% of its held-out answers against 33% with the box centre, and reads the colour in 34% against 28%
+    (300 SFT steps on 256 images; docs/tiny_learning.md)."""
+    x1, y1, x2, y2 = box_model
+    cx, cy, f = (x1 + x2) / 2, (y1 + y2) / 2, profile.factor
+    inside = [(f * i + f // 2, f * j + f // 2) for i in range(int(x2 // f) + 1) for j in range(int(y2 // f) + 1)
+              if x1 <= f * i + f // 2 < x2 and y1 <= f * j + f // 2 < y2]
+    if not inside:
+        return round(cx), round(cy)
+    return min(inside, key=lambda p: (p[0] - cx) ** 2 + (p[1] - cy) ** 2)
+
+
 def colour_steps(x: int, y: int) -> list[str]:
     """The `colour` task's reasoning steps: where the square is, never its colour. A step that names a colour
     lets a model copy its own words into the answer (a text shortcut the quickstart's first runs learned); with
@@ -66,8 +81,7 @@ def colour_steps(x: int, y: int) -> list[str]:
 
 def _colour(sample, image, profile: ModelProfile) -> tuple[dict, list]:
     _, frame = resize_to_model(image, profile)
-    x, y = (round(v) for v in frame.to_model(*sample.point))
-    chain = render_single_turn(colour_steps(x, y), sample.answer)
+    chain = render_single_turn(colour_steps(*token_point(frame.box_to_model(sample.bbox), profile)), sample.answer)
     messages = [{"role": "system", "content": system_prompt("visual_search", "grounded")},
                 {"role": "user", "content": IMAGE_TOKEN + user_text(sample.question, sample.options)},
                 {"role": "assistant", "content": chain}]
