@@ -13,6 +13,7 @@ runs (vigorl_core.zoom.ZoomEnv in the rollout driver), not here.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ from ray import serve
 
 from vigorl_core.frames import FrameMap, ModelProfile, resize_to_model
 from vigorl_core.images import ImageError, ImageLimits, annotate_points, decode_image, png_bytes
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -56,22 +61,29 @@ class ZoomServer:
             _, old = self._store.popitem(last=False)
             self._stored_bytes -= old.image.width * old.image.height * 3
 
-    def decode(self, data: bytes, field: str) -> DecodedImage | ImageError:
+    async def decode(self, data: bytes, field: str) -> DecodedImage | ImageError:
         """The model-frame image of `data`, or the ImageError that says what is wrong with it (returned,
-        not raised, so the caller gets the typed error across the process boundary)."""
-        digest = hashlib.sha256(data).hexdigest()
+        not raised, so the caller gets the typed error across the process boundary). Hashing and decoding run
+        in a worker thread (PIL and hashlib release the GIL), so one replica decodes concurrent requests in
+        parallel: as a plain method they queued (83 ms per request at 16 concurrent on a GPU host); the store
+        is touched only on the event loop."""
+        digest = await asyncio.to_thread(_sha256, data)
         cached = self._store.get(digest)
         if cached is not None:
             self._store.move_to_end(digest)
             return cached
+        decoded = await asyncio.to_thread(self._decode, data, field, digest)
+        if isinstance(decoded, DecodedImage):
+            self._remember(decoded)
+        return decoded
+
+    def _decode(self, data: bytes, field: str, digest: str) -> DecodedImage | ImageError:
         try:
             original = decode_image(data, self.limits, field)
         except ImageError as err:
             return err
         image, frame = resize_to_model(original, self.profile)
-        decoded = DecodedImage(image, frame, digest)
-        self._remember(decoded)
-        return decoded
+        return DecodedImage(image, frame, digest)
 
     def annotate(self, data: bytes, points: list[tuple[float, float]], field: str = "image") -> bytes:
         """PNG of the ORIGINAL image with numbered markers at `points` (original-frame pixels)."""

@@ -4,8 +4,8 @@ Grounding samples become single-turn grounded chains (`<think>` steps naming the
 `<answer> (x, y) </answer>`); visual-search samples become multi-turn zoom chains: a turn that zooms on
 the target with a `search_coordinate` tool call, the observation turn with the real crop (zoom.point_crop,
 the task's zoom settings), and a final turn that answers the colour. The quickstart's `colour` samples
-become single-turn chains whose steps name a point in the square (`token_point`), and its `zoom_colour` samples zoom chains
-that zoom into the quadrant the question names. Points are in the model frame of
+become single-turn chains whose steps name a point in the square (`token_point`), and its `zoom_colour`
+samples zoom chains that zoom into the quadrant the question names. Points are in the model frame of
 `profile` (frames.resize_to_model), as MCTS chains are. Records are sharegpt lines with a `task` key,
 readable by sft_data.read_conversations and by LLaMA-Factory.
 
