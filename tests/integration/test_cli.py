@@ -77,6 +77,8 @@ def test_quickstart_fast_runs_every_stage_and_a_rerun_skips_them(tmp_path, subpr
     assert "model" not in yaml.safe_load((out / "configs" / "grpo.yaml").read_text())
     grpo = yaml.safe_load((root / runs["grpo"] / "config.yaml").read_text())
     assert grpo["model"] == str((root / runs["sft"] / "latest").resolve())
+    zoom = yaml.safe_load((out / "configs" / "grpo_zoom.yaml").read_text())  # the multi-turn arm starts from SFT
+    assert Path(zoom["model"]).resolve() == (root / runs["sft"] / "latest").resolve()
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"grpo_zoom"}
     assert results["models"]["grpo_zoom"]["synthetic_colour"]["n"] == 4
