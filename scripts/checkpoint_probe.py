@@ -1,0 +1,130 @@
+"""Diagnostic: does a checkpoint read the image? Scores a model folder on a `colour` samples file without Ray or vLLM.
+
+Two measures on the first N samples (synthetic `colour` samples.jsonl: question, options, answer, bbox, point):
+- `generate`: greedy transformers generation under the grounded system prompt with the options in the question;
+  prints accuracy, format (an <answer> block) and how many answers put every point inside the square;
+- `options`: teacher forcing. Each option is scored as the answer after one fixed thought that names the square's
+  centre, and the most likely option is the prediction. This separates "reads the colour" from "writes its own
+  chain", and the spread of predictions shows a model that answers one colour for every image.
+
+    .venv/bin/python scripts/checkpoint_probe.py generate runs/sft/quickstart-s12/latest \\
+        runs/data/quickstart-s12/colour-heldout/samples.jsonl
+    .venv/bin/python scripts/checkpoint_probe.py options runs/sft/quickstart-s12/latest \\
+        runs/data/quickstart-s12/colour-heldout/samples.jsonl --system short
+
+docs/tiny_learning.md (sixth round) has what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHORT_SYSTEM = "Point to the element. Answer (x, y)."
+
+
+def _question(rec: dict, with_options: bool) -> str:
+    options = "\nOptions:\n" + "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(rec["options"]))
+    return rec["question"] + (options if with_options else "")
+
+
+def _in_box(points: list[tuple[int, int]], box: list[float]) -> bool:
+    return bool(points) and all(box[0] <= x < box[2] and box[1] <= y < box[3] for x, y in points)
+
+
+def generate(args, system: str, records: list[dict]) -> None:
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(args.model)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval()
+    proc.tokenizer.padding_side = "left"
+    hits = formatted = grounded = 0
+    for start in range(0, len(records), 16):
+        part = records[start:start + 16]
+        prompts = [proc.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": [
+            {"type": "image"}, {"type": "text", "text": _question(r, not args.no_options)}]}],
+            tokenize=False, add_generation_prompt=True) for r in part]
+        images = [[Image.open(Path(args.samples).parent / r["images"][0]).convert("RGB")] for r in part]
+        enc = proc(text=prompts, images=images, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=args.max_tokens, do_sample=False)
+        for rec, ids in zip(part, out):
+            text = proc.tokenizer.decode(ids[enc.input_ids.shape[1]:], skip_special_tokens=True)
+            answer = re.search(r"<answer>\s*(.*?)\s*</answer>", text)
+            formatted += bool(answer)
+            hits += bool(answer) and answer.group(1) == rec["answer"]
+            grounded += _in_box([(int(x), int(y)) for x, y in re.findall(r"\((\d+), (\d+)\)", text)], rec["bbox"])
+    n = len(records)
+    print(json.dumps({"model": args.model, "n": n, "accuracy": hits / n, "format": formatted / n,
+                      "all_points_in_box": grounded / n, "last_output": text[:160]}))
+
+
+def options(args, system: str, records: list[dict]) -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vigorl_core.rollout.chat_tokens import ChatTokens
+    from vigorl_core.train.sft_data import Conversation, SFTDataset, collate, encode_conversation
+
+    chat = ChatTokens.from_pretrained(args.model)
+    processor = AutoProcessor.from_pretrained(args.model)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval()
+    answer_tag = chat.encode("<answer>")
+    hits, predictions = 0, collections.Counter()
+    for rec in records:
+        image = str(Path(args.samples).parent / rec["images"][0])
+        x, y = (int(v) for v in rec["point"])
+        items, spans = [], []
+        for option in rec["options"]:
+            chain = f"<think>\nThe square is at ({x}, {y}).\n</think>\n<answer> {option} </answer>"
+            conv = Conversation(id=rec["id"], messages=[("system", system), ("user", "<image>" + _question(
+                rec, not args.no_options)), ("assistant", chain)], images=[image], task="visual_search")
+            example = encode_conversation(conv, chat)
+            ids = example.input_ids.tolist()
+            start = max(i for i in range(len(ids) - len(answer_tag)) if ids[i:i + len(answer_tag)] == answer_tag)
+            start += len(answer_tag)
+            spans.append((start, start + len(chat.encode(f" {option} ")), ids))
+            items.append(SFTDataset([example], processor.image_processor, chat.profile)[0])
+        batch = collate(items, 0, chat.image_pad_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           mm_token_type_ids=batch["mm_token_type_ids"], pixel_values=batch["pixel_values"],
+                           image_grid_thw=batch["image_grid_thw"]).logits
+        logprobs = torch.log_softmax(logits.float(), -1)
+        scores = {option: sum(logprobs[k, i - 1, ids[i]].item() for i in range(s, e))
+                  for k, (option, (s, e, ids)) in enumerate(zip(rec["options"], spans))}
+        best = max(scores, key=scores.get)
+        predictions[best] += 1
+        hits += best == rec["answer"]
+    print(json.dumps({"model": args.model, "n": len(records), "accuracy": hits / len(records),
+                      "predictions": dict(predictions.most_common())}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("measure", choices=["generate", "options"])
+    parser.add_argument("model", help="model folder (a checkpoint's latest/)")
+    parser.add_argument("samples", help="synthetic colour samples.jsonl")
+    parser.add_argument("--n", type=int, default=64, help="first N samples")
+    parser.add_argument("--system", choices=["full", "short"], default="full",
+                        help="the project's grounded visual-search prompt, or a one-line one (the plain loop's)")
+    parser.add_argument("--no_options", action="store_true", help="leave the options out of the question")
+    parser.add_argument("--max_tokens", type=int, default=120, help="generate: new tokens per answer")
+    args = parser.parse_args()
+    from vigorl_core.prompts import system_prompt
+
+    system = system_prompt("visual_search", "grounded") if args.system == "full" else SHORT_SYSTEM
+    records = [json.loads(line) for line in Path(args.samples).read_text().splitlines() if line.strip()][:args.n]
+    (generate if args.measure == "generate" else options)(args, system, records)
+
+
+if __name__ == "__main__":
+    main()
