@@ -81,3 +81,24 @@ def test_teacher_chains_hold_the_mcts_turns_of_each_written_chain(tmp_path):
     assert "Previous thought 2: I read the colour of the square at" in last.messages[1][1]
     assert sample.answer not in last.messages[1][1].split("Previous thought 1")[1]  # no step names the colour
     assert last.messages[2][1] == f"<answer> {sample.answer} </answer>" and len(last.images) == 1
+
+
+def test_token_point_is_the_nearest_vision_token_centre_inside_the_box():
+    from vigorl_core.synthetic.chains import token_point
+
+    tiny = get_profile("tiny")  # 28-px merged tokens: centres at 14, 42, 70, 98
+    assert token_point((41, 31, 97, 87), tiny) == (70, 70)  # centre (69, 59): (70, 70) is nearer than (70, 42)
+    assert token_point((26, 14, 76, 64), tiny) == (42, 42)
+    assert token_point((0, 0, 10, 10), tiny) == (5, 5)  # no token centre inside: the box's centre
+
+
+def test_written_colour_chains_point_inside_the_square(tmp_path):
+    import re
+
+    path = write_synthetic_chains(tmp_path, 8, 3, get_profile("tiny"), tasks=("colour",))
+    samples = {s.id: s for s, _ in generate("colour", 8, 3)}
+    for chain in read_conversations(path):
+        sample = samples[chain.id]
+        points = [(int(x), int(y)) for x, y in re.findall(r"\((\d+), (\d+)\)", chain.messages[-1][1])]
+        x1, y1, x2, y2 = sample.bbox
+        assert points and all(x1 <= x < x2 and y1 <= y < y2 and x % 28 == 14 and y % 28 == 14 for x, y in points)
