@@ -200,7 +200,7 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
         "grpo_zoom", "GRPO multi-turn with zoom (zoom_colour) from the SFT checkpoint", p.model("grpo_zoom"),
         module="jobs.grpo",
         # From SFT, as the paper's multi-turn model: single-turn GRPO on `colour` never sees a tool call and
-        # garbles them (measured: 92-95% malformed at this stage's first step when it started from GRPO).
+        # garbles them (measured: 92% of this stage's first rollouts malformed when it started from GRPO).
         config={**grpo, "run_name": p.name + "-zoom", "model": str(p.model("sft")),
                 "data": str(p.split(SEARCH, "train")), "task": "visual_search", "mode": "multiturn",
                 "max_steps": s["grpo_zoom_steps"], "save_every": s["grpo_zoom_steps"],
