@@ -30,8 +30,9 @@ SHORT_SYSTEM = "Point to the element. Answer (x, y)."
 
 
 def _question(rec: dict, with_options: bool) -> str:
-    options = "\nOptions:\n" + "\n".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(rec["options"]))
-    return rec["question"] + (options if with_options else "")
+    from vigorl_core.prompts import user_text
+
+    return user_text(rec["question"], rec["options"] if with_options else ())
 
 
 def _in_box(points: list[tuple[int, int]], box: list[float]) -> bool:

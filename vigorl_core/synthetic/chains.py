@@ -72,16 +72,18 @@ def token_point(box_model: tuple[float, float, float, float], profile: ModelProf
     return min(inside, key=lambda p: (p[0] - cx) ** 2 + (p[1] - cy) ** 2)
 
 
-def colour_steps(x: int, y: int) -> list[str]:
-    """The `colour` task's reasoning steps: where the square is, never its colour. A step that names a colour
-    lets a model copy its own words into the answer (a text shortcut the quickstart's first runs learned); with
-    the colour only in the answer, it must come from the image."""
-    return [f"The square is at {format_point(x, y)}.", f"I read the colour of the square at {format_point(x, y)}."]
+def colour_steps(box_model: tuple[float, float, float, float], profile: ModelProfile) -> list[str]:
+    """The `colour` task's reasoning steps for the square's box (model frame): where the square is (its
+    `token_point`), never its colour. A step that names a colour lets a model copy its own words into the answer
+    (a text shortcut the quickstart's first runs learned); with the colour only in the answer, it must come from
+    the image."""
+    point = format_point(*token_point(box_model, profile))
+    return [f"The square is at {point}.", f"I read the colour of the square at {point}."]
 
 
 def _colour(sample, image, profile: ModelProfile) -> tuple[dict, list]:
     _, frame = resize_to_model(image, profile)
-    chain = render_single_turn(colour_steps(*token_point(frame.box_to_model(sample.bbox), profile)), sample.answer)
+    chain = render_single_turn(colour_steps(frame.box_to_model(sample.bbox), profile), sample.answer)
     messages = [{"role": "system", "content": system_prompt("visual_search", "grounded")},
                 {"role": "user", "content": IMAGE_TOKEN + user_text(sample.question, sample.options)},
                 {"role": "assistant", "content": chain}]

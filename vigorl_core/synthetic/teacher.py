@@ -24,7 +24,7 @@ from vigorl_core.data import IMAGE_TOKEN
 from vigorl_core.frames import ModelProfile, resize_to_model
 from vigorl_core.prompts import system_prompt, user_text
 from vigorl_core.protocol import format_point
-from vigorl_core.synthetic.chains import colour_steps, token_point, write_synthetic_chains
+from vigorl_core.synthetic.chains import colour_steps, write_synthetic_chains
 from vigorl_core.synthetic.tasks import QUICKSTART_TASKS, generate, quadrant_box
 
 
@@ -35,7 +35,7 @@ def teacher_steps(sample, image, profile: ModelProfile) -> list[str]:
         x1, y1, x2, y2 = quadrant_box(sample.metadata["quadrant"], image.size)
         x, y = (round(v) for v in frame.to_model((x1 + x2) / 2, (y1 + y2) / 2))
         return [f"The small square in the {sample.metadata['quadrant']} quadrant is near {format_point(x, y)}."]
-    return colour_steps(*token_point(frame.box_to_model(sample.bbox), profile))
+    return colour_steps(frame.box_to_model(sample.bbox), profile)
 
 
 def mcts_turns(sample, steps: list[str]) -> list[dict]:
