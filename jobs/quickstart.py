@@ -11,16 +11,18 @@ any stage can be rerun by hand with the same command (the stage's log names it):
                `colour` (the colour of a square that spans several vision tokens; single-turn, grounded) and
                `zoom_colour` (the colour of a small square in a named quadrant: near chance in the full view,
                readable after one zoom into the quadrant; multi-turn);
-2. teacher     the tiny model after a short SFT on programmatically written grounded chains of other images
+2. base        the random tiny model after a short plain SFT that teaches it to point at the square and name its
+               colour (vigorl_core.synthetic.base): what Qwen2.5-VL's pretraining gave the paper's models;
+3. teacher     the base model after a short SFT on programmatically written grounded chains of other images
                (vigorl_core.synthetic.chains): a weak, noisy stand-in for the paper's Qwen2.5-VL-72B;
-3. mcts        tree search over the teacher's reasoning steps on the train split; the rule reward keeps the
+4. mcts        tree search over the teacher's reasoning steps on the train split; the rule reward keeps the
                branches that reach the right answer;
-4. chains      the trees linearized into SFT chains (single-turn and multi-turn zoom);
-5. sft         the random tiny model fine-tuned on those chains (the warm start);
-6. grpo        single-turn grounded GRPO from the SFT checkpoint on `colour`;
-7. grpo_zoom   multi-turn GRPO with the zoom tool on `zoom_colour`, from the SFT checkpoint;
-8. eval_*      every model (random, teacher, sft, grpo, grpo_zoom) on the held-out split;
-9. report      runs/quickstart/<run>/report.md with the table, reward curves and annotated examples.
+5. chains      the trees linearized into SFT chains (single-turn and multi-turn zoom);
+6. sft         the base model fine-tuned on those chains (the warm start);
+7. grpo        single-turn grounded GRPO from the SFT checkpoint on `colour`;
+8. grpo_zoom   multi-turn GRPO with the zoom tool on `zoom_colour`, from the SFT checkpoint;
+9. eval_*      every model (random, teacher, sft, grpo, grpo_zoom) on the held-out split;
+10. report      runs/quickstart/<run>/report.md with the table, reward curves and annotated examples.
 
 The terminal shows one line per stage and a progress bar; what each job would show on a terminal (its stage
 lines, progress, results, errors) goes to runs/quickstart/<run>/logs/<stage>.log, and its engine, Ray and
@@ -51,7 +53,7 @@ from jobs.common import REPO_ROOT, is_verbose, run_main
 from jobs.progress import Progress
 from vigorl_core.config import StageConfig, parse_config
 
-MODELS = ("random", "teacher", "sft", "grpo", "grpo_zoom")
+MODELS = ("random", "teacher", "sft", "grpo", "grpo_zoom")  # evaluated (the base answers in its own format)
 SINGLE, SEARCH = "colour", "zoom_colour"  # the single-turn and the multi-turn (zoom) task
 
 
@@ -70,12 +72,14 @@ class QuickstartConfig(StageConfig):
 # --fast keeps every kind of stage with a few samples, steps and tokens, and evaluates the last model only
 # (grpo_zoom: grounded on colour and multi-turn on zoom_colour, so both evaluation modes run).
 SIZES: dict[str, dict[str, Any]] = {
-    "full": {"train_n": 1024, "heldout_n": 64, "teacher_chains": 512, "teacher_steps": 700, "mcts_n": 256,
+    "full": {"train_n": 1024, "heldout_n": 64, "base_images": 3072, "base_steps": 1200,
+             "teacher_chains": 512, "teacher_steps": 500, "mcts_n": 256,
              "sft_steps": 400,
              "grpo_steps": 60, "grpo_zoom_steps": 36, "rollout_batch": 8, "group": 8, "mcts_simulations": 4,
              "turn_tokens": 96, "response_tokens": 384, "eval_models": MODELS,
              "mcts": {"children": 3, "rollouts_per_child": 2, "max_depth": 4, "time_limit_s": 120}},
-    "fast": {"train_n": 8, "heldout_n": 4, "teacher_chains": 8, "teacher_steps": 4, "mcts_n": 2, "sft_steps": 4,
+    "fast": {"train_n": 8, "heldout_n": 4, "base_images": 6, "base_steps": 2,
+             "teacher_chains": 8, "teacher_steps": 4, "mcts_n": 2, "sft_steps": 4,
              "grpo_steps": 2, "grpo_zoom_steps": 2, "rollout_batch": 2, "group": 2, "mcts_simulations": 1,
              "turn_tokens": 48, "response_tokens": 144, "eval_models": ("grpo_zoom",),
              "mcts": {"children": 2, "rollouts_per_child": 1, "max_depth": 2, "time_limit_s": 10}},
@@ -112,7 +116,8 @@ class Paths:
         return self.runs / job / (self.name + suffix)
 
     def model(self, name: str) -> Path:
-        return {"random": self.random_model, "teacher": self.run("sft", "-teacher") / "latest",
+        return {"random": self.random_model, "base": self.run("sft", "-base") / "latest",
+                "teacher": self.run("sft", "-teacher") / "latest",
                 "sft": self.run("sft") / "latest", "grpo": self.run("grpo") / "latest",
                 "grpo_zoom": self.run("grpo", "-zoom") / "latest"}[name]
 
@@ -138,18 +143,30 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
     engine = {"max_model_len": 4096, "dtype": "float32", "enforce_eager": True}
     stages = [Stage("data", "synthetic data: train and held-out splits", p.split(SEARCH, "heldout"),
                     call=lambda: _write_data(p, s, cfg.seed))]
-    # Its own seed: the written chains are of other images than the train and held-out splits.
+    sft = {"global_batch_size": 8, "micro_batch_size": 4, "num_workers": 1, "lr": 2e-3, "warmup_ratio": 0.05,
+           "precision": "fp32", "freeze_vision_tower": False, "log_every": 10, "keep_checkpoints": 1,
+           "max_length": 2048}
+    # Their own seeds: the base data and the written chains are of other images than the train and held-out splits.
+    base_data = p.data / "base" / "chains.jsonl"
+    stages.append(Stage("base_data", "base data: point at the square, name its colour", base_data,
+                        call=lambda: _write_base_data(base_data.parent, s["base_images"], cfg.seed + 3000)))
+    stages.append(Stage(
+        "base", "base: the random model, short plain SFT to point and see", p.model("base"), module="jobs.sft",
+        # Qwen's default chat (the records' own system prompt), 16 a step: short sequences, many images.
+        config={**common, **sft, "run_name": p.name + "-base", "model": str(p.random_model), "data": str(base_data),
+                "system_prompt": "record", "val_fraction": 0.02, "max_steps": s["base_steps"],
+                "global_batch_size": 16, "micro_batch_size": 16, "warmup_ratio": 0.03, "max_length": 512,
+                "save_every": s["base_steps"], "eval_every": s["base_steps"]},
+        progress=_steps_progress(p.run("sft", "-base") / "log.jsonl", s["base_steps"])))
     teacher_data = p.data / "teacher-chains" / "chains.jsonl"
     stages.append(Stage("teacher_data", "teacher data: written grounded chains", teacher_data,
                         call=lambda: _write_teacher_chains(teacher_data.parent, s["teacher_chains"], cfg.seed + 2000)))
     stages.append(Stage(
-        "teacher", "teacher: tiny model, short SFT on written grounded chains", p.model("teacher"), module="jobs.sft",
-        config={**common, "run_name": p.name + "-teacher", "model": str(p.random_model),
+        "teacher", "teacher: the base model, short SFT on written grounded chains", p.model("teacher"),
+        module="jobs.sft",
+        config={**common, **sft, "run_name": p.name + "-teacher", "model": str(p.model("base")),
                 "data": str(teacher_data), "val_fraction": 0.05, "max_steps": s["teacher_steps"],
-                "global_batch_size": 8,
-                "micro_batch_size": 4, "num_workers": 1, "lr": 2e-3, "warmup_ratio": 0.05, "precision": "fp32",
-                "freeze_vision_tower": False, "save_every": s["teacher_steps"], "eval_every": s["teacher_steps"],
-                "log_every": 10, "keep_checkpoints": 1, "max_length": 2048},
+                "save_every": s["teacher_steps"], "eval_every": s["teacher_steps"]},
         progress=_steps_progress(p.run("sft", "-teacher") / "log.jsonl", s["teacher_steps"])))
     mcts_data = [{"path": str(p.split(task, "train")), "limit": s["mcts_n"]} for task in (SINGLE, SEARCH)]
     stages.append(Stage(
@@ -172,13 +189,10 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
     stages.append(Stage("sft_data", "SFT data: the single-turn and zoom chains in one file", sft_data,
                         call=lambda: _merge_chains(p, sft_data, s["train_n"], cfg.seed, cfg.fast)))
     stages.append(Stage(
-        "sft", "SFT: the random model on the MCTS chains", p.model("sft"), module="jobs.sft",
-        config={**common, "run_name": p.name, "model": str(p.random_model), "data": str(sft_data),
-                "val_fraction": 0.1,
-                "max_steps": s["sft_steps"], "global_batch_size": 8, "micro_batch_size": 4, "num_workers": 1,
-                "lr": 2e-3, "warmup_ratio": 0.05, "precision": "fp32", "freeze_vision_tower": False,
-                "save_every": s["sft_steps"], "eval_every": s["sft_steps"], "log_every": 10,
-                "keep_checkpoints": 1, "max_length": 2048},
+        "sft", "SFT: the base model on the MCTS chains", p.model("sft"), module="jobs.sft",
+        config={**common, **sft, "run_name": p.name, "model": str(p.model("base")), "data": str(sft_data),
+                "val_fraction": 0.1, "max_steps": s["sft_steps"],
+                "save_every": s["sft_steps"], "eval_every": s["sft_steps"]},
         progress=_steps_progress(p.run("sft") / "log.jsonl", s["sft_steps"])))
     train_batch = s["rollout_batch"] * s["group"] // 2  # two optimizer steps per RL step, as the original
     grpo = {**common, "rollout_batch_size": s["rollout_batch"], "group_size": s["group"],
@@ -234,6 +248,13 @@ def _write_data(p: Paths, sizes: dict[str, int], seed: int) -> None:
         write_dataset(task, sizes["train_n"], seed, p.split(task, "train").parent)
         # Held-out samples come from another seed: no image of the train split repeats.
         write_dataset(task, sizes["heldout_n"], seed + 1000, p.split(task, "heldout").parent)
+
+
+def _write_base_data(folder: Path, n: int, seed: int) -> None:
+    from vigorl_core.frames import get_profile
+    from vigorl_core.synthetic.base import write_base_data
+
+    write_base_data(folder, n, seed, get_profile("tiny"))
 
 
 def _write_teacher_chains(folder: Path, n: int, seed: int) -> None:

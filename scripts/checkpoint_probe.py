@@ -3,12 +3,16 @@
 Two measures on the first N samples (synthetic `colour` samples.jsonl: question, options, answer, bbox, point):
 - `generate`: greedy transformers generation under the grounded system prompt with the options in the question;
   prints accuracy, format (an <answer> block) and how many answers put every point inside the square;
+- `base`: the base model's two skills (vigorl_core.synthetic.base) in its own plain format: "Point to the
+  square." (the answered point inside the square) and "What is the colour of the square?" (the exact colour);
 - `options`: teacher forcing. Each option is scored as the answer after one fixed thought that names the square's
   centre, and the most likely option is the prediction. This separates "reads the colour" from "writes its own
   chain", and the spread of predictions shows a model that answers one colour for every image.
 
     .venv/bin/python scripts/checkpoint_probe.py generate runs/sft/quickstart-s12/latest \\
         runs/data/quickstart-s12/colour-heldout/samples.jsonl
+    .venv/bin/python scripts/checkpoint_probe.py base runs/sft/quickstart-s13-base/latest \\
+        runs/data/quickstart-s13/colour-heldout/samples.jsonl
     .venv/bin/python scripts/checkpoint_probe.py options runs/sft/quickstart-s12/latest \\
         runs/data/quickstart-s12/colour-heldout/samples.jsonl --system short
 
@@ -39,7 +43,8 @@ def _in_box(points: list[tuple[int, int]], box: list[float]) -> bool:
     return bool(points) and all(box[0] <= x < box[2] and box[1] <= y < box[3] for x, y in points)
 
 
-def generate(args, system: str, records: list[dict]) -> None:
+def _greedy(args, system: str, records: list[dict], question) -> list[str]:
+    """Greedy transformers generation for each record: `question(record)` under `system`, with its image."""
     import torch
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -47,25 +52,47 @@ def generate(args, system: str, records: list[dict]) -> None:
     proc = AutoProcessor.from_pretrained(args.model)
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval()
     proc.tokenizer.padding_side = "left"
-    hits = formatted = grounded = 0
+    texts = []
     for start in range(0, len(records), 16):
         part = records[start:start + 16]
         prompts = [proc.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": _question(r, not args.no_options)}]}],
-            tokenize=False, add_generation_prompt=True) for r in part]
+            {"type": "image"}, {"type": "text", "text": question(r)}]}], tokenize=False, add_generation_prompt=True)
+            for r in part]
         images = [[Image.open(Path(args.samples).parent / r["images"][0]).convert("RGB")] for r in part]
         enc = proc(text=prompts, images=images, return_tensors="pt", padding=True)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=args.max_tokens, do_sample=False)
-        for rec, ids in zip(part, out):
-            text = proc.tokenizer.decode(ids[enc.input_ids.shape[1]:], skip_special_tokens=True)
-            answer = re.search(r"<answer>\s*(.*?)\s*</answer>", text)
-            formatted += bool(answer)
-            hits += bool(answer) and answer.group(1) == rec["answer"]
-            grounded += _in_box([(int(x), int(y)) for x, y in re.findall(r"\((\d+), (\d+)\)", text)], rec["bbox"])
+        texts += [proc.tokenizer.decode(ids[enc.input_ids.shape[1]:], skip_special_tokens=True) for ids in out]
+    return texts
+
+
+def _points(text: str) -> list[tuple[int, int]]:
+    return [(int(x), int(y)) for x, y in re.findall(r"\((\d+), (\d+)\)", text)]
+
+
+def generate(args, system: str, records: list[dict]) -> None:
+    hits = formatted = grounded = 0
+    texts = _greedy(args, system, records, lambda r: _question(r, not args.no_options))
+    for rec, text in zip(records, texts):
+        answer = re.search(r"<answer>\s*(.*?)\s*</answer>", text)
+        formatted += bool(answer)
+        hits += bool(answer) and answer.group(1) == rec["answer"]
+        grounded += _in_box(_points(text), rec["bbox"])
     n = len(records)
     print(json.dumps({"model": args.model, "n": n, "accuracy": hits / n, "format": formatted / n,
-                      "all_points_in_box": grounded / n, "last_output": text[:160]}))
+                      "all_points_in_box": grounded / n, "last_output": texts[-1][:160]}))
+
+
+def base(args, _system: str, records: list[dict]) -> None:
+    from vigorl_core.synthetic.base import BASE_SYSTEM, COLOUR_QUESTION, POINT_QUESTION
+
+    points = _greedy(args, BASE_SYSTEM, records, lambda r: POINT_QUESTION)
+    colours = _greedy(args, BASE_SYSTEM, records, lambda r: COLOUR_QUESTION)
+    n = len(records)
+    print(json.dumps({"model": args.model, "n": n,
+                      "point_in_box": sum(_in_box(_points(t)[:1], r["bbox"]) for r, t in zip(records, points)) / n,
+                      "colour_accuracy": sum(t.strip() == r["answer"] for r, t in zip(records, colours)) / n,
+                      "last_outputs": [points[-1][:40], colours[-1][:40]]}))
 
 
 def options(args, system: str, records: list[dict]) -> None:
@@ -111,7 +138,7 @@ def options(args, system: str, records: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("measure", choices=["generate", "options"])
+    parser.add_argument("measure", choices=["generate", "options", "base"])
     parser.add_argument("model", help="model folder (a checkpoint's latest/)")
     parser.add_argument("samples", help="synthetic colour samples.jsonl")
     parser.add_argument("--n", type=int, default=64, help="first N samples")
@@ -124,7 +151,7 @@ def main() -> None:
 
     system = system_prompt("visual_search", "grounded") if args.system == "full" else SHORT_SYSTEM
     records = [json.loads(line) for line in Path(args.samples).read_text().splitlines() if line.strip()][:args.n]
-    (generate if args.measure == "generate" else options)(args, system, records)
+    {"generate": generate, "options": options, "base": base}[args.measure](args, system, records)
 
 
 if __name__ == "__main__":

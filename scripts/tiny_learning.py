@@ -44,13 +44,23 @@ SIZE = 112  # --size overrides
 SHORT_SYSTEM = "Point to the element. Answer (x, y)."
 
 
+def _cell_tint(i: int, j: int) -> tuple[int, int, int]:
+    levels = max(1, SIZE // 28 - 1)
+    return 130 + 105 * i // levels, 130 + 105 * j // levels, 200
+
+
 def sample(rng: random.Random, squares: int, background: str, side=(7, 5)):
     """(image, colour asked about, its box x1, y1, x2, y2) with `squares` squares of distinct colours, each
     SIZE // side[0] to SIZE // side[1] pixels wide, on a `background` of "plain" grey, a "gradient" whose red and
     blue channels follow x and y, or "through": that gradient also shows through the squares (60% colour)."""
     from PIL import Image, ImageDraw
 
-    if background != "plain":
+    if background in ("cells", "grid"):  # each 28-px vision token's cell its own tint: red follows the column, green the row
+        img = Image.new("RGB", (SIZE, SIZE))
+        levels = SIZE // 28
+        img.putdata([(130 + 105 * (x // 28) // max(1, levels - 1), 130 + 105 * (y // 28) // max(1, levels - 1), 200)
+                     for y in range(SIZE) for x in range(SIZE)])
+    elif background != "plain":
         img = Image.new("RGB", (SIZE, SIZE))
         img.putdata([(90 + 150 * x // SIZE, 200, 90 + 150 * y // SIZE) for y in range(SIZE) for x in range(SIZE)])
     else:
@@ -65,7 +75,12 @@ def sample(rng: random.Random, squares: int, background: str, side=(7, 5)):
             if all(box[2] + 3 <= o[0] or o[2] + 3 <= box[0] or box[3] + 3 <= o[1] or o[3] + 3 <= box[1] for o in boxes):
                 break
         boxes.append(box)
-        if background == "through":
+        if background == "grid":  # each cell's tint as a 3-px frame drawn over everything, squares too
+            draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=PALETTE[colour])
+            for cy in range(0, SIZE, 28):
+                for cx in range(0, SIZE, 28):
+                    draw.rectangle([cx, cy, cx + 27, cy + 27], outline=_cell_tint(cx // 28, cy // 28), width=3)
+        elif background == "through":
             square = Image.new("RGB", (box[2] - box[0], box[3] - box[1]), PALETTE[colour])
             img.paste(Image.blend(square, img.crop(box), 0.4), box[:2])
         else:
@@ -114,6 +129,9 @@ class Setup:
         if self.args.task != "point":
             return self.colour_chain(colour, box)
         x, y = (box[0] + box[2]) // 2, (box[1] + box[3]) // 2
+        if self.args.point == "token":  # the vision-token centre nearest the square's centre (chains.token_point)
+            x, y = min(((14 + 28 * i, 14 + 28 * j) for i in range(SIZE // 28) for j in range(SIZE // 28)),
+                       key=lambda c: (c[0] - x) ** 2 + (c[1] - y) ** 2)
         return f"<think> The {colour} square is at ({x}, {y}). </think>\n<answer> ({x}, {y}) </answer>"
 
     def colour_chain(self, colour: str, box) -> str:
@@ -204,6 +222,9 @@ def train(args) -> None:
             print(json.dumps({"step": step, "loss": round(loss.item(), 4), "heldout_accuracy": accuracy,
                               **({"centre_answer_accuracy": centre_hits} if args.task == "point" else {}),
                               "seconds": round(time.perf_counter() - started), "last_output": last[:80]}), flush=True)
+    if args.save:
+        s.model.save_pretrained(args.save)
+        s.proc.save_pretrained(args.save)
 
 
 def _linear_probe_accuracy(x, y, classes: int) -> float:
@@ -290,7 +311,9 @@ def main() -> None:
     parser.add_argument("--squares", type=int, default=1, help="squares per image (point task)")
     parser.add_argument("--side", type=lambda v: tuple(int(p) for p in v.split(",")), default=(7, 5),
                         help="square side from SIZE/A to SIZE/B pixels, as A,B (default 7,5: 16-22 px at 112)")
-    parser.add_argument("--background", choices=["plain", "gradient", "through"], default="plain")
+    parser.add_argument("--background", choices=["plain", "gradient", "through", "cells", "grid"], default="plain")
+    parser.add_argument("--point", choices=["centre", "token"], default="centre",
+                        help="point task: answer the square's centre, or the vision-token centre nearest it")
     parser.add_argument("--system", choices=["short", "full"], default="short")
     parser.add_argument("--chain", choices=["named", "answer_only", "noisy"], default="named",
                         help="the colour task's target text (see Setup.colour_chain)")
@@ -302,6 +325,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="fresh samples per step")
     parser.add_argument("--size", type=int, default=112, help="image side in pixels (a multiple of 28, <= 224)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--save", metavar="DIR", help="save the trained model and processor here")
     parser.add_argument("--build", metavar="OUT", help="first build a tiny model into OUT (then --model is OUT); "
                         "--hidden/--layers/--heads/--rope_theta change the tiny preset's language model")
     parser.add_argument("--hidden", type=int)

@@ -14,7 +14,8 @@ Both are multiple-choice colour questions (Sample.task `visual_search`: its prom
 zoom settings) with their own source, so they are benchmarks of their own (`synthetic_colour`,
 `synthetic_zoom_colour`):
 - `colour`: one square 37-56 px wide on a 112x112 image (it spans several of the tiny model's 28-px vision
-  tokens); "What is the colour of the square?" with 4 options. The box is the square, so the points of the
+  tokens) over a background tinted cell by cell (`cell_tinted`: a token's pixels say where it is); "What is the
+  colour of the square?" with 4 options. The box is the square, so the points of the
   reasoning can be scored as a grounding rate, but the answer needs only what is seen in a large region.
 - `zoom_colour`: four small squares (18-24 px, below one vision token), one per quadrant, in four colours;
   "What is the colour of the small square in the top-left quadrant?" with the four colours as options. The
@@ -207,8 +208,27 @@ def _options(rng: random.Random, colour: str, others: list[str]) -> list[str]:
     return options
 
 
+CELL = 28  # the tiny model's merged vision token at 112 px (two 14-px patches a side)
+
+
+def cell_tinted(size: tuple[int, int]) -> Image.Image:
+    """A background whose every CELL-px cell has its own pale tint: red rises with the column, green with the
+    row (130-235), blue 200. The tiny model's vision tower has no absolute position embedding, and learning
+    position from rotary phases alone takes it more steps than the quickstart has; with the tint a vision
+    token's pixels say where it is, as the grid letters of a map do (docs/tiny_learning.md, seventh round)."""
+    w, h = size
+    columns, rows = max(1, (w - 1) // CELL), max(1, (h - 1) // CELL)
+    img = Image.new("RGB", size)
+    draw = ImageDraw.Draw(img)
+    for j in range(0, h, CELL):
+        for i in range(0, w, CELL):
+            tint = (130 + 105 * (i // CELL) // columns, 130 + 105 * (j // CELL) // rows, 200)
+            draw.rectangle([i, j, i + CELL - 1, j + CELL - 1], fill=tint)
+    return img
+
+
 def _colour(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, dict]:
-    img = Image.new("RGB", size, _grey(rng, 200, 240))
+    img = cell_tinted(size)
     colour = rng.choice(COLOURS)
     side = rng.randint(size[0] // 3, size[0] // 2)  # 37-56 px at 112: several 28-px vision tokens
     box = _place(rng, size, side, [], 0, border=2)

@@ -1,0 +1,68 @@
+"""The quickstart's base-model data: the seeing and pointing a real base model learned in pretraining.
+
+The paper starts SFT (and its 72B teacher) from Qwen2.5-VL, whose pretraining already taught it to name what it
+sees and to point at it. The random tiny model has seen nothing, and learning to point from the MCTS chains alone
+takes it more samples than the quickstart's SFT has (docs/tiny_learning.md). So the quickstart first gives it
+those two skills with a short plain SFT in Qwen's default chat format, without the grounded reasoning format,
+the options or the zoom tool (SFT and GRPO still teach those):
+- "Point to the square." -> "(x, y)": the vision-token centre in the square (chains.token_point), on `colour`
+  images;
+- "What is the colour of the square?" -> the colour, on the same images and on zoom crops of `zoom_colour`
+  images (the named quadrant magnified, as the zoom tool returns it).
+Records are sharegpt lines with a `task` key, as sft_data.read_conversations reads them.
+
+    path = write_base_data("runs/data/base", n=1024, seed=3000, profile=get_profile("tiny"))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vigorl_core.data import IMAGE_TOKEN
+from vigorl_core.frames import ModelProfile, resize_to_model
+from vigorl_core.protocol import format_point
+from vigorl_core.synthetic.chains import token_point
+from vigorl_core.synthetic.tasks import generate, quadrant_box
+from vigorl_core.zoom import point_crop, zoom_settings
+
+BASE_SYSTEM = "You are a helpful assistant."
+POINT_QUESTION = "Point to the square."
+COLOUR_QUESTION = "What is the colour of the square?"
+
+
+def _record(rid: str, question: str, answer: str, image_name: str) -> str:
+    return json.dumps({"id": rid, "task": "visual_search", "images": [image_name], "messages": [
+        {"role": "system", "content": BASE_SYSTEM},
+        {"role": "user", "content": IMAGE_TOKEN + question},
+        {"role": "assistant", "content": answer}]})
+
+
+def write_base_data(out_dir: str | Path, n: int, seed: int, profile: ModelProfile) -> Path:
+    """n `colour` images with a pointing record each, a colour record for the first n // 3 of them, and n // 3
+    zoom crops with a colour record each (pointing takes the tiny model several times the samples that colour
+    does), under out_dir/images, the records in out_dir/chains.jsonl; returns its path. Same arguments give the
+    same files."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (sample, image) in enumerate(generate("colour", n, seed)):
+        model_image, frame = resize_to_model(image, profile)
+        name = f"images/{sample.id}.png"
+        model_image.save(out / name, format="PNG", optimize=False, compress_level=6)
+        point = format_point(*token_point(frame.box_to_model(sample.bbox), profile))
+        lines.append(_record(f"{sample.id}-point", POINT_QUESTION, point, name))
+        if i < n // 3:
+            lines.append(_record(f"{sample.id}-colour", COLOUR_QUESTION, sample.answer, name))
+    settings = zoom_settings("visual_search", profile.name)
+    for sample, image in generate("zoom_colour", max(1, n // 3), seed):
+        model_image, frame = resize_to_model(image, profile)
+        x1, y1, x2, y2 = quadrant_box(sample.metadata["quadrant"], image.size)
+        x, y = frame.to_model((x1 + x2) / 2, (y1 + y2) / 2)
+        name = f"images/{sample.id}-crop.png"
+        point_crop(model_image, round(x), round(y), settings).image.save(out / name, format="PNG", optimize=False,
+                                                                           compress_level=6)
+        lines.append(_record(f"{sample.id}-crop", COLOUR_QUESTION, sample.answer, name))
+    path = out / "chains.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
