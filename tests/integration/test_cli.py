@@ -53,16 +53,16 @@ def test_quickstart_fast_runs_every_stage_and_a_rerun_skips_them(tmp_path, subpr
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "quickstart" / "default"
     stages = sorted(f.stem for f in (out / "stages").glob("*.json"))
-    assert stages == sorted(["data", "teacher_data", "teacher", "mcts", "chains", "sft_data", "sft", "grpo",
-                             "grpo_zoom",
-                             "eval_grpo_zoom", "report"])  # --fast evaluates the last model, in both modes
+    assert stages == sorted(["data", "base_data", "base", "teacher_data", "teacher", "mcts", "chains", "sft_data",
+                             "sft", "grpo", "grpo_zoom", "eval_grpo_zoom", "report"])  # --fast evaluates the last model, in both modes
     lines = result.stdout.strip().splitlines()
     assert all(line.startswith(("vigorl quickstart", "[", "quickstart finished")) for line in lines), lines
     assert "INFO" not in result.stdout + result.stderr  # engine and Ray logs stay in the log files
     # Each job's terminal (logs/<stage>.log) shows its own lines only; its engine, Ray and library logs are in
     # job.log in its run folder (real vLLM in mcts, grpo and eval; Ray Train in sft and grpo).
     root = tmp_path.resolve()
-    runs = {"teacher": "sft/quickstart-default-fast-teacher", "mcts": "mcts/quickstart-default-fast",
+    runs = {"base": "sft/quickstart-default-fast-base", "teacher": "sft/quickstart-default-fast-teacher",
+            "mcts": "mcts/quickstart-default-fast",
             "chains": "chains/quickstart-default-fast", "sft": "sft/quickstart-default-fast",
             "grpo": "grpo/quickstart-default-fast", "grpo_zoom": "grpo/quickstart-default-fast-zoom",
             "eval_grpo_zoom": "eval/quickstart-default-fast-grpo_zoom"}
@@ -77,6 +77,9 @@ def test_quickstart_fast_runs_every_stage_and_a_rerun_skips_them(tmp_path, subpr
     assert "model" not in yaml.safe_load((out / "configs" / "grpo.yaml").read_text())
     grpo = yaml.safe_load((root / runs["grpo"] / "config.yaml").read_text())
     assert grpo["model"] == str((root / runs["sft"] / "latest").resolve())
+    base = (root / runs["base"] / "latest").resolve()  # the teacher and SFT start from the base, not random
+    assert all(Path(yaml.safe_load((out / "configs" / f"{stage}.yaml").read_text())["model"]).resolve() == base
+               for stage in ("teacher", "sft"))
     zoom = yaml.safe_load((out / "configs" / "grpo_zoom.yaml").read_text())  # the multi-turn arm starts from SFT
     assert Path(zoom["model"]).resolve() == (root / runs["sft"] / "latest").resolve()
     results = json.loads((out / "results.json").read_text())
@@ -87,7 +90,7 @@ def test_quickstart_fast_runs_every_stage_and_a_rerun_skips_them(tmp_path, subpr
     assert [r["step"] for r in results["grpo"]["grpo"]] == [1, 2]
     assert "| grpo_zoom |" in (out / "report.md").read_text()
     rerun = _vigorl(["quickstart", "--fast", "--runs_dir", str(tmp_path)], env)
-    assert rerun.returncode == 0 and rerun.stdout.count("done before, skipped") == 11
+    assert rerun.returncode == 0 and rerun.stdout.count("done before, skipped") == 13
 
 
 def test_every_command_has_help(subprocess_env):

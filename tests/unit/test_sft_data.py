@@ -300,8 +300,12 @@ def test_chat_template_carries_the_task_prompt(processor):
     given = processor.tokenizer.apply_chat_template([{"role": "system", "content": "S"}] + user,
                                                     chat_template=template, tokenize=False)
     assert given.startswith("<|im_start|>system\nS<|im_end|>") and prompt not in given
+    grounded = system_prompt("visual_search", "grounded")  # SFT of a fine-tuned checkpoint replaces its prompt
+    again = processor.tokenizer.apply_chat_template(user, chat_template=chat_template_with_system(template, grounded),
+                                                    tokenize=False)
+    assert again.startswith(f"<|im_start|>system\n{grounded}<|im_end|>\n<|im_start|>user\n") and prompt not in again
     with pytest.raises(ValueError, match="no default system message"):
-        chat_template_with_system(template, prompt)
+        chat_template_with_system(processor.chat_template.replace("You are a helpful assistant.", "X"), prompt)
 
 
 def test_latest_pointer_and_log_truncation(tmp_path):

@@ -102,3 +102,44 @@ def test_written_colour_chains_point_inside_the_square(tmp_path):
         points = [(int(x), int(y)) for x, y in re.findall(r"\((\d+), (\d+)\)", chain.messages[-1][1])]
         x1, y1, x2, y2 = sample.bbox
         assert points and all(x1 <= x < x2 and y1 <= y < y2 and x % 28 == 14 and y % 28 == 14 for x, y in points)
+
+
+def test_colour_background_tells_each_vision_token_where_it_is():
+    from vigorl_core.synthetic.tasks import CELL
+
+    sample, img = generate("colour", 1, 5)[0]
+    x1, y1, x2, y2 = (int(v) for v in sample.bbox)
+    tints = {}
+    for j in range(4):
+        for i in range(4):
+            cell = [(x, y) for x in range(CELL * i, CELL * (i + 1)) for y in range(CELL * j, CELL * (j + 1))
+                    if not (x1 <= x < x2 and y1 <= y < y2)]
+            seen = {img.getpixel(xy) for xy in cell}
+            if seen:  # the square hides some cells whole
+                assert len(seen) == 1, (i, j, seen)
+                tints[(i, j)] = seen.pop()
+    assert len(set(tints.values())) == len(tints) >= 12  # one tint per cell
+    assert all(tint not in PALETTE.values() for tint in tints.values())
+
+
+def test_base_data_points_at_the_square_and_names_its_colour(tmp_path):
+    from vigorl_core.synthetic.base import BASE_SYSTEM, COLOUR_QUESTION, POINT_QUESTION, write_base_data
+    from vigorl_core.synthetic.chains import token_point
+
+    profile = get_profile("tiny")
+    chains = read_conversations(write_base_data(tmp_path, 6, 0, profile))
+    kinds = [c.id.rsplit("-", 1)[1] for c in chains]
+    assert kinds.count("point") == 6 and kinds.count("colour") == 2 and kinds.count("crop") == 2
+    samples = dict((s.id, s) for s, _ in generate("colour", 6, 0))
+    for conv in chains:
+        (_, system), (_, question), (_, answer) = conv.messages
+        assert system == BASE_SYSTEM and conv.task == "visual_search" and len(conv.images) == 1
+        sample_id, kind = conv.id.rsplit("-", 1)
+        if kind == "point":
+            assert question.endswith(POINT_QUESTION)
+            assert answer == "({}, {})".format(*token_point(samples[sample_id].bbox, profile))
+        else:
+            assert question.endswith(COLOUR_QUESTION) and answer in PALETTE
+    crop = next(c for c in chains if c.id.endswith("-crop"))
+    zoom = generate("zoom_colour", 1, 0)[0][0]
+    assert crop.messages[2][1] == zoom.answer and crop.id.startswith(zoom.id)

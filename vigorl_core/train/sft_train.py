@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import re
+
 import json
 import math
 import os
@@ -143,12 +145,17 @@ def prepare_for_training(model: Any, *, freeze_vision_tower: bool = True, freeze
 def chat_template_with_system(template: str, system: str) -> str:
     """`template` with its fallback system message replaced by `system` (kept verbatim: Jinja raw block),
     so a chat without a system message gets the task's prompt: the released models bake it in because
-    without it they write no coordinates (issue #25 of the original repository)."""
-    if DEFAULT_SYSTEM not in template:
-        raise ValueError(f"the chat template has no default system message {DEFAULT_SYSTEM!r} to replace")
+    without it they write no coordinates (issue #25 of the original repository). The fallback is Qwen's
+    default message, or the raw block an earlier fine-tune put there (SFT of a fine-tuned checkpoint)."""
     if "{% endraw %}" in system:
         raise ValueError("the system prompt contains '{% endraw %}'")
-    return template.replace(DEFAULT_SYSTEM, "{% raw %}" + system + "{% endraw %}")
+    ours = "{% raw %}" + system + "{% endraw %}"
+    if DEFAULT_SYSTEM in template:
+        return template.replace(DEFAULT_SYSTEM, ours)
+    earlier = re.search(r"\{% raw %\}.*?\{% endraw %\}", template, flags=re.DOTALL)
+    if earlier is None:
+        raise ValueError(f"the chat template has no default system message {DEFAULT_SYSTEM!r} to replace")
+    return template[:earlier.start()] + ours + template[earlier.end():]
 
 
 def set_system_template(processor: Any, system: str) -> Any:
