@@ -55,7 +55,7 @@ def sample(rng: random.Random, squares: int, background: str, side=(7, 5)):
     blue channels follow x and y, or "through": that gradient also shows through the squares (60% colour)."""
     from PIL import Image, ImageDraw
 
-    if background in ("cells", "grid"):  # each 28-px vision token's cell its own tint: red follows the column, green the row
+    if background in ("cells", "grid"):  # each 28-px vision token's cell its own tint (red: column, green: row)
         img = Image.new("RGB", (SIZE, SIZE))
         levels = SIZE // 28
         img.putdata([(130 + 105 * (x // 28) // max(1, levels - 1), 130 + 105 * (y // 28) // max(1, levels - 1), 200)

@@ -52,9 +52,9 @@ def test_quickstart_fast_runs_every_stage_and_a_rerun_skips_them(tmp_path, subpr
     result = _vigorl(["quickstart", "--fast", "--runs_dir", str(tmp_path)], env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "quickstart" / "default"
-    stages = sorted(f.stem for f in (out / "stages").glob("*.json"))
+    stages = sorted(f.stem for f in (out / "stages").glob("*.json"))  # --fast evaluates the last model, in both modes
     assert stages == sorted(["data", "base_data", "base", "teacher_data", "teacher", "mcts", "chains", "sft_data",
-                             "sft", "grpo", "grpo_zoom", "eval_grpo_zoom", "report"])  # --fast evaluates the last model, in both modes
+                             "sft", "grpo", "grpo_zoom", "eval_grpo_zoom", "report"])
     lines = result.stdout.strip().splitlines()
     assert all(line.startswith(("vigorl quickstart", "[", "quickstart finished")) for line in lines), lines
     assert "INFO" not in result.stdout + result.stderr  # engine and Ray logs stay in the log files
