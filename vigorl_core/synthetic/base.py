@@ -21,6 +21,7 @@ from pathlib import Path
 
 from vigorl_core.data import IMAGE_TOKEN
 from vigorl_core.frames import ModelProfile, resize_to_model
+from vigorl_core.prompts import user_text
 from vigorl_core.protocol import format_point
 from vigorl_core.synthetic.chains import token_point
 from vigorl_core.synthetic.tasks import generate, quadrant_box
@@ -51,9 +52,13 @@ def write_base_data(out_dir: str | Path, n: int, seed: int, profile: ModelProfil
         name = f"images/{sample.id}.png"
         model_image.save(out / name, format="PNG", optimize=False, compress_level=6)
         point = format_point(*token_point(frame.box_to_model(sample.bbox), profile))
-        lines.append(_record(f"{sample.id}-point", POINT_QUESTION, point, name))
+        # Every other record asks after the task's question and options: the tiny model's rotary phases turn
+        # quickly with distance (rope_theta 10), so a skill learned at one distance from the image does not
+        # carry to another; the SFT chains ask for the point 20-60 tokens after it.
+        context = user_text(sample.question, sample.options) + "\n" if i % 2 else ""
+        lines.append(_record(f"{sample.id}-point", context + POINT_QUESTION, point, name))
         if i < n // 3:
-            lines.append(_record(f"{sample.id}-colour", COLOUR_QUESTION, sample.answer, name))
+            lines.append(_record(f"{sample.id}-colour", context + COLOUR_QUESTION, sample.answer, name))
     settings = zoom_settings("visual_search", profile.name)
     for sample, image in generate("zoom_colour", max(1, n // 3), seed):
         model_image, frame = resize_to_model(image, profile)
