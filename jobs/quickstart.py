@@ -78,7 +78,7 @@ SIZES: dict[str, dict[str, Any]] = {
              "grpo_steps": 60, "grpo_zoom_steps": 36, "rollout_batch": 8, "group": 8, "mcts_simulations": 4,
              "turn_tokens": 96, "response_tokens": 384, "eval_models": MODELS,
              "mcts": {"children": 3, "rollouts_per_child": 2, "max_depth": 4, "time_limit_s": 120}},
-    "fast": {"train_n": 8, "heldout_n": 4, "base_images": 6, "base_steps": 2,
+    "fast": {"train_n": 8, "heldout_n": 4, "base_images": 24, "base_steps": 2,
              "teacher_chains": 8, "teacher_steps": 4, "mcts_n": 2, "sft_steps": 4,
              "grpo_steps": 2, "grpo_zoom_steps": 2, "rollout_batch": 2, "group": 2, "mcts_simulations": 1,
              "turn_tokens": 48, "response_tokens": 144, "eval_models": ("grpo_zoom",),
