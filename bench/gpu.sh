@@ -34,7 +34,8 @@ for what in "$@"; do
              --gateway-replicas "${GATEWAY_REPLICAS:-1}" --zoom-replicas "${ZOOM_REPLICAS:-1}" \
              --name "gateway_overhead_gpu${SERVE_SUFFIX:-}" --out "$OUT" ;;
     # The job's kernels (auto: Liger's when liger-kernel is installed); SFT_KERNELS=none|compile to compare.
-    sft) python3 -m bench.sft_throughput --gpu --model "$MODEL" --kernels "${SFT_KERNELS:-auto}" --out "$OUT" ;;
+    sft) python3 -m bench.sft_throughput --gpu --model "$MODEL" --kernels "${SFT_KERNELS:-auto}" \
+           --micro-batch "${SFT_MICRO:-2}" --out "$OUT" ;;
     step) python3 -m bench.sft_profile --model "$MODEL" --micro-steps 6 --micro-batch 2 --no-checkpointing \
              --arms stock,vigorl,vigorl_liger,vigorl_compile,deepspeed --out "$OUT" ;;
     # Turn lengths with a long tail (thoughts of 8-900 tokens, log-spaced), as a trained model's.

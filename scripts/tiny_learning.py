@@ -55,7 +55,7 @@ def sample(rng: random.Random, squares: int, background: str, side=(7, 5)):
     blue channels follow x and y, or "through": that gradient also shows through the squares (60% colour)."""
     from PIL import Image, ImageDraw
 
-    if background in ("cells", "grid"):  # each 28-px vision token's cell its own tint (red: column, green: row)
+    if background in ("cells", "grid", "hollow", "dots"):  # each 28-px token's cell its own tint (red: x, green: y)
         img = Image.new("RGB", (SIZE, SIZE))
         levels = SIZE // 28
         img.putdata([(130 + 105 * (x // 28) // max(1, levels - 1), 130 + 105 * (y // 28) // max(1, levels - 1), 200)
@@ -75,7 +75,14 @@ def sample(rng: random.Random, squares: int, background: str, side=(7, 5)):
             if all(box[2] + 3 <= o[0] or o[2] + 3 <= box[0] or box[3] + 3 <= o[1] or o[3] + 3 <= box[1] for o in boxes):
                 break
         boxes.append(box)
-        if background == "grid":  # each cell's tint as a 3-px frame drawn over everything, squares too
+        if background == "hollow":  # a 7-px outline: the cells' tint shows inside the square
+            draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=PALETTE[colour], width=7)
+        elif background == "dots":  # each cell's tint as an 8-px patch at its centre, over the squares too
+            draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=PALETTE[colour])
+            for cy in range(0, SIZE, 28):
+                for cx in range(0, SIZE, 28):
+                    draw.rectangle([cx + 10, cy + 10, cx + 17, cy + 17], fill=_cell_tint(cx // 28, cy // 28))
+        elif background == "grid":  # each cell's tint as a 3-px frame drawn over everything, squares too
             draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=PALETTE[colour])
             for cy in range(0, SIZE, 28):
                 for cx in range(0, SIZE, 28):
@@ -121,6 +128,8 @@ class Setup:
     def messages(self, colour: str, answer: str | None = None, question: str | None = None) -> list[dict]:
         question = question or ("What colour is the square?" if self.args.task == "colour"
                                 else f"Point to the {colour} square.")
+        if self.args.pad:  # 0-8 filler words before the question, fixed per question: the distance varies
+            question = "Look. " * random.Random(question + colour).randrange(9) + question
         m = [{"role": "system", "content": self.system},
              {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return m + ([{"role": "assistant", "content": answer}] if answer else [])
@@ -311,9 +320,12 @@ def main() -> None:
     parser.add_argument("--squares", type=int, default=1, help="squares per image (point task)")
     parser.add_argument("--side", type=lambda v: tuple(int(p) for p in v.split(",")), default=(7, 5),
                         help="square side from SIZE/A to SIZE/B pixels, as A,B (default 7,5: 16-22 px at 112)")
-    parser.add_argument("--background", choices=["plain", "gradient", "through", "cells", "grid"], default="plain")
+    parser.add_argument("--background", default="plain",
+                        choices=["plain", "gradient", "through", "cells", "grid", "hollow", "dots"])
     parser.add_argument("--point", choices=["centre", "token"], default="centre",
                         help="point task: answer the square's centre, or the vision-token centre nearest it")
+    parser.add_argument("--pad", action="store_true",
+                        help="0-8 filler words before the question, so the image-to-answer distance varies")
     parser.add_argument("--system", choices=["short", "full"], default="short")
     parser.add_argument("--chain", choices=["named", "answer_only", "noisy"], default="named",
                         help="the colour task's target text (see Setup.colour_chain)")
