@@ -3,8 +3,9 @@
 Two measures on the first N samples (synthetic `colour` samples.jsonl: question, options, answer, bbox, point):
 - `generate`: greedy transformers generation under the grounded system prompt with the options in the question;
   prints accuracy, format (an <answer> block) and how many answers put every point inside the square;
-- `base`: the base model's two skills (vigorl_core.synthetic.base) in its own plain format: "Point to the
-  square." (the answered point inside the square) and "What is the colour of the square?" (the exact colour);
+- `base`: the base model's two skills (vigorl_core.synthetic.base) under its own system prompt: the first point
+  it names after the question and options (inside the square?) and "What is the colour of the square?" (the
+  exact colour);
 - `options`: teacher forcing. Each option is scored as the answer after one fixed thought that names the square's
   centre, and the most likely option is the prediction. This separates "reads the colour" from "writes its own
   chain", and the spread of predictions shows a model that answers one colour for every image.
@@ -84,13 +85,13 @@ def generate(args, system: str, records: list[dict]) -> None:
 
 
 def base(args, _system: str, records: list[dict]) -> None:
-    from vigorl_core.synthetic.base import BASE_SYSTEM, COLOUR_QUESTION, POINT_QUESTION
+    from vigorl_core.synthetic.base import BASE_SYSTEM, COLOUR_QUESTION
 
-    points = _greedy(args, BASE_SYSTEM, records, lambda r: POINT_QUESTION)
+    points = _greedy(args, BASE_SYSTEM, records, lambda r: _question(r, True))
     colours = _greedy(args, BASE_SYSTEM, records, lambda r: COLOUR_QUESTION)
     n = len(records)
-    print(json.dumps({"model": args.model, "n": n,
-                      "point_in_box": sum(_in_box(_points(t)[:1], r["bbox"]) for r, t in zip(records, points)) / n,
+    pointed = sum(_in_box(_points(t)[:1], r["bbox"]) for r, t in zip(records, points))
+    print(json.dumps({"model": args.model, "n": n, "first_point_in_box": pointed / n,
                       "colour_accuracy": sum(t.strip() == r["answer"] for r, t in zip(records, colours)) / n,
                       "last_outputs": [points[-1][:40], colours[-1][:40]]}))
 

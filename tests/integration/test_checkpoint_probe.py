@@ -12,7 +12,7 @@ from vigorl_core.synthetic.tasks import write_dataset
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "checkpoint_probe.py"
 
 
-@pytest.mark.parametrize("measure", ["generate", "options"])
+@pytest.mark.parametrize("measure", ["generate", "options", "base"])
 def test_probe_scores_every_sample(tiny_model_dir, tmp_path, subprocess_env, measure):
     out_dir = tmp_path / "colour"
     write_dataset("colour", 3, 0, out_dir)
@@ -21,7 +21,11 @@ def test_probe_scores_every_sample(tiny_model_dir, tmp_path, subprocess_env, mea
                              "--max_tokens", "8"], capture_output=True, text=True, env=subprocess_env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["n"] == 3 and 0.0 <= report["accuracy"] <= 1.0
+    assert report["n"] == 3
+    if measure == "base":
+        assert 0.0 <= report["first_point_in_box"] <= 1.0 and 0.0 <= report["colour_accuracy"] <= 1.0
+        return
+    assert 0.0 <= report["accuracy"] <= 1.0
     if measure == "options":  # one prediction per sample, each one of that sample's options
         assert sum(report["predictions"].values()) == 3
     else:

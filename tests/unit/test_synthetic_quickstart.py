@@ -123,7 +123,8 @@ def test_colour_background_tells_each_vision_token_where_it_is():
 
 
 def test_base_data_points_at_the_square_and_names_its_colour(tmp_path):
-    from vigorl_core.synthetic.base import BASE_SYSTEM, COLOUR_QUESTION, POINT_QUESTION, write_base_data
+    from vigorl_core.prompts import user_text
+    from vigorl_core.synthetic.base import BASE_SYSTEM, COLOUR_QUESTION, write_base_data
     from vigorl_core.synthetic.chains import token_point
 
     profile = get_profile("tiny")
@@ -135,9 +136,10 @@ def test_base_data_points_at_the_square_and_names_its_colour(tmp_path):
         (_, system), (_, question), (_, answer) = conv.messages
         assert system == BASE_SYSTEM and conv.task == "visual_search" and len(conv.images) == 1
         sample_id, kind = conv.id.rsplit("-", 1)
-        if kind == "point":
-            assert question.endswith(POINT_QUESTION)
-            assert answer == "({}, {})".format(*token_point(samples[sample_id].bbox, profile))
+        if kind == "point":  # the chains' first sentence, after the task's question and options
+            sample = samples[sample_id]
+            assert question.endswith(user_text(sample.question, sample.options))
+            assert answer == "<think>\nThe square is at ({}, {}).".format(*token_point(sample.bbox, profile))
         else:
             assert question.endswith(COLOUR_QUESTION) and answer in PALETTE
     crop = next(c for c in chains if c.id.endswith("-crop"))

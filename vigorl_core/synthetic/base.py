@@ -3,12 +3,16 @@
 The paper starts SFT (and its 72B teacher) from Qwen2.5-VL, whose pretraining already taught it to name what it
 sees and to point at it. The random tiny model has seen nothing, and learning to point from the MCTS chains alone
 takes it more samples than the quickstart's SFT has (docs/tiny_learning.md). So the quickstart first gives it
-those two skills with a short plain SFT in Qwen's default chat format, without the grounded reasoning format,
-the options or the zoom tool (SFT and GRPO still teach those):
-- "Point to the square." -> "(x, y)": the vision-token centre in the square (chains.token_point), on `colour`
-  images;
-- "What is the colour of the square?" -> the colour, on the same images and on zoom crops of `zoom_colour`
+those two skills with a short SFT under Qwen's default system prompt, without the reasoning that reaches an
+answer or the zoom tool (SFT and GRPO teach those):
+- where the square is, as the first sentence of an answer to the task's question: the `colour` question with its
+  options -> "<think>\nThe square is at (x, y)." (chains.token_point: the vision-token centre in the square);
+- "What is the colour of the square?" -> the colour, on a third of those images and on zoom crops of `zoom_colour`
   images (the named quadrant magnified, as the zoom tool returns it).
+Why the pointing is asked in the chains' own words: the tiny model finds a position through its rotary phases,
+which turn fast with distance (rope_theta 10), so it points only at the distance from the image it learned at.
+Asked "Point to the square." it learns to point (83%) but not in the chains, where the point sits further from the
+image (0-44%); asked as here, it points 95% of the time, under any system prompt (docs/tiny_learning.md).
 Records are sharegpt lines with a `task` key, as sft_data.read_conversations reads them.
 
     path = write_base_data("runs/data/base", n=1024, seed=3000, profile=get_profile("tiny"))
@@ -22,13 +26,11 @@ from pathlib import Path
 from vigorl_core.data import IMAGE_TOKEN
 from vigorl_core.frames import ModelProfile, resize_to_model
 from vigorl_core.prompts import user_text
-from vigorl_core.protocol import format_point
-from vigorl_core.synthetic.chains import token_point
+from vigorl_core.synthetic.chains import colour_steps
 from vigorl_core.synthetic.tasks import generate, quadrant_box
 from vigorl_core.zoom import point_crop, zoom_settings
 
 BASE_SYSTEM = "You are a helpful assistant."
-POINT_QUESTION = "Point to the square."
 COLOUR_QUESTION = "What is the colour of the square?"
 
 
@@ -51,14 +53,11 @@ def write_base_data(out_dir: str | Path, n: int, seed: int, profile: ModelProfil
         model_image, frame = resize_to_model(image, profile)
         name = f"images/{sample.id}.png"
         model_image.save(out / name, format="PNG", optimize=False, compress_level=6)
-        point = format_point(*token_point(frame.box_to_model(sample.bbox), profile))
-        # Every other record asks after the task's question and options: the tiny model's rotary phases turn
-        # quickly with distance (rope_theta 10), so a skill learned at one distance from the image does not
-        # carry to another; the SFT chains ask for the point 20-60 tokens after it.
-        context = user_text(sample.question, sample.options) + "\n" if i % 2 else ""
-        lines.append(_record(f"{sample.id}-point", context + POINT_QUESTION, point, name))
+        where = colour_steps(frame.box_to_model(sample.bbox), profile)[0]
+        lines.append(_record(f"{sample.id}-point", user_text(sample.question, sample.options),
+                             f"<think>\n{where}", name))
         if i < n // 3:
-            lines.append(_record(f"{sample.id}-colour", context + COLOUR_QUESTION, sample.answer, name))
+            lines.append(_record(f"{sample.id}-colour", COLOUR_QUESTION, sample.answer, name))
     settings = zoom_settings("visual_search", profile.name)
     for sample, image in generate("zoom_colour", max(1, n // 3), seed):
         model_image, frame = resize_to_model(image, profile)
