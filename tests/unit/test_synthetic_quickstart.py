@@ -74,11 +74,11 @@ def test_teacher_chains_hold_the_mcts_turns_of_each_written_chain(tmp_path):
 
     chains = read_conversations(write_teacher_chains(tmp_path, 2, 0, get_profile("tiny")))
     turns = [c for c in chains if "-mcts" in c.id]
-    assert len(chains) == 4 + len(turns) and len(turns) == 2 * 3 + 2 * 2  # colour: 2 steps + answer; zoom: 1 + 1
+    assert len(chains) == 4 + len(turns) and len(turns) == 2 * 2 + 2 * 2  # colour and zoom: 1 step + answer
     sample = generate("colour", 1, 0)[0][0]
-    last = next(c for c in turns if c.id == f"{sample.id}-mcts2")
+    last = next(c for c in turns if c.id == f"{sample.id}-mcts1")
     assert last.messages[0][1].startswith(system_prompt("visual_search", "mcts").split("\n")[0])
-    assert "Previous thought 2: I read the colour of the square at" in last.messages[1][1]
+    assert "Previous thought 1: The square is at" in last.messages[1][1]
     assert sample.answer not in last.messages[1][1].split("Previous thought 1")[1]  # no step names the colour
     assert last.messages[2][1] == f"<answer> {sample.answer} </answer>" and len(last.images) == 1
 

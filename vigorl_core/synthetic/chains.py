@@ -73,12 +73,13 @@ def token_point(box_model: tuple[float, float, float, float], profile: ModelProf
 
 
 def colour_steps(box_model: tuple[float, float, float, float], profile: ModelProfile) -> list[str]:
-    """The `colour` task's reasoning steps for the square's box (model frame): where the square is (its
+    """The `colour` task's reasoning step for the square's box (model frame): where the square is (its
     `token_point`), never its colour. A step that names a colour lets a model copy its own words into the answer
     (a text shortcut the quickstart's first runs learned); with the colour only in the answer, it must come from
-    the image."""
-    point = format_point(*token_point(box_model, profile))
-    return [f"The square is at {point}.", f"I read the colour of the square at {point}."]
+    the image. One step: the tiny model names a point only at the distance from the image it learned it at, so
+    a second point, after the first step's text, was a guess in the teacher's MCTS turns (85% of its MCTS chains
+    had an ungrounded point; docs/tiny_learning.md, seventh round)."""
+    return [f"The square is at {format_point(*token_point(box_model, profile))}."]
 
 
 def _colour(sample, image, profile: ModelProfile) -> tuple[dict, list]:

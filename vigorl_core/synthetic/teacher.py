@@ -8,7 +8,7 @@ rollouts correct at temperature 1). So each written chain is given twice: whole,
 the same steps, one record per step and one for the answer.
 
 Steps: `colour` names a point in the square (chains.token_point: the vision-token centre nearest its centre)
-twice and leaves its colour to the answer (chains.colour_steps);
+once and leaves its colour to the answer (chains.colour_steps);
 `zoom_colour` names the centre of the quadrant the question names (the zoom point the multi-turn chains of its
 trees turn it into), then answers.
 
