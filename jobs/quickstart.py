@@ -11,7 +11,7 @@ any stage can be rerun by hand with the same command (the stage's log names it):
                `colour` (the colour of a square that spans several vision tokens; single-turn, grounded) and
                `zoom_colour` (the colour of a small square in a named quadrant: near chance in the full view,
                readable after one zoom into the quadrant; multi-turn);
-2. base        the random tiny model after a short plain SFT that teaches it to point at the square and name its
+2. base        the random tiny model after a short SFT that teaches it to point at the square and name its
                colour (vigorl_core.synthetic.base): what Qwen2.5-VL's pretraining gave the paper's models;
 3. teacher     the base model after a short SFT on programmatically written grounded chains of other images
                (vigorl_core.synthetic.chains): a weak, noisy stand-in for the paper's Qwen2.5-VL-72B;
@@ -151,7 +151,7 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
     stages.append(Stage("base_data", "base data: point at the square, name its colour", base_data,
                         call=lambda: _write_base_data(base_data.parent, s["base_images"], cfg.seed + 3000)))
     stages.append(Stage(
-        "base", "base: the random model, short plain SFT to point and see", p.model("base"), module="jobs.sft",
+        "base", "base: the random model, short SFT to point and see", p.model("base"), module="jobs.sft",
         # Qwen's default chat (the records' own system prompt), 16 a step: short sequences, many images.
         config={**common, **sft, "run_name": p.name + "-base", "model": str(p.random_model), "data": str(base_data),
                 "system_prompt": "record", "val_fraction": 0.02, "max_steps": s["base_steps"],
