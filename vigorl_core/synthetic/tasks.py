@@ -213,9 +213,9 @@ CELL = 28  # the tiny model's merged vision token at 112 px (two 14-px patches a
 
 def cell_tinted(size: tuple[int, int]) -> Image.Image:
     """A background whose every CELL-px cell has its own pale tint: red rises with the column, green with the
-    row (130-235), blue 200. The tiny model's vision tower has no absolute position embedding, and learning
-    position from rotary phases alone takes it more steps than the quickstart has; with the tint a vision
-    token's pixels say where it is, as the grid letters of a map do (docs/tiny_learning.md, seventh round)."""
+    row (130-235), blue 200. The tiny model's vision tower has no absolute position embedding; with the tint a
+    vision token's pixels say where it is, as the grid letters of a map do. Pointing at the square's token then
+    reaches 94-100% in 700-1,000 plain SFT steps, against 66% on grey (docs/tiny_learning.md, seventh round)."""
     w, h = size
     columns, rows = max(1, (w - 1) // CELL), max(1, (h - 1) // CELL)
     img = Image.new("RGB", size)
