@@ -44,15 +44,22 @@ def _in_box(points: list[tuple[int, int]], box: list[float]) -> bool:
     return bool(points) and all(box[0] <= x < box[2] and box[1] <= y < box[3] for x, y in points)
 
 
-def _greedy(args, system: str, records: list[dict], question) -> list[str]:
+def _load(model_dir: str):
+    """(processor, model) for greedy generation: fp32, left padding."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(model_dir)
+    proc.tokenizer.padding_side = "left"
+    return proc, AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _greedy(args, loaded, system: str, records: list[dict], question) -> list[str]:
     """Greedy transformers generation for each record: `question(record)` under `system`, with its image."""
     import torch
     from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    proc = AutoProcessor.from_pretrained(args.model)
-    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=torch.float32).eval()
-    proc.tokenizer.padding_side = "left"
+    proc, model = loaded
     texts = []
     for start in range(0, len(records), 16):
         part = records[start:start + 16]
@@ -73,7 +80,7 @@ def _points(text: str) -> list[tuple[int, int]]:
 
 def generate(args, system: str, records: list[dict]) -> None:
     hits = formatted = grounded = 0
-    texts = _greedy(args, system, records, lambda r: _question(r, not args.no_options))
+    texts = _greedy(args, _load(args.model), system, records, lambda r: _question(r, not args.no_options))
     for rec, text in zip(records, texts):
         answer = re.search(r"<answer>\s*(.*?)\s*</answer>", text)
         formatted += bool(answer)
@@ -87,8 +94,9 @@ def generate(args, system: str, records: list[dict]) -> None:
 def base(args, _system: str, records: list[dict]) -> None:
     from vigorl_core.synthetic.base import BASE_SYSTEM, COLOUR_QUESTION
 
-    points = _greedy(args, BASE_SYSTEM, records, lambda r: _question(r, True))
-    colours = _greedy(args, BASE_SYSTEM, records, lambda r: COLOUR_QUESTION)
+    loaded = _load(args.model)
+    points = _greedy(args, loaded, BASE_SYSTEM, records, lambda r: _question(r, True))
+    colours = _greedy(args, loaded, BASE_SYSTEM, records, lambda r: COLOUR_QUESTION)
     n = len(records)
     pointed = sum(_in_box(_points(t)[:1], r["bbox"]) for r, t in zip(records, points))
     print(json.dumps({"model": args.model, "n": n, "first_point_in_box": pointed / n,

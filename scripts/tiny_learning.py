@@ -44,22 +44,19 @@ SIZE = 112  # --size overrides
 SHORT_SYSTEM = "Point to the element. Answer (x, y)."
 
 
-def _cell_tint(i: int, j: int) -> tuple[int, int, int]:
-    levels = max(1, SIZE // 28 - 1)
-    return 130 + 105 * i // levels, 130 + 105 * j // levels, 200
-
-
 def sample(rng: random.Random, squares: int, background: str, side=(7, 5)):
     """(image, colour asked about, its box x1, y1, x2, y2) with `squares` squares of distinct colours, each
     SIZE // side[0] to SIZE // side[1] pixels wide, on a `background` of "plain" grey, a "gradient" whose red and
-    blue channels follow x and y, or "through": that gradient also shows through the squares (60% colour)."""
+    blue channels follow x and y, "through": that gradient also shows through the squares (60% colour), or the
+    quickstart's tint per 28-px vision token (tasks.cell_tinted) under the squares ("cells"), inside 7-px outlined
+    squares ("hollow"), or also as 3-px cell frames ("grid") or 8-px cell-centre patches ("dots") drawn over them."""
     from PIL import Image, ImageDraw
 
-    if background in ("cells", "grid", "hollow", "dots"):  # each 28-px token's cell its own tint (red: x, green: y)
-        img = Image.new("RGB", (SIZE, SIZE))
-        levels = SIZE // 28
-        img.putdata([(130 + 105 * (x // 28) // max(1, levels - 1), 130 + 105 * (y // 28) // max(1, levels - 1), 200)
-                     for y in range(SIZE) for x in range(SIZE)])
+    from vigorl_core.synthetic.tasks import cell_tinted
+
+    tints = cell_tinted((SIZE, SIZE))
+    if background in ("cells", "grid", "hollow", "dots"):
+        img = tints.copy()
     elif background != "plain":
         img = Image.new("RGB", (SIZE, SIZE))
         img.putdata([(90 + 150 * x // SIZE, 200, 90 + 150 * y // SIZE) for y in range(SIZE) for x in range(SIZE)])
@@ -81,12 +78,12 @@ def sample(rng: random.Random, squares: int, background: str, side=(7, 5)):
             draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=PALETTE[colour])
             for cy in range(0, SIZE, 28):
                 for cx in range(0, SIZE, 28):
-                    draw.rectangle([cx + 10, cy + 10, cx + 17, cy + 17], fill=_cell_tint(cx // 28, cy // 28))
+                    draw.rectangle([cx + 10, cy + 10, cx + 17, cy + 17], fill=tints.getpixel((cx, cy)))
         elif background == "grid":  # each cell's tint as a 3-px frame drawn over everything, squares too
             draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=PALETTE[colour])
             for cy in range(0, SIZE, 28):
                 for cx in range(0, SIZE, 28):
-                    draw.rectangle([cx, cy, cx + 27, cy + 27], outline=_cell_tint(cx // 28, cy // 28), width=3)
+                    draw.rectangle([cx, cy, cx + 27, cy + 27], outline=tints.getpixel((cx, cy)), width=3)
         elif background == "through":
             square = Image.new("RGB", (box[2] - box[0], box[3] - box[1]), PALETTE[colour])
             img.paste(Image.blend(square, img.crop(box), 0.4), box[:2])

@@ -26,12 +26,12 @@ from pathlib import Path
 from vigorl_core.data import IMAGE_TOKEN
 from vigorl_core.frames import ModelProfile, resize_to_model
 from vigorl_core.prompts import user_text
-from vigorl_core.synthetic.chains import colour_steps
-from vigorl_core.synthetic.tasks import generate, quadrant_box
+from vigorl_core.synthetic.chains import colour_steps, quadrant_point
+from vigorl_core.synthetic.tasks import COLOUR_QUESTION, generate
+from vigorl_core.train.sft_train import DEFAULT_SYSTEM
 from vigorl_core.zoom import point_crop, zoom_settings
 
-BASE_SYSTEM = "You are a helpful assistant."
-COLOUR_QUESTION = "What is the colour of the square?"
+BASE_SYSTEM = DEFAULT_SYSTEM  # Qwen's own fallback system message: the base knows no task prompt
 
 
 def _record(rid: str, question: str, answer: str, image_name: str) -> str:
@@ -61,11 +61,9 @@ def write_base_data(out_dir: str | Path, n: int, seed: int, profile: ModelProfil
     settings = zoom_settings("visual_search", profile.name)
     for sample, image in generate("zoom_colour", max(1, n // 3), seed):
         model_image, frame = resize_to_model(image, profile)
-        x1, y1, x2, y2 = quadrant_box(sample.metadata["quadrant"], image.size)
-        x, y = frame.to_model((x1 + x2) / 2, (y1 + y2) / 2)
         name = f"images/{sample.id}-crop.png"
-        point_crop(model_image, round(x), round(y), settings).image.save(out / name, format="PNG", optimize=False,
-                                                                           compress_level=6)
+        crop = point_crop(model_image, *quadrant_point(sample, image.size, frame), settings)
+        crop.image.save(out / name, format="PNG", optimize=False, compress_level=6)
         lines.append(_record(f"{sample.id}-crop", COLOUR_QUESTION, sample.answer, name))
     path = out / "chains.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -72,6 +72,14 @@ def token_point(box_model: tuple[float, float, float, float], profile: ModelProf
     return min(inside, key=lambda p: (p[0] - cx) ** 2 + (p[1] - cy) ** 2)
 
 
+def quadrant_point(sample, image_size: tuple[int, int], frame) -> tuple[int, int]:
+    """The centre of the quadrant a `zoom_colour` question names, in the model frame: where its chains zoom (the
+    zoom window is the quadrant, so the crop shows the small square wherever it lies in it)."""
+    x1, y1, x2, y2 = quadrant_box(sample.metadata["quadrant"], image_size)
+    x, y = frame.to_model((x1 + x2) / 2, (y1 + y2) / 2)
+    return round(x), round(y)
+
+
 def colour_steps(box_model: tuple[float, float, float, float], profile: ModelProfile) -> list[str]:
     """The `colour` task's reasoning step for the square's box (model frame): where the square is (its
     `token_point`), never its colour. A step that names a colour lets a model copy its own words into the answer
@@ -95,8 +103,7 @@ def _zoom_colour(sample, image, profile: ModelProfile) -> tuple[dict, list]:
     """Zoom at the centre of the quadrant the question names: its window is the quadrant, so the crop shows
     the small square several vision tokens wide wherever it lies in the quadrant."""
     model_image, frame = resize_to_model(image, profile)
-    x1, y1, x2, y2 = quadrant_box(sample.metadata["quadrant"], image.size)
-    x, y = (round(v) for v in frame.to_model((x1 + x2) / 2, (y1 + y2) / 2))
+    x, y = quadrant_point(sample, image.size, frame)
     quadrant, colour = sample.metadata["quadrant"], sample.answer
     crop = point_crop(model_image, x, y, zoom_settings("visual_search", profile.name))
     messages = [

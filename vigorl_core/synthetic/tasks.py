@@ -63,6 +63,7 @@ DEFAULT_SIZES: dict[str, tuple[int, int]] = {
     "colour": (112, 112), "zoom_colour": (112, 112),
 }
 QUADRANTS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
+COLOUR_QUESTION = "What is the colour of the square?"  # the `colour` task's question
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: IntBox, fill: Rgb) -> None:
@@ -235,7 +236,7 @@ def _colour(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, dic
     assert box is not None
     draw_shape(ImageDraw.Draw(img), "square", box, PALETTE[colour])
     options = _options(rng, colour, rng.sample([c for c in COLOURS if c != colour], 3))
-    return img, dict(question="What is the colour of the square?", options=options, answer=colour, bbox=box,
+    return img, dict(question=COLOUR_QUESTION, options=options, answer=colour, bbox=box,
                      category="colour", metadata={"shape": "square", "colour": colour})
 
 

@@ -24,17 +24,16 @@ from vigorl_core.data import IMAGE_TOKEN
 from vigorl_core.frames import ModelProfile, resize_to_model
 from vigorl_core.prompts import system_prompt, user_text
 from vigorl_core.protocol import format_point
-from vigorl_core.synthetic.chains import colour_steps, write_synthetic_chains
-from vigorl_core.synthetic.tasks import QUICKSTART_TASKS, generate, quadrant_box
+from vigorl_core.synthetic.chains import colour_steps, quadrant_point, write_synthetic_chains
+from vigorl_core.synthetic.tasks import QUICKSTART_TASKS, generate
 
 
 def teacher_steps(sample, image, profile: ModelProfile) -> list[str]:
     """The written reasoning steps of a quickstart sample (model-frame points)."""
     _, frame = resize_to_model(image, profile)
     if sample.metadata.get("quadrant"):
-        x1, y1, x2, y2 = quadrant_box(sample.metadata["quadrant"], image.size)
-        x, y = (round(v) for v in frame.to_model((x1 + x2) / 2, (y1 + y2) / 2))
-        return [f"The small square in the {sample.metadata['quadrant']} quadrant is near {format_point(x, y)}."]
+        point = format_point(*quadrant_point(sample, image.size, frame))
+        return [f"The small square in the {sample.metadata['quadrant']} quadrant is near {point}."]
     return colour_steps(frame.box_to_model(sample.bbox), profile)
 
 
