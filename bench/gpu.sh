@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmarks on one H100/H200 host:
 #
-#   bash bench/gpu.sh serve sft        # any of: model serve sft step rollout plain
+#   bash bench/gpu.sh serve sft        # any of: model serve sft step vision rollout plain
 #
 # Install (once per host). The host brings Python 3.12, torch 2.11 for CUDA 13 and transformers 5.16-5.19;
 # vigorl adds, without touching that torch: vLLM 0.26.0 (the vLLM release built for torch 2.11 and CUDA 13),
@@ -30,14 +30,16 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for what in "$@"; do
   case "$what" in
     serve) python3 -m bench.serve_gateway --model "$MODEL" --dtype bfloat16 --policy-gpus 1 \
-             --gpu-memory-utilization 0.4 --requests 24 --repeats 2 --max-tokens 128 \
+             --gpu-memory-utilization 0.4 --requests "${SERVE_REQUESTS:-24}" --repeats 2 --max-tokens 128 \
              --gateway-replicas "${GATEWAY_REPLICAS:-1}" --zoom-replicas "${ZOOM_REPLICAS:-1}" \
              --name "gateway_overhead_gpu${SERVE_SUFFIX:-}" --out "$OUT" ;;
     # The job's kernels (auto: Liger's when liger-kernel is installed); SFT_KERNELS=none|compile to compare.
     sft) python3 -m bench.sft_throughput --gpu --model "$MODEL" --kernels "${SFT_KERNELS:-auto}" \
            --micro-batch "${SFT_MICRO:-2}" --out "$OUT" ;;
+    # The frozen vision tower's forward alone: as prepared, + linear patch embedding, + compiled blocks.
+    vision) python3 -m bench.vision_profile --model "$MODEL" --out "$OUT" ;;
     step) python3 -m bench.sft_profile --model "$MODEL" --micro-steps 6 --micro-batch 2 --no-checkpointing \
-             --arms stock,vigorl,vigorl_liger,vigorl_compile,deepspeed --out "$OUT" ;;
+             --arms "${STEP_ARMS:-stock,vigorl,vigorl_liger,vigorl_compile,deepspeed}" ${STEP_ARGS:-} --out "$OUT" ;;
     # Turn lengths with a long tail (thoughts of 8-900 tokens, log-spaced), as a trained model's.
     # CONVERSATIONS=256 for GRPO-sized batches.
     rollout) python3 -m bench.rollout_lockstep --model "$MODEL" --conversations "${CONVERSATIONS:-64}" --repeats 2 \
@@ -46,7 +48,7 @@ for what in "$@"; do
     # The rollout driver (single- and multi-turn, paper's multi-turn budgets) against plain vLLM, one run.
     plain) python3 -m bench.rollout_vs_plain --model "$MODEL" --max-tokens 512 --name gpu --out "$OUT" ${PLAIN_ARGS:-} ;;
     model) ;;
-    *) echo "unknown benchmark $what (model, serve, sft, step, rollout, plain)"; exit 2 ;;
+    *) echo "unknown benchmark $what (model, serve, sft, step, vision, rollout, plain)"; exit 2 ;;
   esac
 done
 ls -la "$OUT"

@@ -69,18 +69,25 @@ def grouped_window_attention(query, key, value, cu_seqlens, scaling: float, plan
 
 
 def _patched_forward(module: Any, rotary: Any, plans: dict):
-    def forward(hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
-        seq_length = hidden_states.shape[0]
-        q, k, v = module.qkv(hidden_states).reshape(seq_length, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        cos, sin = position_embeddings
-        q, k = rotary(q, k, cos, sin)
+    import torch
+
+    # Kept out of torch.compile (vigorl_core.train.vision_speed compiles the blocks around it): the plan is
+    # host-side bookkeeping keyed by tensor identity, and its groups' shapes change with every image size.
+    @torch.compiler.disable
+    def attend(q, k, v, cu_seqlens):
         plan = plans.get(id(cu_seqlens))
         if plan is None or plan.cu_seqlens is not cu_seqlens:
             if len(plans) > 8:  # each tower forward brings new cu_seqlens tensors
                 plans.clear()
             plan = plans[id(cu_seqlens)] = _WindowPlan(cu_seqlens)
-        out = grouped_window_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_seqlens,
-                                       module.scaling, plan)
+        return grouped_window_attention(q, k, v, cu_seqlens, module.scaling, plan)
+
+    def forward(hidden_states, cu_seqlens, position_embeddings=None, **kwargs):
+        seq_length = hidden_states.shape[0]
+        q, k, v = module.qkv(hidden_states).reshape(seq_length, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = position_embeddings
+        q, k = rotary(q, k, cos, sin)
+        out = attend(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cu_seqlens)
         return module.proj(out.reshape(seq_length, -1))
     return forward
 
