@@ -223,7 +223,8 @@ def train_worker(config: dict) -> None:
     start = client["step"] if client else 0
     chat = ChatTokens.from_pretrained(model_dir)
     processor = set_system_template(AutoProcessor.from_pretrained(model_dir), data["system"])
-    collate_fn = partial(collate, pad_id=chat.tokenizer.pad_token_id, image_pad_id=chat.image_pad_id)
+    collate_fn = partial(collate, pad_id=chat.tokenizer.pad_token_id, image_pad_id=chat.image_pad_id,
+                         merge_size=chat.profile.merge_size)
     train_set = SFTDataset(data["train"], processor.image_processor, chat.profile)
     val_set = SFTDataset(data["val"], processor.image_processor, chat.profile)
     loader = torch.utils.data.DataLoader(train_set, batch_sampler=plan.rank_batches(rank, start, total),
@@ -282,8 +283,8 @@ def _forward(engine, batch: dict):
     from vigorl_core.train.sft_train import loss_positions, token_nll
 
     labels = batch["labels"]
-    positions = loss_positions(labels)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    positions = batch["loss_positions"] if "loss_positions" in batch else loss_positions(labels)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_positions")}
     out = engine(**inputs, logits_to_keep=positions, use_cache=False)
     return token_nll(out.logits, labels, positions)
 

@@ -150,10 +150,19 @@ def test_dataset_and_collate_feed_the_model(multiturn, chat, processor, tiny_mod
     assert batch["image_grid_thw"].shape == (4, 3)  # grounding image, then the chain's three images
     assert batch["pixel_values"].shape[0] == batch["image_grid_thw"].prod(-1).sum()
 
-    # The loss on kept positions equals the model's own mean loss over the same labels.
+    # The positions computed while collating are the model's own: its rotary positions (two rows of different
+    # lengths, four images) and the columns whose next token is labelled.
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    want, _ = model.model.get_rope_index(batch["input_ids"], batch["mm_token_type_ids"], batch["image_grid_thw"],
+                                         attention_mask=batch["attention_mask"])
+    assert torch.equal(batch["position_ids"], want)
     positions = loss_positions(batch["labels"])
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    assert torch.equal(batch["loss_positions"], positions)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_positions")}
+    without = {k: v for k, v in inputs.items() if k != "position_ids"}
+    assert torch.allclose(model(**inputs).logits, model(**without).logits, atol=1e-6)
+
+    # The loss on kept positions equals the model's own mean loss over the same labels.
     nll, count = token_nll(model(**inputs, logits_to_keep=positions).logits, batch["labels"], positions)
     full = model(**inputs, labels=batch["labels"]).loss
     assert count == ex.label_tokens + ex2.label_tokens
@@ -176,8 +185,8 @@ def test_frozen_vision_tower_stays_out_of_autograd_with_checkpointing(multiturn,
     model.train()
     block_inputs = []
     model.model.visual.blocks[0].register_forward_hook(lambda m, args, out: block_inputs.append(args[0].requires_grad))
-    positions = loss_positions(batch["labels"])
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    positions = batch["loss_positions"]
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_positions")}
     nll, _ = token_nll(model(**inputs, logits_to_keep=positions).logits, batch["labels"], positions)
     nll.backward()
     visual = model.model.visual

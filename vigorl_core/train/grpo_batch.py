@@ -94,7 +94,7 @@ def collate_rollouts(items: list[dict], pad_id: int, image_pad_id: int) -> dict:
     return batch
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw", "position_ids")
 
 
 def sequence_logprobs(model: Any, batch: dict):
@@ -104,7 +104,7 @@ def sequence_logprobs(model: Any, batch: dict):
     from vigorl_core.train.grpo import token_logprobs
     from vigorl_core.train.sft_train import loss_positions
 
-    positions = loss_positions(batch["labels"])
+    positions = batch["loss_positions"] if "loss_positions" in batch else loss_positions(batch["labels"])
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     logits = model(**inputs, logits_to_keep=positions, use_cache=False).logits
     targets = batch["input_ids"][:, positions + 1]

@@ -237,12 +237,51 @@ class SFTDataset:
         return item
 
 
-def collate(items: list[dict[str, Any]], pad_id: int, image_pad_id: int) -> dict[str, Any]:
-    """Right-pad a micro-batch. Returns input_ids, labels, attention_mask, mm_token_type_ids [B, L] and, when
-    any image is present, pixel_values [sum patches, C*T*P*P] and image_grid_thw [num images, 3] in order.
-    `mm_token_type_ids` (1 on image pads) must reach forward: without it transformers 5 falls back to 1-D
-    positions (silently) and the model loses the image layout."""
+def mrope_position_ids(input_ids, attention_mask, mm_token_type_ids, image_grid_thw, merge_size: int = 2):
+    """[3, B, L] multimodal rotary positions (temporal, height, width) of a right-padded Qwen2.5-VL batch, as
+    transformers' `get_rope_index` computes them: text continues one by one, an image's tokens take its merged
+    grid offset by the position where it starts, and the text after it starts max(h, w) further on; padding
+    gets 0. Computed on the CPU while the batch is collated: the model's own computation runs on the GPU tensors
+    and waits on the GPU about ten times a micro-batch (`.tolist()`, `.item()`, masked assignment)."""
     import torch
+
+    rows, width = input_ids.shape
+    position_ids = torch.zeros(3, rows, width, dtype=torch.long)
+    grids = iter(image_grid_thw.tolist())
+    for row in range(rows):
+        keep = attention_mask[row].bool()
+        types = mm_token_type_ids[row][keep].tolist()
+        pieces, position, start = [], 0, 0
+        while start < len(types):
+            end = start
+            while end < len(types) and types[end] == types[start]:
+                end += 1
+            if types[start] == 0:
+                pieces.append(torch.arange(position, position + end - start).expand(3, -1))
+                position += end - start
+            else:  # one image, or several whose pads touch (no text between them)
+                covered = start
+                while covered < end:
+                    t, h, w = next(grids)
+                    h, w = h // merge_size, w // merge_size
+                    axes = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+                    pieces.append(torch.stack(axes).reshape(3, -1) + position)
+                    position, covered = position + max(h, w), covered + t * h * w
+            start = end
+        position_ids[:, row, keep] = torch.cat(pieces, dim=1)
+    return position_ids
+
+
+def collate(items: list[dict[str, Any]], pad_id: int, image_pad_id: int, merge_size: int = 2) -> dict[str, Any]:
+    """Right-pad a micro-batch. Returns input_ids, labels, attention_mask, mm_token_type_ids [B, L],
+    loss_positions [K] (sft_train.loss_positions) and, when any image is present, pixel_values
+    [sum patches, C*T*P*P], image_grid_thw [num images, 3] in order and position_ids [3, B, L]
+    (mrope_position_ids; `merge_size` is the vision config's spatial_merge_size). `mm_token_type_ids` (1 on
+    image pads) must reach forward too: transformers checks it. What can be computed from the token ids is
+    computed here, on the CPU, so that the forward on a GPU need not wait for it."""
+    import torch
+
+    from vigorl_core.train.sft_train import loss_positions
 
     width = max(len(it["input_ids"]) for it in items)
     input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
@@ -252,11 +291,14 @@ def collate(items: list[dict[str, Any]], pad_id: int, image_pad_id: int) -> dict
         n = len(it["input_ids"])
         input_ids[row, :n], labels[row, :n], attention[row, :n] = it["input_ids"], it["labels"], 1
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
-             "mm_token_type_ids": (input_ids == image_pad_id).int() * attention}
+             "mm_token_type_ids": (input_ids == image_pad_id).int() * attention,
+             "loss_positions": loss_positions(labels)}
     with_images = [it for it in items if "pixel_values" in it]
     if with_images:
         batch["pixel_values"] = torch.cat([it["pixel_values"] for it in with_images])
         batch["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in with_images])
+        batch["position_ids"] = mrope_position_ids(input_ids, attention, batch["mm_token_type_ids"],
+                                                   batch["image_grid_thw"], merge_size)
     return batch
 
 

@@ -117,14 +117,14 @@ def prepare_for_training(model: Any, *, freeze_vision_tower: bool = True, freeze
     images it was most of the step (thousands of per-window attention calls). Non-reentrant
     checkpointing needs no such hook and the text embedding trains in a full fine-tune, so it is removed.
 
-    The tower's patch embedding runs as one matmul (vigorl_core.train.vision_speed). `kernels` fuses the
-    language model's element-wise work (vigorl_core.train.kernels: auto, liger, compile, none; `gpu` says
-    whether the model trains on a CUDA GPU); any kernels but none also compile the tower's blocks."""
+    `kernels` fuses the language model's element-wise work (vigorl_core.train.kernels: auto, liger, compile,
+    none; `gpu` says whether the model trains on a CUDA GPU); any kernels but none also compile the vision
+    tower's blocks (vigorl_core.train.vision_speed)."""
     import torch
 
     from vigorl_core.train.kernels import apply_kernels
     from vigorl_core.train.vision_attention import batch_window_attention
-    from vigorl_core.train.vision_speed import compile_vision_blocks, linear_patch_embed
+    from vigorl_core.train.vision_speed import compile_vision_blocks
 
     visual = model.model.visual
     if freeze_vision_tower:
@@ -138,7 +138,6 @@ def prepare_for_training(model: Any, *, freeze_vision_tower: bool = True, freeze
         model.disable_input_require_grads()
     model.config.use_cache = False
     batch_window_attention(model)
-    linear_patch_embed(model)
     if apply_kernels(model, kernels, gpu) != "none":
         compile_vision_blocks(model)
     torch.backends.cuda.enable_cudnn_sdp(False)
