@@ -30,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for what in "$@"; do
   case "$what" in
     serve) python3 -m bench.serve_gateway --model "$MODEL" --dtype bfloat16 --policy-gpus 1 \
-             --gpu-memory-utilization 0.4 --requests "${SERVE_REQUESTS:-24}" --repeats 2 --max-tokens 128 \
+             --gpu-memory-utilization 0.4 --requests "${SERVE_REQUESTS:-64}" --repeats 2 --max-tokens 128 \
              --gateway-replicas "${GATEWAY_REPLICAS:-1}" --zoom-replicas "${ZOOM_REPLICAS:-1}" \
              --name "gateway_overhead_gpu${SERVE_SUFFIX:-}" --out "$OUT" ;;
     # The job's kernels (auto: Liger's when liger-kernel is installed); SFT_KERNELS=none|compile to compare.
