@@ -94,6 +94,19 @@ def test_caps_are_deterministic_and_independent_of_tree_order():
     assert linearize(tree_record(), LinearizeConfig(correct_threshold=1.5)) == []
 
 
+def test_modal_first_point_keeps_the_chains_that_start_where_the_teacher_points_most():
+    # first points of the five attempts: the mug (10, 20) three times, the shelf once, "It is red" (90, 90) once
+    chains = linearize(tree_record(), LinearizeConfig(modal_first_point=True))
+    assert set(by_kind(chains, "direct")) == {(MUG, RED)}  # (SAYS_RED,) reached red from another point
+    assert set(by_kind(chains, "backtrack")) == {(MUG, LID, CORRECTION, RED), (MUG, LID, CORRECTION, SAYS_RED)}
+    # without points in any attempt there is no mode and nothing is dropped
+    pointless = tree_record()
+    for node in pointless.nodes():
+        for r in node.rollouts:
+            r.ephemeral_texts = [t.replace("(", "[").replace(")", "]") for t in r.ephemeral_texts]
+    assert len(linearize(pointless, LinearizeConfig(modal_first_point=True))) == len(linearize(pointless))
+
+
 def test_points_are_rescaled_to_the_student_frame():
     # teacher frame 224x224 (tiny); the qwen2.5-vl student sees the 448x448 file unresized: points x2
     chains = linearize(tree_record(), profile=PROFILES["qwen2.5-vl"])

@@ -73,6 +73,10 @@ class LinearizeConfig(StageConfig):
     val_fraction: float = Field(0.05, ge=0, le=1, description="share of samples (all their chains) in val")
     seed: int = Field(0, description="seeds the shuffle before capping and the split hash")
     max_images: int = Field(5, ge=2, description="multi-turn: original + crops, as in RL (5: at most 4 zooms)")
+    modal_first_point: bool = Field(False, description="keep only chains whose first point is the one the tree's "
+                                    "attempts name first most often (a self-consistency filter that needs no box: "
+                                    "the teacher's most frequent point is the one greedy decoding names, and a chain "
+                                    "that reached the right answer from another point is likely a lucky guess)")
 
 
 class Chain(Record):
@@ -157,11 +161,26 @@ def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> int:
     return k
 
 
+def first_point(steps: Sequence[str]) -> tuple[str, str] | None:
+    """The first `(x, y)` named in `steps`, as written; None when no step names one."""
+    for step in steps:
+        if match := POINT_RE.search(step):
+            return match[1], match[2]
+    return None
+
+
+def modal_first_point(found: Sequence[Attempt]) -> tuple[str, str] | None:
+    """The first point that the most attempts name first (ties: the earliest in tree order); None if none does."""
+    counts = Counter(p for a in found if (p := first_point(a.steps)) is not None)
+    return counts.most_common(1)[0][0] if counts else None
+
+
 def linearize(record: TreeRecord, config: LinearizeConfig | None = None,
               profile: ModelProfile | None = None) -> list[Chain]:
     """The chains of one tree: capped direct chains, then capped backtracking chains (see module doc)."""
     cfg = config or LinearizeConfig()
     found = attempts(record, point_rescaler(record, profile))
+    modal = modal_first_point(found) if cfg.modal_first_point else None
     unique = {(a.steps, a.answer): a for a in found}.values()
     correct = [a for a in unique if a.reward >= cfg.correct_threshold and a.answer]
     wrong = [a for a in unique if a.reward < cfg.correct_threshold]
@@ -174,6 +193,9 @@ def linearize(record: TreeRecord, config: LinearizeConfig | None = None,
             if k < len(w.steps) and k < len(c.steps):  # both attempts have steps of their own
                 steps = c.steps[:k] + w.steps[k:] + (cfg.correction,) + c.steps[k:]
                 candidates["backtrack"].setdefault((steps, c.answer), (k, len(w.steps) - k))
+    if modal is not None:
+        for kind in candidates:
+            candidates[kind] = {key: v for key, v in candidates[kind].items() if first_point(key[0]) == modal}
     rng = random.Random(f"{cfg.seed}:{record.id}")
     question = user_text(record.question.replace(IMAGE_TOKEN, "").strip(), record.options)
     images = record.images or ([record.image] if record.image else [])
