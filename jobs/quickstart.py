@@ -143,10 +143,7 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
     engine = {"max_model_len": 4096, "dtype": "float32", "enforce_eager": True}
     stages = [Stage("data", "synthetic data: train and held-out splits", p.split(SEARCH, "heldout"),
                     call=lambda: _write_data(p, s, cfg.seed))]
-    # lr 5e-4 for the base, the teacher and SFT alike: at 2e-3 (and its loss spikes) the base pointed 62-67% of the
-    # time over three seeds, against 98% at 5e-4, and the same MCTS chains gave an SFT model reading the colour
-    # 36% of the time against 67% (docs/tiny_learning.md, eighth round).
-    sft = {"global_batch_size": 8, "micro_batch_size": 4, "num_workers": 1, "lr": 5e-4, "warmup_ratio": 0.05,
+    sft = {"global_batch_size": 8, "micro_batch_size": 4, "num_workers": 1, "lr": 2e-3, "warmup_ratio": 0.05,
            "precision": "fp32", "freeze_vision_tower": False, "log_every": 10, "keep_checkpoints": 1,
            "max_length": 2048}
     # Their own seeds: the base data and the written chains are of other images than the train and held-out splits.
@@ -188,10 +185,7 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
                 "formats": ["single_turn", "multi_turn"], "statuses": ["ok", "timeout"],
                 # At most 2 backtracking chains per sample (default 10): each one is a long, unique text that
                 # a tiny student memorizes as a key to its answer instead of reading the image.
-                "linearize": {"val_fraction": 0.1, "seed": cfg.seed, "max_images": 5, "max_backtrack": 2,
-                              # A chain that reached the right colour from a point the teacher rarely names is a
-                              # lucky guess: SFT would learn to point there.
-                              "modal_first_point": True}}))
+                "linearize": {"val_fraction": 0.1, "seed": cfg.seed, "max_images": 5, "max_backtrack": 2}}))
     sft_data = p.out / "sft_data.jsonl"
     stages.append(Stage("sft_data", "SFT data: the single-turn and zoom chains in one file", sft_data,
                         call=lambda: _merge_chains(p, sft_data, s["train_n"], cfg.seed, cfg.fast)))
