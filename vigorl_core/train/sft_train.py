@@ -6,7 +6,7 @@
 - `deepspeed_config`: the ZeRO config for a stage, batch split and precision (one bf16 rank: the
   BF16 optimizer, no ZeRO buckets);
 - `prepare_for_training`: which parameters train (vision tower frozen by default), gradient checkpointing,
-  the vision tower's batched window attention and the attention backend;
+  the vision tower's batched window attention (and compiled blocks with any kernels) and the attention backend;
 - `set_system_template` / `save_hf_checkpoint`: a standard Hugging Face folder (weights, processor,
   tokenizer, chat template whose default system message is the task's prompt, as the released ViGoRL
   models ship it) that transformers and vLLM load directly, without a merge step;
