@@ -36,7 +36,7 @@ for what in "$@"; do
     # The job's kernels (auto: Liger's when liger-kernel is installed); SFT_KERNELS=none|compile to compare.
     sft) python3 -m bench.sft_throughput --gpu --model "$MODEL" --kernels "${SFT_KERNELS:-auto}" \
            --micro-batch "${SFT_MICRO:-2}" --out "$OUT" ;;
-    # The frozen vision tower's forward alone: as prepared, + linear patch embedding, + compiled blocks.
+    # The frozen vision tower's forward alone: as the job prepared it before, then with its blocks compiled.
     vision) python3 -m bench.vision_profile --model "$MODEL" --out "$OUT" ;;
     step) python3 -m bench.sft_profile --model "$MODEL" --micro-steps 6 --micro-batch 2 --no-checkpointing \
              --arms "${STEP_ARMS:-stock,vigorl,vigorl_liger,vigorl_compile,deepspeed}" ${STEP_ARGS:-} --out "$OUT" ;;

@@ -280,10 +280,9 @@ def _set_lr(optimizer, cfg: SFTConfig, step: int, total: int) -> float:
 
 def _forward(engine, batch: dict):
     """(summed NLL of the labelled tokens, their count); logits only where a label follows."""
-    from vigorl_core.train.sft_train import loss_positions, token_nll
+    from vigorl_core.train.sft_train import token_nll
 
-    labels = batch["labels"]
-    positions = batch["loss_positions"] if "loss_positions" in batch else loss_positions(labels)
+    labels, positions = batch["labels"], batch["loss_positions"]  # both from sft_data.collate
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_positions")}
     out = engine(**inputs, logits_to_keep=positions, use_cache=False)
     return token_nll(out.logits, labels, positions)

@@ -102,9 +102,8 @@ def sequence_logprobs(model: Any, batch: dict):
     positions are the columns whose NEXT token carries a label in some row (logits only there: prompt and
     image tokens are most of a sequence). logprobs[:, k] = log p(input_ids[:, positions[k] + 1])."""
     from vigorl_core.train.grpo import token_logprobs
-    from vigorl_core.train.sft_train import loss_positions
 
-    positions = batch["loss_positions"] if "loss_positions" in batch else loss_positions(batch["labels"])
+    positions = batch["loss_positions"]  # sft_train.loss_positions of the labels, computed by collate
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     logits = model(**inputs, logits_to_keep=positions, use_cache=False).logits
     targets = batch["input_ids"][:, positions + 1]
