@@ -1,7 +1,7 @@
 """One bf16 trainer rank runs DeepSpeed's BF16 optimizer instead of ZeRO buckets
 (vigorl_core.train.sft_train.deepspeed_config): the config, and a real DeepSpeed engine on CPU that steps, clips,
 reports its gradient norm and resumes exactly from a checkpoint (what the SFT and GRPO jobs rely on when they
-restart)."""
+restart), and whose immediate gradient sums give the same weights as DeepSpeed's default, delayed ones."""
 
 from __future__ import annotations
 
@@ -18,12 +18,14 @@ from vigorl_core.train.sft_train import deepspeed_config, uses_bf16_optimizer
 def test_only_a_single_bf16_rank_leaves_zero():
     single = deepspeed_config(2, 2, 4, 1, True, 1.0, gpu=True)
     assert single["zero_optimization"]["stage"] == 1 and single["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert single["bf16"] == {"enabled": True, "immediate_grad_update": True}
     assert single["train_batch_size"] == 8
     for stage, world, bf16, offload in ((2, 2, True, False), (3, 1, True, False), (2, 1, False, False),
                                         (2, 1, True, True), (0, 1, True, False)):
         config = deepspeed_config(stage, 1, 1, world, bf16, 1.0, offload_optimizer=offload)
         assert not uses_bf16_optimizer(stage, world, bf16, offload)
         assert config["zero_optimization"]["stage"] == stage and "data_types" not in config
+        assert "immediate_grad_update" not in config["bf16"]
 
 
 SCRIPT = textwrap.dedent("""
@@ -34,11 +36,13 @@ SCRIPT = textwrap.dedent("""
 
     skip_cpu_shm_op()  # as the trainers do on CPU
 
-    def engine():
+    def engine(immediate=True):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).to(torch.bfloat16)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(2, 1, 2, 1, True, 0.5))
+        config = deepspeed_config(2, 1, 2, 1, True, 0.5)
+        config["bf16"]["immediate_grad_update"] = immediate
+        ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         return ds
 
     def step(ds, seed):
@@ -59,8 +63,11 @@ SCRIPT = textwrap.dedent("""
     resumed = engine()
     resumed.load_checkpoint(sys.argv[1], tag="state")
     norms.append(step(resumed, 2))
+    delayed = engine(immediate=False)  # DeepSpeed's default: bf16 gradients summed after each backward
+    delayed_norms = [step(delayed, 1), step(delayed, 2)]
     print(json.dumps({"optimizer": type(first.optimizer).__name__, "norms": norms, "moved": weights(first) != start,
-                      "same_after_resume": weights(first) == weights(resumed)}))
+                      "same_after_resume": weights(first) == weights(resumed),
+                      "same_as_delayed": weights(first) == weights(delayed) and delayed_norms == norms[:2]}))
 """)
 
 
@@ -74,3 +81,4 @@ def test_bf16_optimizer_steps_and_resumes_exactly(tmp_path):
     assert result["optimizer"] == "BF16_Optimizer"
     assert all(n > 0 for n in result["norms"]) and result["moved"]
     assert result["norms"][1] == result["norms"][2] and result["same_after_resume"]
+    assert result["same_as_delayed"]

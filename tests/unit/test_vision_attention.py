@@ -50,3 +50,32 @@ def test_left_alone_without_sdpa(tiny_model_dir):
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, attn_implementation="eager")
     assert not batch_window_attention(model)
     assert "forward" not in vars(model.model.visual.blocks[0].attn)
+
+
+def test_tower_bookkeeping_is_computed_once_per_image_size_and_changes_no_feature(tiny_model_dir, monkeypatch):
+    """The prepared tower (as the trainers prepare it) derives positions, window order and segments once per
+    grid_thw and gives transformers' features; arguments it does not know go to transformers' own forward."""
+    from transformers import AutoModelForImageTextToText
+
+    from vigorl_core.train import vision_attention
+    from vigorl_core.train.sft_train import prepare_for_training
+
+    built, build = [], vision_attention._TowerBookkeeping.__init__
+    monkeypatch.setattr(vision_attention._TowerBookkeeping, "__init__",
+                        lambda self, visual, grid, device: (built.append(grid), build(self, visual, grid, device))[1])
+    stock, prepared = (AutoModelForImageTextToText.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+                       for _ in range(2))
+    prepare_for_training(prepared)
+    width = stock.model.visual.patch_embed.proj.weight[0].numel()
+    torch.manual_seed(0)
+    for grids in ([[1, 16, 16]], [[1, 20, 28], [1, 12, 8]], [[1, 16, 16]], [[1, 20, 28], [1, 12, 8]]):
+        grid = torch.tensor(grids)
+        pixels = torch.randn(int(grid.prod(-1).sum()), width)
+        with torch.no_grad():
+            want, got = (m.model.visual(pixels, grid_thw=grid).pooler_output for m in (stock, prepared))
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+    assert built == [((1, 16, 16),), ((1, 20, 28), (1, 12, 8))]
+    with torch.no_grad():
+        out = prepared.model.visual(pixels, grid_thw=grid, output_hidden_states=True)
+    assert torch.allclose(out.pooler_output, want, atol=1e-5) and out.hidden_states is not None
+    assert len(built) == 2

@@ -68,7 +68,11 @@ def deepspeed_config(stage: int, micro_batch: int, accumulation: int, world_size
     One rank with bf16 and stage 1 or 2 (`uses_bf16_optimizer`): ZeRO has nothing to partition, and stage 2's
     gradient buckets cost a 3B micro-step 0.23 s of backward and 0.17 s of optimizer on an H100
     (bench/sft_profile.py), so the config asks for DeepSpeed's BF16 optimizer instead (stage 1 with fp32
-    gradient accumulation): the same fp32 master weights, AdamW state and fp32 gradient sums, no buckets."""
+    gradient accumulation): the same fp32 master weights, AdamW state and fp32 gradient sums, no buckets.
+    It adds each bf16 gradient to its fp32 sum as backward produces it and drops it (`immediate_grad_update`):
+    by default DeepSpeed zeroes every bf16 gradient before each micro-step, lets backward add into them and
+    sums them all afterwards, three more passes over 6 GB of gradients per micro-step of a 3B model. The sums
+    are the same either way (tests/integration/test_trainer_bf16.py)."""
     bf16_optimizer = uses_bf16_optimizer(stage, world_size, bf16, offload_optimizer)
     stage = 1 if bf16_optimizer else stage
     zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": gpu,
@@ -93,6 +97,7 @@ def deepspeed_config(stage: int, micro_batch: int, accumulation: int, world_size
     }
     if bf16_optimizer:  # bf16 weights + fp32 gradient sums at stage 1 = DeepSpeed's BF16_Optimizer
         config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["bf16"]["immediate_grad_update"] = True
     return config
 
 
@@ -106,7 +111,8 @@ def prepare_for_training(model: Any, *, freeze_vision_tower: bool = True, freeze
                          gradient_checkpointing: bool = False, kernels: str = "none", gpu: bool = False) -> list:
     """Set which parameters of a Qwen2.5-VL train and turn on gradient checkpointing; returns the trainable
     parameters. A frozen vision tower keeps its merger (the projector into the language model) trainable
-    unless `freeze_projector`. The tower's window attention runs batched (vigorl_core.train.vision_attention),
+    unless `freeze_projector`. The tower's window attention runs batched and its per-image-size bookkeeping is
+    computed once per size (vigorl_core.train.vision_attention),
     and torch's cuDNN attention backend is turned off for this process: on an H100 (torch 2.11) its
     per-call CPU cost made a 3B micro-step's backward 0.34 s against 0.20 s with the flash backend
     (bench/sft_profile.py).

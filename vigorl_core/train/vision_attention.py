@@ -1,4 +1,5 @@
-"""Window attention of the Qwen2.5-VL vision tower in a few batched SDPA calls instead of one per window.
+"""Window attention of the Qwen2.5-VL vision tower in a few batched SDPA calls instead of one per window, and
+the tower's per-image-size bookkeeping computed once per size.
 
 Without flash-attn, transformers runs the ViT's attention once per window (`torch.split` on cu_seqlens):
 a 1344-px image has 144 windows, so 28 windowed blocks launch about 4,000 attention calls per image and
@@ -7,10 +8,17 @@ bench/sft_profile.py). Windows are mostly the same length (64 patches; smaller o
 bottom edges), so grouping them by length makes each group one batched SDPA call: a handful of calls per
 block, the same arithmetic.
 
+Before its blocks, transformers' tower derives from `grid_thw` the rotary positions, the window order and the
+attention segments (`cu_seqlens`, `cu_window_seqlens`), with a Python loop per image and host waits on the GPU
+(`.tolist()`, `unique_consecutive`); the window plan above adds one more per segment tensor. They depend on the
+image sizes only, so the patched tower computes them once per `grid_thw` (on the CPU) and hands them to
+transformers' own forward, which accepts them precomputed (transformers.vision_utils): a forward then waits on
+the GPU once, to read `grid_thw`.
+
     from vigorl_core.train.vision_attention import batch_window_attention
     batch_window_attention(model)   # a Qwen2.5-VL HF model with attn_implementation="sdpa"
 
-Patches the tower's attention modules of that model instance only (other models in the process keep
+Patches the tower and its attention modules of that model instance only (other models in the process keep
 transformers' code). Importable without torch.
 """
 
@@ -22,17 +30,20 @@ from typing import Any
 
 # transformers' own forward must take these: the patch reproduces that forward (qkv, vision rotary, proj).
 _EXPECTED_PARAMS = ("hidden_states", "cu_seqlens", "position_embeddings")
+# The helpers whose results transformers' tower forward accepts precomputed (popped from its keyword arguments).
+_PRECOMPUTED = ("get_vision_position_ids", "get_vision_attention_seqlens", "get_vision_window_index")
 
 
 class _WindowPlan:
     """How to cut the packed patch sequence described by `cu_seqlens` into same-length window groups:
     a permutation that puts each group's windows next to each other, and the groups' (count, length)."""
 
-    def __init__(self, cu_seqlens):
+    def __init__(self, cu_seqlens, bounds: list[int] | None = None):
         import torch
 
         self.cu_seqlens = cu_seqlens  # kept so the cache key (its id) cannot be reused by another tensor
-        bounds = cu_seqlens.tolist()  # one host sync per tower forward (transformers syncs once per block)
+        if bounds is None:  # a host sync, unless the tower's bookkeeping cache brought them (_TowerBookkeeping)
+            bounds = cu_seqlens.tolist()
         starts, lengths = bounds[:-1], [b - a for a, b in zip(bounds, bounds[1:])]
         by_length: dict[int, list[int]] = {}
         for start, length in zip(starts, lengths):
@@ -92,10 +103,50 @@ def _patched_forward(module: Any, rotary: Any, plans: dict):
     return forward
 
 
+class _TowerBookkeeping:
+    """What transformers' tower derives from one `grid_thw` before its blocks, computed on the CPU and kept on
+    `device`: the keyword arguments its forward takes precomputed, and the window plans of both segment tensors."""
+
+    def __init__(self, visual: Any, grid: tuple, device: Any):
+        import torch
+
+        utils = sys.modules[type(visual).__module__]  # the helpers transformers' forward calls, as it imports them
+        grid_cpu = torch.tensor(grid, dtype=torch.long)
+        position_ids = utils.get_vision_position_ids(grid_cpu, visual.spatial_merge_size)
+        cu_seqlens, _ = utils.get_vision_attention_seqlens(grid_cpu, visual.config)
+        window_index, cu_window_seqlens = utils.get_vision_window_index(
+            grid_cpu, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
+            patch_size=visual.patch_size)
+        self.kwargs = {"position_ids": position_ids.to(device), "cu_seqlens": cu_seqlens.to(device),
+                       "window_index": window_index.to(device), "cu_window_seqlens": cu_window_seqlens.to(device)}
+        self.plans = {id(self.kwargs[k]): _WindowPlan(self.kwargs[k], host.tolist())
+                      for k, host in (("cu_seqlens", cu_seqlens), ("cu_window_seqlens", cu_window_seqlens))}
+
+
+def _cached_tower_forward(visual: Any, plans: dict):
+    stock = visual.forward
+    cache: dict = {}
+
+    def forward(hidden_states, grid_thw, **kwargs):
+        if set(kwargs) - {"return_dict"}:  # inputs precomputed by the caller, outputs to record: transformers' path
+            return stock(hidden_states, grid_thw, **kwargs)
+        key = (hidden_states.device, tuple(map(tuple, grid_thw.tolist())))  # the one host wait (none on CPU)
+        book = cache.get(key)
+        if book is None:
+            if len(cache) >= 256:  # image sizes come from a bounded set; this only caps memory
+                cache.clear()
+            book = cache[key] = _TowerBookkeeping(visual, key[1], hidden_states.device)
+        plans.clear()
+        plans.update(book.plans)
+        return stock(hidden_states, grid_thw, **book.kwargs, **kwargs)
+    return forward
+
+
 def batch_window_attention(model: Any) -> bool:
-    """Give `model`'s vision tower the grouped window attention when it runs on sdpa. Returns whether it
-    did: flash-attn already runs all windows in one varlen call; a transformers version whose vision
-    attention looks different is left alone."""
+    """Give `model`'s vision tower the grouped window attention when it runs on sdpa, and its bookkeeping
+    computed once per image size where transformers takes it precomputed. Returns whether it did: flash-attn
+    already runs all windows in one varlen call; a transformers version whose vision attention looks
+    different is left alone."""
     visual = getattr(getattr(model, "model", None), "visual", None)
     blocks = getattr(visual, "blocks", None)
     if blocks is None or getattr(visual.config, "_attn_implementation", None) != "sdpa":
@@ -109,4 +160,7 @@ def batch_window_attention(model: Any) -> bool:
     plans: dict = {}  # shared by the blocks: every windowed block of one forward sees the same cu_seqlens
     for block in blocks:
         block.attn.forward = _patched_forward(block.attn, rotary, plans)
+    module = sys.modules[type(visual).__module__]
+    if all(hasattr(module, f) for f in _PRECOMPUTED):  # transformers >= 5.17 takes the bookkeeping precomputed
+        visual.forward = _cached_tower_forward(visual, plans)
     return True
