@@ -22,9 +22,12 @@ Ray Train workers x gradient accumulation, cosine schedule with warmup, validati
    with the same run name resumes from it too (Ray Train restores the run from the same storage path and
    name). The examples of step s are a function of (seed, s) and the checkpoint holds the optimizer
    state, so a resumed run continues exactly where the checkpoint was taken (the steps after it that a
-   failure interrupted are redone; finished ones are not).
+   failure interrupted are redone; finished ones are not);
+5. every `eval_every` steps: the validation loss and exact-match share (teacher-forced: would greedy decoding
+   write the example's labelled text exactly?); with `keep_best`, the best model so far is also kept in
+   runs/sft/<run_name>/best/ (a skill such as naming the right point can peak before the last step).
 
-Run folder: runs/sft/<run_name>/{config.yaml, log.jsonl, tensorboard/, checkpoints/step-N/, latest,
+Run folder: runs/sft/<run_name>/{config.yaml, log.jsonl, tensorboard/, checkpoints/step-N/, latest, best/,
 metrics.json}; log.superseded.jsonl keeps steps logged before a failure and redone after it. Every
 checkpoint folder loads directly: AutoModelForImageTextToText.from_pretrained("runs/sft/<run_name>/latest")
 or vLLM with model=that path. Its deepspeed/ subfolder is the optimizer state for resuming; delete it to
@@ -37,6 +40,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -112,6 +116,10 @@ class SFTConfig(StageConfig):
     save_at_end: bool = Field(True, description="checkpoint after the last step (benchmarks turn it off)")
     keep_checkpoints: int | None = Field(2, ge=1, description="checkpoints kept (oldest deleted); null: all")
     eval_every: int = Field(250, ge=1, description="validation loss every N steps (and at the end)")
+    keep_best: Literal["none", "val_loss", "val_exact_match"] = Field(
+        "none", description="also keep the model of the best validation so far as <run folder>/best (a Hugging "
+                            "Face folder, best.json says its step): the lowest val_loss, or the highest "
+                            "val_exact_match (the share of validation examples greedy decoding writes exactly)")
     log_every: int = Field(1, ge=1, description="print a progress line every N steps")
     logging: TrackerSettings = Field(default_factory=TrackerSettings)  # --logging.wandb / --logging.mlflow
     max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint before "
@@ -187,11 +195,12 @@ def _chain_files(path: str | None, split: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------ per-worker training
 
-LOGGED = ("loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s")
+LOGGED = ("loss", "val_loss", "val_exact_match", "lr", "grad_norm", "tokens_per_s", "samples_per_s")
 
 
 def _progress(record: dict) -> str:
-    val = f" val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+    val = (f" val_loss {record['val_loss']:.4f} val_exact_match {record['val_exact_match']:.3f}"
+           if "val_loss" in record else "")
     return (f"loss {record['loss']:.4f}{val} lr {record['lr']:.2e} {record['tokens_per_s']:.0f} tok/s "
             f"{record['samples_per_s']:.2f} samples/s")
 
@@ -261,7 +270,9 @@ def train_worker(config: dict) -> None:
                   "tokens_per_s": tokens / seconds, "samples_per_s": examples / seconds,
                   "epoch": done / plan.steps_per_epoch}
         if data["val"] and (done % cfg.eval_every == 0 or done == total):
-            record["val_loss"] = _validate(engine, cfg, val_set, collate_fn, rank, world, device)
+            record.update(_validate(engine, cfg, val_set, collate_fn, rank, world, device))
+            if cfg.keep_best != "none":
+                _keep_best(engine, cfg, processor, model_dir, run_dir, record, rank)
         if log:
             log.step(record, show=done % cfg.log_every == 0 or done == total)
         if done % cfg.save_every == 0 or (done == total and cfg.save_at_end):
@@ -278,33 +289,64 @@ def _set_lr(optimizer, cfg: SFTConfig, step: int, total: int) -> float:
     return set_lr(optimizer, cosine_lr(step, total, cfg.lr, cfg.warmup_ratio, cfg.min_lr_ratio))
 
 
+def _logits(engine, batch: dict):
+    """Logits [B, K, V] only where a label follows (batch["loss_positions"], from sft_data.collate)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_positions")}
+    return engine(**inputs, logits_to_keep=batch["loss_positions"], use_cache=False).logits
+
+
 def _forward(engine, batch: dict):
-    """(summed NLL of the labelled tokens, their count); logits only where a label follows."""
+    """(summed NLL of the labelled tokens, their count)."""
     from vigorl_core.train.sft_train import token_nll
 
-    labels, positions = batch["labels"], batch["loss_positions"]  # both from sft_data.collate
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_positions")}
-    out = engine(**inputs, logits_to_keep=positions, use_cache=False)
-    return token_nll(out.logits, labels, positions)
+    return token_nll(_logits(engine, batch), batch["labels"], batch["loss_positions"])
 
 
-def _validate(engine, cfg: SFTConfig, val_set, collate_fn, rank: int, world: int, device) -> float:
-    """Mean loss per labelled token over the whole validation set (each rank a share, then summed)."""
+def _validate(engine, cfg: SFTConfig, val_set, collate_fn, rank: int, world: int, device) -> dict:
+    """{val_loss: mean loss per labelled token, val_exact_match: share of examples whose every labelled token is
+    the most likely one} over the whole validation set (each rank a share, then summed)."""
     import torch
 
     from vigorl_core.train.sft_data import eval_batches
+    from vigorl_core.train.sft_train import exact_matches, token_nll
 
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, tokens, exact matches, examples
     engine.eval()
     with torch.no_grad():
         for indices, counted in eval_batches([e.length for e in val_set.examples], cfg.micro_batch_size, world, rank):
             batch = {k: v.to(device) for k, v in collate_fn([val_set[i] for i in indices]).items()}
-            nll, count = _forward(engine, batch)
+            logits = _logits(engine, batch)
+            nll, count = token_nll(logits, batch["labels"], batch["loss_positions"])
+            matches = exact_matches(logits, batch["labels"], batch["loss_positions"])
             if counted:
-                sums += torch.stack([nll.double(), count.double()])
+                sums += torch.stack([nll.double(), count.double(), (matches == 1).sum().double(),
+                                     (matches >= 0).sum().double()])
     torch.distributed.all_reduce(sums)
-    loss, count = sums.tolist()
-    return loss / max(1.0, count)
+    loss, count, exact, examples = sums.tolist()
+    return {"val_loss": loss / max(1.0, count), "val_exact_match": exact / max(1.0, examples)}
+
+
+def _keep_best(engine, cfg: SFTConfig, processor, model_dir: str, run_dir: Path, record: dict, rank: int) -> None:
+    """Write the model to run_dir/best when this validation beats best.json's (every rank decides the same from
+    the all-reduced measures; ZeRO-3 gathers the weights, a collective). A resumed run keeps the best it had."""
+    import torch
+
+    from vigorl_core.train.sft_train import save_hf_checkpoint
+
+    measure, best = cfg.keep_best, run_dir / "best"
+    sign = -1 if measure == "val_loss" else 1
+    previous = json.loads((best / "best.json").read_text()) if (best / "best.json").is_file() else None
+    if previous is not None and sign * record[measure] <= sign * previous[measure]:
+        return
+    state = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else None
+    if rank == 0:
+        staging = run_dir / ".best.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_hf_checkpoint(staging, engine.module, processor, state_dict=state, source_dir=model_dir)
+        (staging / "best.json").write_text(json.dumps({"step": record["step"], measure: record[measure]}) + "\n")
+        shutil.rmtree(best, ignore_errors=True)
+        os.replace(staging, best)
+    torch.distributed.barrier()  # the next validation reads best.json on every rank
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -336,6 +378,8 @@ def _summary(run_dir: Path, data: dict, result, seconds: float) -> dict:
         "final_loss": steps[-1]["loss"] if steps else None,
         "final_val_loss": vals[-1] if vals else None,
         "best_val_loss": min(vals) if vals else None,
+        "final_val_exact_match": next((r["val_exact_match"] for r in reversed(steps) if "val_exact_match" in r), None),
+        "best": json.loads((run_dir / "best" / "best.json").read_text()) if (run_dir / "best").is_dir() else None,
         "tokens_per_s": sum(r["tokens"] for r in steps) / step_seconds if steps else None,
         "samples_per_s": sum(r["examples"] for r in steps) / step_seconds if steps else None,
         "starts": sum(r.get("event") == "start" for r in records),
@@ -369,7 +413,9 @@ def _run(argv: list[str]) -> int:
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"done: {metrics['steps']} steps, loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}"
           + (f", val loss {metrics['final_val_loss']:.4f}" if metrics["final_val_loss"] is not None else "")
-          + f"; model: {run_dir / 'latest'}", flush=True)
+          + f"; model: {run_dir / 'latest'}"
+          + (f", best ({cfg.keep_best}) at step {metrics['best']['step']}: {run_dir / 'best'}" if metrics["best"] else ""),
+          flush=True)
     return 0
 
 

@@ -1,8 +1,8 @@
 """SFT job end to end on the tiny model (subprocess runs of `python -m jobs.sft` on the session's Ray, joined
 through RAY_ADDRESS as on a cluster; real Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers): training loss falls on
-synthetic chains, a worker killed mid-run is replaced and the run resumes from its checkpoint exactly, rerunning
-the run name continues without repeating steps, and the checkpoint loads with the transformers Auto classes and
-in vLLM."""
+synthetic chains (the best validation's model kept in best/), a worker killed mid-run is replaced and the run
+resumes from its checkpoint exactly, rerunning the run name continues without repeating steps, and the checkpoint
+loads with the transformers Auto classes and in vLLM."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = ["--config", str(REPO / "configs" / "sft_tiny.yaml"), "--run_name", "t", "--save_every", "6",
-       "--eval_every", "8", "--log_every", "4"]
+       "--eval_every", "8", "--log_every", "4", "--keep_best", "val_loss"]
 
 
 def _sft(args: list[str], env: dict, runs: Path, model: Path, data: Path) -> subprocess.CompletedProcess:
@@ -89,6 +89,12 @@ def test_training_loss_falls_clearly(faulted_run):
     assert last < 0.7 * first, (first, last)
     vals = [r["val_loss"] for r in steps if "val_loss" in r]
     assert len(vals) == 2 and vals[1] < vals[0]
+    assert all(0 <= r["val_exact_match"] <= 1 for r in steps if "val_loss" in r)
+    # keep_best: the lower validation loss (step 16) is the model in best/, loadable like any checkpoint.
+    best = json.loads((faulted_run / "best" / "best.json").read_text())
+    assert best == {"step": 16, "val_loss": pytest.approx(vals[1])}
+    assert json.loads((faulted_run / "metrics.json").read_text())["best"]["step"] == 16
+    assert (faulted_run / "best" / "model.safetensors").is_file() and (faulted_run / "best" / "config.json").is_file()
     assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in steps)
     assert list((faulted_run / "tensorboard").glob("events.out.tfevents.*"))
 

@@ -33,6 +33,7 @@ from vigorl_core.train.sft_train import (
     chat_template_with_system,
     cosine_lr,
     deepspeed_config,
+    exact_matches,
     loss_positions,
     point_latest,
     prepare_for_training,
@@ -283,6 +284,21 @@ def test_eval_batches_give_every_rank_the_same_number_of_passes():
     assert {len(b) for b in per_rank} == {2}
     counted = sorted(i for b in per_rank for idx, ok in b if ok for i in idx)
     assert counted == list(range(11))
+
+
+def test_exact_matches_says_which_rows_greedy_decoding_reproduces():
+    """Row 0: both labelled tokens are the argmax; row 1: its second one is not; row 2 has no labels."""
+    import torch
+
+    labels = torch.full((3, 5), IGNORE_INDEX)
+    labels[0, 2:4] = torch.tensor([1, 2])
+    labels[1, 2:4] = torch.tensor([1, 3])
+    positions = loss_positions(labels)  # columns 1 and 2 predict columns 2 and 3
+    assert positions.tolist() == [1, 2]
+    logits = torch.zeros(3, 2, 4)
+    logits[:, 0, 1] = 1.0  # every row's first kept position prefers token 1
+    logits[:, 1, 2] = 1.0  # and its second token 2
+    assert exact_matches(logits, labels, positions).tolist() == [1, 0, -1]
 
 
 def test_cosine_schedule():

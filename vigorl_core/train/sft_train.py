@@ -2,7 +2,8 @@
 
 - `cosine_lr`: the learning rate of an optimizer step (linear warmup, cosine decay), a function of the
   step alone, so a resumed run continues the schedule without scheduler state;
-- `loss_positions` / `token_nll`: next-token loss summed over labelled tokens;
+- `loss_positions` / `token_nll`: next-token loss summed over labelled tokens; `exact_matches`: which examples
+  greedy decoding would reproduce (validation);
 - `deepspeed_config`: the ZeRO config for a stage, batch split and precision (one bf16 rank: the
   BF16 optimizer, no ZeRO buckets);
 - `prepare_for_training`: which parameters train (vision tower frozen by default), gradient checkpointing,
@@ -58,6 +59,19 @@ def token_nll(logits, labels, positions):
                           ignore_index=IGNORE_INDEX, reduction="sum")
     return nll, (targets != IGNORE_INDEX).sum()
 
+
+
+def exact_matches(logits, labels, positions):
+    """Per row of labels [B, L]: 1 when every labelled token is the most likely one given the true prefix
+    (logits [B, K, V] at `positions` [K], as token_nll takes them), i.e. greedy decoding would write the
+    labelled text exactly; -1 for a row without labels (not counted). Teacher-forced, so one forward pass
+    scores it: a cheap validation measure of a skill whose loss says little, such as naming the right point."""
+    import torch
+
+    targets = labels[:, positions + 1]
+    labelled = targets != IGNORE_INDEX
+    right = (logits.argmax(-1) == targets) | ~labelled
+    return torch.where(labelled.any(1), right.all(1).long(), torch.full_like(right[:, 0], -1, dtype=torch.long))
 
 def deepspeed_config(stage: int, micro_batch: int, accumulation: int, world_size: int, bf16: bool,
                      max_grad_norm: float, offload_optimizer: bool = False, gpu: bool = False) -> dict[str, Any]:
