@@ -7,11 +7,12 @@ import pytest
 
 from vigorl_core.evals.evaluation import benchmark_of
 from vigorl_core.frames import get_profile
-from vigorl_core.prompts import system_prompt
+from vigorl_core.data import IMAGE_TOKEN
+from vigorl_core.prompts import observation_text, system_prompt
 from vigorl_core.train.sft_data import read_conversations
 from vigorl_core.synthetic.chains import write_synthetic_chains
 from vigorl_core.synthetic.tasks import PALETTE, QUADRANTS, QUICKSTART_TASKS, generate, quadrant_box, write_dataset
-from vigorl_core.zoom import point_crop, zoom_settings
+from vigorl_core.zoom import OBSERVATION_TAIL, point_crop, zoom_settings
 
 
 def _pixels(img, colour, box=None, tolerance=0) -> int:
@@ -128,7 +129,7 @@ def test_base_data_points_at_the_square_and_names_its_colour(tmp_path):
     from vigorl_core.synthetic.chains import token_point
 
     profile = get_profile("tiny")
-    chains = read_conversations(write_base_data(tmp_path, 6, 0, profile))
+    chains = read_conversations(write_base_data(tmp_path, 6, 0, profile, val_n=3))
     kinds = [c.id.rsplit("-", 1)[1] for c in chains]
     assert kinds.count("point") == 6 and kinds.count("colour") == 2 and kinds.count("crop") == 2
     samples = dict((s.id, s) for s, _ in generate("colour", 6, 0))
@@ -140,8 +141,16 @@ def test_base_data_points_at_the_square_and_names_its_colour(tmp_path):
             sample = samples[sample_id]
             assert question.endswith(user_text(sample.question, sample.options))
             assert answer == "<think>\nThe square is at ({}, {}).".format(*token_point(sample.bbox, profile))
-        else:
+        elif kind == "colour":
             assert question.endswith(COLOUR_QUESTION) and answer in PALETTE
+    # A crop is read as in a zoom conversation: the observation turn, then the answer turn after a one-step zoom.
     crop = next(c for c in chains if c.id.endswith("-crop"))
     zoom = generate("zoom_colour", 1, 0)[0][0]
-    assert crop.messages[2][1] == zoom.answer and crop.id.startswith(zoom.id)
+    settings = zoom_settings("visual_search", "tiny")
+    assert crop.messages[1][1] == observation_text(settings.draw_dot) + IMAGE_TOKEN + OBSERVATION_TAIL
+    assert crop.messages[2][1] == f"<think>  </think>\n<answer> {zoom.answer} </answer>"
+    assert crop.id.startswith(zoom.id)
+    # Validation: pointing records of other images, the skill the quickstart keeps the best base model by.
+    val = read_conversations(tmp_path / "val.jsonl")
+    assert [c.id.rsplit("-", 1)[1] for c in val] == ["point"] * 3
+    assert not {c.images[0] for c in val} & {c.images[0] for c in chains}

@@ -7,15 +7,18 @@ those two skills with a short SFT under Qwen's default system prompt, without th
 answer or the zoom tool (SFT and GRPO teach those):
 - where the square is, as the first sentence of an answer to the task's question: the `colour` question with its
   options -> "<think>\nThe square is at (x, y)." (chains.token_point: the vision-token centre in the square);
-- "What is the colour of the square?" -> the colour, on a third of those images and on zoom crops of `zoom_colour`
-  images (the named quadrant magnified, as the zoom tool returns it).
-Why the pointing is asked in the chains' own words: the tiny model finds a position through its rotary phases,
-which turn fast with distance (rope_theta 10), so it points only at the distance from the image it learned at.
-Asked "Point to the square." it learns to point (83%) but not in the chains, where the point sits further from the
-image (0-44%); asked as here, it points 95% of the time, under any system prompt (docs/tiny_learning.md).
+- "What is the colour of the square?" -> the colour, on a third of those images;
+- the colour of the small square in zoom crops of `zoom_colour` images (the named quadrant magnified, as the zoom
+  tool returns it), shown as the zoom tool's observation turn and answered as a zoom conversation's last turn
+  after a zoom step (`<think>  </think>` then `<answer> colour </answer>`).
+Why both are asked in the chains' own words: the tiny model finds a position through its rotary phases, which
+turn fast with distance (rope_theta 10), so it points only at the distance from the image it learned at, and it
+reads an image best from where it learned to read it. Asked "Point to the square." it learns to point (83%) but
+not in the chains, where the point sits further from the image (0-44%); asked as here, it points 95% of the time,
+under any system prompt (docs/tiny_learning.md).
 Records are sharegpt lines with a `task` key, as sft_data.read_conversations reads them.
 
-    path = write_base_data("runs/data/base", n=1024, seed=3000, profile=get_profile("tiny"))
+    path = write_base_data("runs/data/base", n=1024, seed=3000, profile=get_profile("tiny"), val_n=128)
 """
 
 from __future__ import annotations
@@ -25,37 +28,47 @@ from pathlib import Path
 
 from vigorl_core.data import IMAGE_TOKEN
 from vigorl_core.frames import ModelProfile, resize_to_model
-from vigorl_core.prompts import user_text
+from vigorl_core.prompts import observation_text, user_text
+from vigorl_core.protocol import render_turn
 from vigorl_core.synthetic.chains import colour_steps, quadrant_point
 from vigorl_core.synthetic.tasks import COLOUR_QUESTION, generate
 from vigorl_core.train.sft_train import DEFAULT_SYSTEM
-from vigorl_core.zoom import point_crop, zoom_settings
+from vigorl_core.zoom import OBSERVATION_TAIL, point_crop, zoom_settings
 
 BASE_SYSTEM = DEFAULT_SYSTEM  # Qwen's own fallback system message: the base knows no task prompt
 
 
-def _record(rid: str, question: str, answer: str, image_name: str) -> str:
+def _record(rid: str, question: str, answer: str, image_name: str, after_image: str = "") -> str:
+    """One sharegpt line: `question` then the image when `after_image` is given (an observation turn), else the
+    image then the question."""
+    user = question + IMAGE_TOKEN + after_image if after_image else IMAGE_TOKEN + question
     return json.dumps({"id": rid, "task": "visual_search", "images": [image_name], "messages": [
         {"role": "system", "content": BASE_SYSTEM},
-        {"role": "user", "content": IMAGE_TOKEN + question},
+        {"role": "user", "content": user},
         {"role": "assistant", "content": answer}]})
 
 
-def write_base_data(out_dir: str | Path, n: int, seed: int, profile: ModelProfile) -> Path:
+def _pointing(sample, image, out: Path, profile: ModelProfile) -> tuple[str, str]:
+    """Save the model-frame image under out/images; (its name, the pointing record)."""
+    model_image, frame = resize_to_model(image, profile)
+    name = f"images/{sample.id}.png"
+    model_image.save(out / name, format="PNG", optimize=False, compress_level=6)
+    where = colour_steps(frame.box_to_model(sample.bbox), profile)[0]
+    return name, _record(f"{sample.id}-point", user_text(sample.question, sample.options), f"<think>\n{where}", name)
+
+
+def write_base_data(out_dir: str | Path, n: int, seed: int, profile: ModelProfile, val_n: int = 0) -> Path:
     """n `colour` images with a pointing record each, a colour record for the first n // 3 of them, and n // 3
     zoom crops with a colour record each (pointing takes the tiny model several times the samples that colour
-    does), under out_dir/images, the records in out_dir/chains.jsonl; returns its path. Same arguments give the
-    same files."""
+    does), under out_dir/images, the records in out_dir/chains.jsonl; returns its path. With val_n, also
+    out_dir/val.jsonl: pointing records of val_n other images (seed + 500), the skill worth validating (its
+    exact-match share is the greedy first point's accuracy). Same arguments give the same files."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = []
     for i, (sample, image) in enumerate(generate("colour", n, seed)):
-        model_image, frame = resize_to_model(image, profile)
-        name = f"images/{sample.id}.png"
-        model_image.save(out / name, format="PNG", optimize=False, compress_level=6)
-        where = colour_steps(frame.box_to_model(sample.bbox), profile)[0]
-        lines.append(_record(f"{sample.id}-point", user_text(sample.question, sample.options),
-                             f"<think>\n{where}", name))
+        name, pointing = _pointing(sample, image, out, profile)
+        lines.append(pointing)
         if i < n // 3:
             lines.append(_record(f"{sample.id}-colour", COLOUR_QUESTION, sample.answer, name))
     settings = zoom_settings("visual_search", profile.name)
@@ -64,7 +77,13 @@ def write_base_data(out_dir: str | Path, n: int, seed: int, profile: ModelProfil
         name = f"images/{sample.id}-crop.png"
         crop = point_crop(model_image, *quadrant_point(sample, image.size, frame), settings)
         crop.image.save(out / name, format="PNG", optimize=False, compress_level=6)
-        lines.append(_record(f"{sample.id}-crop", COLOUR_QUESTION, sample.answer, name))
+        # What follows the crop is what follows it in the chains of a one-step zoom (linearize.to_multiturn)
+        # and in RL rollouts: the observation's tail, then the answer turn.
+        lines.append(_record(f"{sample.id}-crop", observation_text(settings.draw_dot), render_turn("", answer=sample.answer),
+                             name, after_image=OBSERVATION_TAIL))
+    if val_n:
+        val = [_pointing(sample, image, out, profile)[1] for sample, image in generate("colour", val_n, seed + 500)]
+        (out / "val.jsonl").write_text("\n".join(val) + "\n", encoding="utf-8")
     path = out / "chains.jsonl"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
