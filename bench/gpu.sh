@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmarks on one H100/H200 host:
 #
-#   bash bench/gpu.sh serve sft        # any of: model serve sft step vision rollout plain
+#   bash bench/gpu.sh serve sft        # any of: model serve sft trace step vision rollout plain
 #
 # Install (once per host). The host brings Python 3.12, torch 2.11 for CUDA 13 and transformers 5.16-5.19;
 # vigorl adds, without touching that torch: vLLM 0.26.0 (the vLLM release built for torch 2.11 and CUDA 13),
@@ -36,6 +36,9 @@ for what in "$@"; do
     # The job's kernels (auto: Liger's when liger-kernel is installed); SFT_KERNELS=none|compile to compare.
     sft) python3 -m bench.sft_throughput --gpu --model "$MODEL" --kernels "${SFT_KERNELS:-auto}" \
            --micro-batch "${SFT_MICRO:-2}" --out "$OUT" ;;
+    # The job alone with one optimizer step traced: where the GPU idles and what the host did then (bench.trace_gaps).
+    trace) python3 -m bench.sft_throughput --gpu --model "$MODEL" --kernels "${SFT_KERNELS:-auto}" \
+             --micro-batch "${SFT_MICRO:-2}" --steps 6 --warmup 3 --trace-step 5 --out "$OUT" ;;
     # The frozen vision tower's forward alone: as the job prepared it before, then with its blocks compiled.
     vision) python3 -m bench.vision_profile --model "$MODEL" --out "$OUT" ;;
     step) python3 -m bench.sft_profile --model "$MODEL" --micro-steps 6 --micro-batch 2 --no-checkpointing \
@@ -48,7 +51,7 @@ for what in "$@"; do
     # The rollout driver (single- and multi-turn, paper's multi-turn budgets) against plain vLLM, one run.
     plain) python3 -m bench.rollout_vs_plain --model "$MODEL" --max-tokens 512 --name gpu --out "$OUT" ${PLAIN_ARGS:-} ;;
     model) ;;
-    *) echo "unknown benchmark $what (model, serve, sft, step, vision, rollout, plain)"; exit 2 ;;
+    *) echo "unknown benchmark $what (model, serve, sft, trace, step, vision, rollout, plain)"; exit 2 ;;
   esac
 done
 ls -la "$OUT"

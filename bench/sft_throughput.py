@@ -16,10 +16,16 @@ collate, a DataLoader inside the step), each in its own subprocess, vigorl first
   faster, but updates below bf16's resolution are lost, so its loss falls more slowly).
 Throughput = mean tokens per step (padding excluded) / median step time over the steps after `--warmup`; a
 step is data loading, forward, backward and the optimizer (all-reduces included). ratio = vigorl / baseline
-tokens/s. The baseline's threads wait passively (OMP_WAIT_POLICY): spinning OpenMP threads slow down by
-10x and more when anything else runs on the cores.
+tokens/s. Both loops move batches with vigorl_core.train.device_batch and wait on the GPU once per step, as HF
+Trainer does between logging steps (the loss adds up on the device, tokens are counted on the host batch).
+The baseline's threads wait passively (OMP_WAIT_POLICY): spinning OpenMP threads slow down by 10x and more when
+anything else runs on the cores.
 GPU: MFU = 6 x text parameters x tokens/s / peak dense bf16 FLOP/s (989 T for H100/H200 SXM;
 recomputation by gradient checkpointing not counted), the formula of the MFU figures in docs/sft.md.
+
+`--trace-step N` runs the job alone with its optimizer step N traced (`profile_steps`) and writes
+sft_trace_<cpu|gpu>.json: where the GPU idles (bench.trace_gaps; ratio = the GPU's busy share of that step) and
+the gzipped trace beside it.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ def baseline(config_path: str, out_path: str, pure_bf16: bool = False) -> None:
     from jobs.sft import SFTConfig, _forward, _prepare_data
     from vigorl_core.rollout.chat_tokens import ChatTokens
     from vigorl_core.config import parse_config
+    from vigorl_core.train.device_batch import to_device
     from vigorl_core.train.sft_data import BatchPlan, SFTDataset, collate
     from vigorl_core.train.sft_train import cosine_lr, prepare_for_training
 
@@ -100,22 +107,43 @@ def baseline(config_path: str, out_path: str, pure_bf16: bool = False) -> None:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, cfg.max_steps, cfg.lr, cfg.warmup_ratio, cfg.min_lr_ratio)
         labels = sum(data["train"][i].label_tokens for i in plan.step_batch(step))
-        loss = tokens = 0.0
+        loss_sum, tokens = torch.zeros((), device=device), 0
         for _ in range(plan.accumulation):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            host = next(batches)
+            batch = to_device(host, device)
             with autocast():
                 nll, _ = _forward(model, batch)
             (nll / labels).backward()
-            loss += nll.item() / labels
-            tokens += batch["attention_mask"].sum().item()
+            loss_sum += nll.detach()
+            tokens += int(host["attention_mask"].sum())
         torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if cfg.use_gpu:
-            torch.cuda.synchronize()
+        loss = loss_sum.item() / labels  # the step's one wait on the GPU
         records.append({"step": step + 1, "loss": loss, "tokens": tokens, "examples": cfg.global_batch_size,
                         "step_seconds": time.perf_counter() - started})
     Path(out_path).write_text(json.dumps(records))
+
+
+def _trace_result(args, work: Path, log: list[dict], config: dict) -> dict:
+    """The traced step's summary (bench.trace_gaps) and the job's step times; the trace, gzipped, into --out."""
+    import gzip
+
+    from bench.trace_gaps import load, report, summarize
+
+    trace = next((work / "runs" / "sft" / "vigorl" / "profile").glob("rank0-*.json"))
+    summary = summarize(load(trace))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(trace, "rb") as f, gzip.open(out / f"sft_trace_{'gpu' if args.gpu else 'cpu'}.trace.json.gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    steps = {r["step"]: r for r in log if "loss" in r}
+    return {"ratio": summary["gpu_busy_share"],
+            "metric": "share of the traced optimizer step the GPU is busy (kernels, copies, memsets)",
+            "traced_step": args.trace_step, "summary": summary, "report": report(summary),
+            "step_seconds": {s: round(r["step_seconds"], 4) for s, r in steps.items()},
+            "tokens_per_step": {s: r["tokens"] for s, r in steps.items()},
+            "config": {k: v for k, v in config.items() if k not in ("runs_dir", "model", "data")}}
 
 
 def _text_params(model_dir: Path) -> int:
@@ -142,6 +170,8 @@ def main() -> None:
     parser.add_argument("--kernels", default="auto", help="the job's kernels (both arms): auto, liger, compile, none")
     parser.add_argument("--zero-stage", type=int, default=2, help="the job's zero_stage (one bf16 rank at 1 or 2 "
                         "runs DeepSpeed's BF16 optimizer)")
+    parser.add_argument("--trace-step", type=int, default=None, help="run the job alone, trace this optimizer step "
+                        "and write sft_trace_<cpu|gpu>.json (where the GPU idles) instead of the comparison")
     parser.add_argument("--baseline", default=None, help=argparse.SUPPRESS)  # internal: run the plain loop
     parser.add_argument("--baseline-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--pure-bf16", action="store_true", help=argparse.SUPPRESS)
@@ -159,6 +189,10 @@ def main() -> None:
         result = _measure(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if args.trace_step:
+        path = write_result("sft_trace", "gpu" if args.gpu else "cpu", result, args.out)
+        print(result.pop("report"), f"\n-> {path}")
+        return
     path = write_result("sft_throughput", "gpu" if args.gpu else "cpu", result, args.out)
     vigorl, plain = result["vigorl"], result["baseline"]
     print(f"vigorl {vigorl['tokens_per_s']:.0f} tok/s {vigorl['samples_per_s']:.2f} samples/s, baseline "
@@ -202,9 +236,14 @@ def _measure(args, work: Path) -> dict:
     config_path.write_text(yaml.safe_dump(config))
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cores = os.cpu_count() or 1
+    if args.trace_step:
+        config["profile_steps"] = [args.trace_step, args.trace_step]
+        config_path.write_text(yaml.safe_dump(config))
     subprocess.run([sys.executable, "-m", "jobs.sft", "--config", str(config_path)], cwd=REPO_ROOT, check=True,
                    env={**env, "OMP_NUM_THREADS": "1"} if not gpu else env)
     log = [json.loads(x) for x in (work / "runs" / "sft" / "vigorl" / "log.jsonl").read_text().splitlines()]
+    if args.trace_step:
+        return _trace_result(args, work, log, config)
     vigorl = _steady(log, warmup)
     out = work / "baseline.json"
     threads = {"OMP_NUM_THREADS": str(cores), "OMP_WAIT_POLICY": "PASSIVE"} if not gpu else {}

@@ -36,6 +36,7 @@ ship the model. On a multi-node cluster runs_dir must be shared storage (NFS), a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -124,6 +125,10 @@ class SFTConfig(StageConfig):
     logging: TrackerSettings = Field(default_factory=TrackerSettings)  # --logging.wandb / --logging.mlflow
     max_failures: int = Field(3, ge=0, description="worker-group restarts from the last checkpoint before "
                                                    "the run fails")
+    profile_steps: tuple[int, int] | None = Field(
+        None, description="trace optimizer steps [first, last] (1-based) with torch.profiler, CPU and CUDA: one "
+                          "Chrome trace per rank in <run folder>/profile/ (Perfetto opens it; bench/trace_gaps.py "
+                          "says where the GPU idles)")
 
 
 # Worker output goes through logging: Ray Train prints a worker's print() twice (stdout and its logger).
@@ -216,6 +221,7 @@ def train_worker(config: dict) -> None:
 
     from jobs.training import RunLog, deepspeed_engine, first_fault, grad_norm, load_checkpoint, save_checkpoint
     from vigorl_core.rollout.chat_tokens import ChatTokens
+    from vigorl_core.train.device_batch import to_device
     from vigorl_core.train.sft_data import BatchPlan, SFTDataset, collate
     from vigorl_core.train.sft_train import set_system_template
 
@@ -244,26 +250,39 @@ def train_worker(config: dict) -> None:
     device = engine.device
     log = RunLog(run_dir / "log.jsonl", start, total, world, logger, LOGGED, _progress,
                  trackers=cfg.logging) if rank == 0 else None
+    trace = _Trace(cfg.profile_steps, run_dir / "profile", rank)
     for step in range(start, total):
         if faults.trainer_exit_at_step == step + 1 and rank == world - 1 and first_fault(run_dir):
             os._exit(1)  # a dying worker process: no cleanup, no exception
+        trace.before(step + 1)
         started = time.perf_counter()
         lr = _set_lr(optimizer, cfg, step, total)
         step_labels = sum(label_tokens[i] for i in plan.step_batch(step))
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, tokens, examples (NCCL: on GPU)
+        # No host wait inside the step (vigorl_core.train.device_batch): the loss sums on the device, tokens and
+        # examples are counted on the host batch, and the GPU waits only on its own work.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        tokens = examples = 0
         engine.train()
         for _ in range(plan.accumulation):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-            nll, _ = _forward(engine, batch)
-            # DeepSpeed divides by the accumulation steps and averages over ranks: scaled so, the update
-            # follows the mean loss per labelled token of the whole global batch, however lengths fall.
-            engine.backward(nll * (world * plan.accumulation / step_labels))
-            engine.step()
-            sums += torch.stack([nll.detach().double(), batch["attention_mask"].sum().double(),
-                                 torch.tensor(len(batch["input_ids"]), dtype=torch.float64, device=device)])
+            with trace.region("data"):
+                host = next(batches)
+                batch = to_device(host, device)
+                tokens += int(host["attention_mask"].sum())
+                examples += len(host["input_ids"])
+            with trace.region("forward"):
+                nll, _ = _forward(engine, batch)
+            with trace.region("backward"):
+                # DeepSpeed divides by the accumulation steps and averages over ranks: scaled so, the update
+                # follows the mean loss per labelled token of the whole global batch, however lengths fall.
+                engine.backward(nll * (world * plan.accumulation / step_labels))
+            with trace.region("step"):
+                engine.step()
+            loss_sum += nll.detach().double()
+        sums = torch.stack([loss_sum, loss_sum.new_tensor(tokens), loss_sum.new_tensor(examples)])  # NCCL: on GPU
         torch.distributed.all_reduce(sums)
         loss, tokens, examples = sums.tolist()  # waits for the device: the step time is complete
         seconds = time.perf_counter() - started
+        trace.after(step + 1, last=step + 1 == total)
         done = step + 1
         record = {"step": done, "loss": loss / step_labels, "lr": lr, "grad_norm": grad_norm(engine),
                   "tokens": int(tokens), "examples": int(examples), "step_seconds": seconds,
@@ -282,6 +301,38 @@ def train_worker(config: dict) -> None:
         log.close()
 
 
+class _Trace:
+    """torch.profiler over optimizer steps [first, last] (`profile_steps`), written as one Chrome trace per rank;
+    `region` names the loop's phases in it (data, forward, backward, step). Costs nothing when off."""
+
+    def __init__(self, steps: tuple[int, int] | None, out_dir: Path, rank: int):
+        self.steps, self.out_dir, self.rank, self.profiler = steps, out_dir, rank, None
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.steps[0]:
+            import torch
+
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def after(self, step: int, last: bool) -> None:
+        if self.profiler is not None and (step >= self.steps[1] or last):
+            self.profiler.__exit__(None, None, None)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.profiler.export_chrome_trace(str(self.out_dir / f"rank{self.rank}-steps{self.steps[0]}-{step}.json"))
+            self.profiler = None
+
+    def region(self, name: str):
+        if self.profiler is None:
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.profiler.record_function(f"vigorl.{name}")
+
+
 def _set_lr(optimizer, cfg: SFTConfig, step: int, total: int) -> float:
     from jobs.training import set_lr
     from vigorl_core.train.sft_train import cosine_lr
@@ -291,8 +342,9 @@ def _set_lr(optimizer, cfg: SFTConfig, step: int, total: int) -> float:
 
 def _logits(engine, batch: dict):
     """Logits [B, K, V] only where a label follows (batch["loss_positions"], from sft_data.collate)."""
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_positions")}
-    return engine(**inputs, logits_to_keep=batch["loss_positions"], use_cache=False).logits
+    from vigorl_core.train.device_batch import model_inputs
+
+    return engine(**model_inputs(batch), logits_to_keep=batch["loss_positions"], use_cache=False).logits
 
 
 def _forward(engine, batch: dict):
@@ -307,6 +359,7 @@ def _validate(engine, cfg: SFTConfig, val_set, collate_fn, rank: int, world: int
     the most likely one} over the whole validation set (each rank a share, then summed)."""
     import torch
 
+    from vigorl_core.train.device_batch import to_device
     from vigorl_core.train.sft_data import eval_batches
     from vigorl_core.train.sft_train import exact_matches, token_nll
 
@@ -314,7 +367,7 @@ def _validate(engine, cfg: SFTConfig, val_set, collate_fn, rank: int, world: int
     engine.eval()
     with torch.no_grad():
         for indices, counted in eval_batches([e.length for e in val_set.examples], cfg.micro_batch_size, world, rank):
-            batch = {k: v.to(device) for k, v in collate_fn([val_set[i] for i in indices]).items()}
+            batch = to_device(collate_fn([val_set[i] for i in indices]), device)
             logits = _logits(engine, batch)
             nll, count = token_nll(logits, batch["labels"], batch["loss_positions"])
             matches = exact_matches(logits, batch["labels"], batch["loss_positions"])
@@ -414,7 +467,8 @@ def _run(argv: list[str]) -> int:
     print(f"done: {metrics['steps']} steps, loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}"
           + (f", val loss {metrics['final_val_loss']:.4f}" if metrics["final_val_loss"] is not None else "")
           + f"; model: {run_dir / 'latest'}"
-          + (f", best ({cfg.keep_best}) at step {metrics['best']['step']}: {run_dir / 'best'}" if metrics["best"] else ""),
+          + (f", best ({cfg.keep_best}) at step {metrics['best']['step']}: {run_dir / 'best'}"
+             if metrics["best"] else ""),
           flush=True)
     return 0
 

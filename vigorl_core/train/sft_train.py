@@ -7,7 +7,8 @@
 - `deepspeed_config`: the ZeRO config for a stage, batch split and precision (one bf16 rank: the
   BF16 optimizer, no ZeRO buckets);
 - `prepare_for_training`: which parameters train (vision tower frozen by default), gradient checkpointing,
-  the vision tower's batched window attention (and compiled blocks with any kernels) and the attention backend;
+  the vision tower's batched window attention (and compiled blocks with any kernels), the attention backend and
+  a placeholder check that does not wait on the GPU;
 - `set_system_template` / `save_hf_checkpoint`: a standard Hugging Face folder (weights, processor,
   tokenizer, chat template whose default system message is the task's prompt, as the released ViGoRL
   models ship it) that transformers and vLLM load directly, without a merge step;
@@ -86,7 +87,8 @@ def deepspeed_config(stage: int, micro_batch: int, accumulation: int, world_size
     It adds each bf16 gradient to its fp32 sum as backward produces it and drops it (`immediate_grad_update`):
     by default DeepSpeed zeroes every bf16 gradient before each micro-step, lets backward add into them and
     sums them all afterwards, three more passes over 6 GB of gradients per micro-step of a 3B model. The sums
-    are the same either way (tests/integration/test_trainer_bf16.py)."""
+    are the same either way (tests/integration/test_trainer_bf16.py). DeepSpeed's throughput timer is off: it
+    synchronizes the device twice per micro-step."""
     bf16_optimizer = uses_bf16_optimizer(stage, world_size, bf16, offload_optimizer)
     stage = 1 if bf16_optimizer else stage
     zero: dict[str, Any] = {"stage": stage, "contiguous_gradients": True, "overlap_comm": gpu,
@@ -108,6 +110,9 @@ def deepspeed_config(stage: int, micro_batch: int, accumulation: int, world_size
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (on by default) synchronizes the device at every forward and every step()
+        # to time them; the job times its own steps, and each of those waits left the GPU idle.
+        "timers": {"throughput": {"enabled": False}},
     }
     if bf16_optimizer:  # bf16 weights + fp32 gradient sums at stage 1 = DeepSpeed's BF16_Optimizer
         config["data_types"] = {"grad_accum_dtype": "fp32"}
@@ -139,9 +144,11 @@ def prepare_for_training(model: Any, *, freeze_vision_tower: bool = True, freeze
 
     `kernels` fuses the language model's element-wise work (vigorl_core.train.kernels: auto, liger, compile,
     none; `gpu` says whether the model trains on a CUDA GPU); any kernels but none also compile the vision
-    tower's blocks (vigorl_core.train.vision_speed)."""
+    tower's blocks (vigorl_core.train.vision_speed). The placeholder check of the image tokens becomes a
+    device-side assertion (vigorl_core.train.device_batch), so a forward does not wait on the GPU for it."""
     import torch
 
+    from vigorl_core.train.device_batch import check_placeholders_async
     from vigorl_core.train.kernels import apply_kernels
     from vigorl_core.train.vision_attention import batch_window_attention
     from vigorl_core.train.vision_speed import compile_vision_blocks
@@ -158,6 +165,7 @@ def prepare_for_training(model: Any, *, freeze_vision_tower: bool = True, freeze
         model.disable_input_require_grads()
     model.config.use_cache = False
     batch_window_attention(model)
+    check_placeholders_async(model)
     if apply_kernels(model, kernels, gpu) != "none":
         compile_vision_blocks(model)
     torch.backends.cuda.enable_cudnn_sdp(False)
