@@ -14,7 +14,7 @@ collate, a DataLoader inside the step), each in its own subprocess, vigorl first
   torch.autocast (HF Trainer's bf16=True, which the original's LLaMA-Factory runs).
   GPU also runs `baseline_pure_bf16` for information (bf16 weights and AdamW state, no fp32 master copy:
   faster, but updates below bf16's resolution are lost, so its loss falls more slowly).
-Throughput = mean tokens per step (padding excluded) / median step time over the steps after `--warmup`; a
+Throughput = the median over the steps after `--warmup` of each step's tokens (padding excluded) / its time; a
 step is data loading, forward, backward and the optimizer (all-reduces included). ratio = vigorl / baseline
 tokens/s. Both loops move batches with vigorl_core.train.device_batch and wait on the GPU once per step, as HF
 Trainer does between logging steps (the loss adds up on the device, tokens are counted on the host batch).
@@ -50,13 +50,20 @@ PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12}
 
 
 def _steady(records: list[dict], warmup: int) -> dict:
-    """Rates over the steps after `warmup`: mean tokens (examples) per step over the MEDIAN step time, so a
-    few steps slowed by other work on the machine do not decide the result."""
+    """Rates over the steps after `warmup`: the MEDIAN of the steps' own rates (tokens / seconds, examples /
+    seconds), so a few steps slowed by other work on the machine do not decide the result. Steps differ in
+    tokens (length-grouped batches), so each step's tokens are divided by its own time; `tokens_per_s_total`
+    (all tokens over all the time) and `tokens_per_s_mean_over_median` (the mean tokens per step over the median
+    step time, this bench's figure until commit d201c00, low when the median step is a long one) for comparison."""
     steps = [r for r in records if "loss" in r and r["step"] > warmup]
     median = statistics.median(r["step_seconds"] for r in steps)
     tokens = sum(r["tokens"] for r in steps) / len(steps)
-    return {"tokens_per_s": tokens / median, "samples_per_s": sum(r["examples"] for r in steps) / len(steps) / median,
+    return {"tokens_per_s": statistics.median(r["tokens"] / r["step_seconds"] for r in steps),
+            "samples_per_s": statistics.median(r["examples"] / r["step_seconds"] for r in steps),
+            "tokens_per_s_total": tokens * len(steps) / sum(r["step_seconds"] for r in steps),
+            "tokens_per_s_mean_over_median": tokens / median,
             "median_step_seconds": median, "step_seconds": [round(r["step_seconds"], 4) for r in steps],
+            "step_tokens": [r["tokens"] for r in steps],
             "tokens_per_step": tokens, "losses": [round(r["loss"], 4) for r in records if "loss" in r]}
 
 
@@ -280,6 +287,7 @@ def _measure(args, work: Path) -> dict:
         result["config"].update(gpu=name, text_params=params, peak_bf16_flops=peak)
         for arm in (result["vigorl"], result["baseline"], *extra.values()):
             arm["mfu"] = 6 * params * arm["tokens_per_s"] / peak if peak else None
+            arm["mfu_mean_over_median"] = 6 * params * arm["tokens_per_s_mean_over_median"] / peak if peak else None
     return result
 
 

@@ -1,7 +1,8 @@
 """One bf16 trainer rank runs DeepSpeed's BF16 optimizer instead of ZeRO buckets
 (vigorl_core.train.sft_train.deepspeed_config): the config, and a real DeepSpeed engine on CPU that steps, clips,
 reports its gradient norm and resumes exactly from a checkpoint (what the SFT and GRPO jobs rely on when they
-restart), and whose immediate gradient sums give the same weights as DeepSpeed's default, delayed ones."""
+restart), and whose immediate gradient sums give the same weights as DeepSpeed's default, delayed ones, also when
+summed in one pass (vigorl_core.train.grad_sums)."""
 
 from __future__ import annotations
 
@@ -32,17 +33,19 @@ SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch, deepspeed
     from jobs.training import skip_cpu_shm_op
+    from vigorl_core.train.grad_sums import fuse_bf16_grad_sums
     from vigorl_core.train.sft_train import deepspeed_config
 
     skip_cpu_shm_op()  # as the trainers do on CPU
 
-    def engine(immediate=True):
+    def engine(immediate=True, fused=False):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).to(torch.bfloat16)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         config = deepspeed_config(2, 1, 2, 1, True, 0.5)
         config["bf16"]["immediate_grad_update"] = immediate
         ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        assert fuse_bf16_grad_sums(ds.optimizer) if fused else True
         return ds
 
     def step(ds, seed):
@@ -65,9 +68,12 @@ SCRIPT = textwrap.dedent("""
     norms.append(step(resumed, 2))
     delayed = engine(immediate=False)  # DeepSpeed's default: bf16 gradients summed after each backward
     delayed_norms = [step(delayed, 1), step(delayed, 2)]
+    fused = engine(fused=True)  # one pass per gradient (grad_sums.add_into) instead of a cast and an add
+    fused_norms = [step(fused, 1), step(fused, 2)]
     print(json.dumps({"optimizer": type(first.optimizer).__name__, "norms": norms, "moved": weights(first) != start,
                       "same_after_resume": weights(first) == weights(resumed),
-                      "same_as_delayed": weights(first) == weights(delayed) and delayed_norms == norms[:2]}))
+                      "same_as_delayed": weights(first) == weights(delayed) and delayed_norms == norms[:2],
+                      "same_when_fused": weights(first) == weights(fused) and fused_norms == norms[:2]}))
 """)
 
 
@@ -81,4 +87,4 @@ def test_bf16_optimizer_steps_and_resumes_exactly(tmp_path):
     assert result["optimizer"] == "BF16_Optimizer"
     assert all(n > 0 for n in result["norms"]) and result["moved"]
     assert result["norms"][1] == result["norms"][2] and result["same_after_resume"]
-    assert result["same_as_delayed"]
+    assert result["same_as_delayed"] and result["same_when_fused"]

@@ -68,3 +68,51 @@ def test_compiled_vision_blocks_give_the_same_features(tiny_model_dir):
     with torch.no_grad():
         want, got = (m.model.visual(pixels, grid_thw=grid).pooler_output for m in (plain, fast))
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+
+
+def test_text_rope_takes_the_place_the_attention_calls(tiny_model_dir, monkeypatch):
+    """transformers 5's text attention calls the plain apply_rotary_pos_emb on merged M-RoPE cos/sin: text_rope
+    puts a rotary function there, every layer calls it, and the same rotation gives the same logits."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as module
+
+    from vigorl_core.train.kernels import text_rope
+
+    stock = module.apply_rotary_pos_emb
+    monkeypatch.setattr(module, "apply_rotary_pos_emb", stock)  # restored after the test
+    calls = []
+
+    def counted(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):  # Liger's signature
+        calls.append(cos.shape)
+        return stock(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ids = torch.randint(0, 1000, (2, 13))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert text_rope(counted)
+        got = model(input_ids=ids).logits
+    assert len(calls) == model.config.text_config.num_hidden_layers and calls[0][:2] == (2, 13)  # cos [B, L, head_dim]
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_liger_text_rope_gives_the_plain_logits(tiny_model_dir, monkeypatch):
+    import torch
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as module
+
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    from vigorl_core.train.kernels import text_rope
+
+    monkeypatch.setattr(module, "apply_rotary_pos_emb", module.apply_rotary_pos_emb)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32).cuda()
+    ids = torch.randint(0, 1000, (2, 37), device="cuda")
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert text_rope(liger_rotary_pos_emb)
+        got = model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4)
