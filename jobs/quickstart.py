@@ -18,10 +18,12 @@ any stage can be rerun by hand with the same command (the stage's log names it):
 4. mcts        tree search over the teacher's reasoning steps on the train split; the rule reward keeps the
                branches that reach the right answer;
 5. chains      the trees linearized into SFT chains (single-turn and multi-turn zoom);
-6. sft         the base model fine-tuned on those chains (the warm start);
-7. grpo        single-turn grounded GRPO from the SFT checkpoint on `colour`;
+6. sft         the base model fine-tuned on those chains (the warm start); it also keeps its checkpoint after
+               `grpo_start_step` steps (sft_partial);
+7. grpo        single-turn grounded GRPO on `colour` from sft_partial: the whole SFT run answers `colour` right
+               nearly every time, which leaves RL nothing to show;
 8. grpo_zoom   multi-turn GRPO with the zoom tool on `zoom_colour`, from the SFT checkpoint;
-9. eval_*      every model (random, teacher, sft, grpo, grpo_zoom) on the held-out split;
+9. eval_*      every model (random, teacher, sft_partial, sft, grpo, grpo_zoom) on the held-out split;
 10. report      runs/quickstart/<run>/report.md with the table, reward curves and annotated examples.
 
 The terminal shows one line per stage and a progress bar; what each job would show on a terminal (its stage
@@ -53,7 +55,9 @@ from jobs.common import REPO_ROOT, is_verbose, run_main
 from jobs.progress import Progress
 from vigorl_core.config import StageConfig, parse_config
 
-MODELS = ("random", "teacher", "sft", "grpo", "grpo_zoom")  # evaluated (the base answers in its own format)
+# Evaluated (the base answers in its own format). sft_partial: the SFT run after `grpo_start_step` steps, where
+# single-turn GRPO starts (the whole SFT run answers `colour` right about every time: nothing left for RL).
+MODELS = ("random", "teacher", "sft_partial", "sft", "grpo", "grpo_zoom")
 SINGLE, SEARCH = "colour", "zoom_colour"  # the single-turn and the multi-turn (zoom) task
 
 
@@ -75,12 +79,12 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": {"train_n": 1024, "heldout_n": 64, "base_images": 3072, "base_val": 128, "base_steps": 2000,
              "base_eval_every": 200,
              "teacher_chains": 512, "teacher_steps": 500, "mcts_n": 256,
-             "sft_steps": 400,
+             "sft_steps": 400, "grpo_start_step": 25,
              "grpo_steps": 60, "grpo_zoom_steps": 36, "rollout_batch": 8, "group": 8, "mcts_simulations": 4,
              "turn_tokens": 96, "response_tokens": 384, "eval_models": MODELS,
              "mcts": {"children": 3, "rollouts_per_child": 2, "max_depth": 4, "time_limit_s": 120}},
     "fast": {"train_n": 8, "heldout_n": 4, "base_images": 24, "base_val": 4, "base_steps": 2, "base_eval_every": 1,
-             "teacher_chains": 8, "teacher_steps": 4, "mcts_n": 2, "sft_steps": 4,
+             "teacher_chains": 8, "teacher_steps": 4, "mcts_n": 2, "sft_steps": 4, "grpo_start_step": 2,
              "grpo_steps": 2, "grpo_zoom_steps": 2, "rollout_batch": 2, "group": 2, "mcts_simulations": 1,
              "turn_tokens": 48, "response_tokens": 144, "eval_models": ("grpo_zoom",),
              "mcts": {"children": 2, "rollouts_per_child": 1, "max_depth": 2, "time_limit_s": 10}},
@@ -104,6 +108,7 @@ class Paths:
     """Where every stage reads and writes (all under runs_dir, named after the quickstart run)."""
 
     def __init__(self, cfg: QuickstartConfig):
+        self.grpo_start_step = SIZES["fast" if cfg.fast else "full"]["grpo_start_step"]
         self.runs = Path(cfg.runs_dir).resolve()
         self.name = f"quickstart-{cfg.run_name}" + ("-fast" if cfg.fast else "")
         self.out = self.runs / "quickstart" / cfg.run_name
@@ -119,7 +124,9 @@ class Paths:
     def model(self, name: str) -> Path:
         return {"random": self.random_model, "base": self.run("sft", "-base") / "best",
                 "teacher": self.run("sft", "-teacher") / "latest",
-                "sft": self.run("sft") / "latest", "grpo": self.run("grpo") / "latest",
+                "sft": self.run("sft") / "latest",
+                "sft_partial": self.run("sft") / "checkpoints" / f"step-{self.grpo_start_step}",
+                "grpo": self.run("grpo") / "latest",
                 "grpo_zoom": self.run("grpo", "-zoom") / "latest"}[name]
 
 
@@ -199,8 +206,8 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
     stages.append(Stage(
         "sft", "SFT: the base model on the MCTS chains", p.model("sft"), module="jobs.sft",
         config={**common, **sft, "run_name": p.name, "model": str(p.model("base")), "data": str(sft_data),
-                "val_fraction": 0.1, "max_steps": s["sft_steps"],
-                "save_every": s["sft_steps"], "eval_every": s["sft_steps"]},
+                "val_fraction": 0.1, "max_steps": s["sft_steps"], "keep_checkpoints": None,
+                "save_every": s["sft_steps"], "save_at": [s["grpo_start_step"]], "eval_every": s["sft_steps"]},
         progress=_steps_progress(p.run("sft") / "log.jsonl", s["sft_steps"])))
     train_batch = s["rollout_batch"] * s["group"] // 2  # two optimizer steps per RL step, as the original
     grpo = {**common, "rollout_batch_size": s["rollout_batch"], "group_size": s["group"],
@@ -212,8 +219,9 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
             "num_workers": 1, "precision": "fp32", "keep_checkpoints": 1, "log_every": 1,
             "policy": {"engine": engine}}
     stages.append(Stage(
-        "grpo", "GRPO single-turn (grounded, colour) from the SFT checkpoint", p.model("grpo"), module="jobs.grpo",
-        config={**grpo, "run_name": p.name, "data": str(p.split(SINGLE, "train")),  # model: sft's latest
+        "grpo", "GRPO single-turn (grounded, colour) from the partly trained SFT checkpoint", p.model("grpo"),
+        module="jobs.grpo",
+        config={**grpo, "run_name": p.name, "model": str(p.model("sft_partial")), "data": str(p.split(SINGLE, "train")),
                 "task": "visual_search", "mode": "grounded", "max_steps": s["grpo_steps"],
                 "save_every": s["grpo_steps"],
                 "max_tokens_per_turn": s["turn_tokens"], "max_response_tokens": s["turn_tokens"]},
@@ -303,7 +311,7 @@ def _report(cfg: QuickstartConfig, p: Paths) -> None:
 
     write_quickstart_report(p.out, {m: p.run("eval", f"-{m}") for m in MODELS},
                             {"grpo": p.run("grpo"), "grpo_zoom": p.run("grpo", "-zoom")},
-                            fast=cfg.fast, header=_provenance(p))
+                            fast=cfg.fast, header=_provenance(p), rl_start="sft_partial")
 
 
 def _provenance(p: Paths) -> str:

@@ -114,6 +114,8 @@ class SFTConfig(StageConfig):
         "auto", description="auto: flash_attention_2 on GPU when flash-attn is installed, else sdpa")
     dataloader_workers: int = Field(0, ge=0, description="image-loading processes per worker")
     save_every: int = Field(100, ge=1, description="checkpoint every N steps (and at the end)")
+    save_at: list[int] = Field(default_factory=list, description="also checkpoint after these steps (e.g. a partly "
+                                                                 "trained model to start RL from)")
     save_at_end: bool = Field(True, description="checkpoint after the last step (benchmarks turn it off)")
     keep_checkpoints: int | None = Field(2, ge=1, description="checkpoints kept (oldest deleted); null: all")
     eval_every: int = Field(250, ge=1, description="validation loss every N steps (and at the end)")
@@ -296,7 +298,7 @@ def train_worker(config: dict) -> None:
                 _keep_best(engine, cfg, processor, model_dir, run_dir, record, rank)
         if log:
             log.step(record, show=done % cfg.log_every == 0 or done == total)
-        if done % cfg.save_every == 0 or (done == total and cfg.save_at_end):
+        if done % cfg.save_every == 0 or done in cfg.save_at or (done == total and cfg.save_at_end):
             save_checkpoint(engine, cfg.zero_stage, processor, model_dir, run_dir, done, record, rank,
                             client_state={"step": done})
     if log:

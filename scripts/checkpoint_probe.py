@@ -6,14 +6,19 @@ Two measures on the first N samples (synthetic `colour` samples.jsonl: question,
 - `base`: the base model's two skills (vigorl_core.synthetic.base) under its own system prompt: the first point
   it names after the question and options (inside the square?) and "What is the colour of the square?" (the
   exact colour);
+- `crops` (on `zoom_colour` samples): the colour of the small square in the crop of its named quadrant, shown as
+  the zoom tool's observation under the base's system prompt, answered as a zoom conversation's last turn (how
+  the base data teaches it and where the zoom chains need it);
 - `options`: teacher forcing. Each option is scored as the answer after one fixed thought that names the square's
   centre, and the most likely option is the prediction. This separates "reads the colour" from "writes its own
   chain", and the spread of predictions shows a model that answers one colour for every image.
 
     .venv/bin/python scripts/checkpoint_probe.py generate runs/sft/quickstart-s12/latest \\
         runs/data/quickstart-s12/colour-heldout/samples.jsonl
-    .venv/bin/python scripts/checkpoint_probe.py base runs/sft/quickstart-s13-base/latest \\
-        runs/data/quickstart-s13/colour-heldout/samples.jsonl
+    .venv/bin/python scripts/checkpoint_probe.py base runs/sft/quickstart-s16a-base/best \\
+        runs/data/quickstart-s16a/colour-heldout/samples.jsonl
+    .venv/bin/python scripts/checkpoint_probe.py crops runs/sft/quickstart-s16a-base/best \\
+        runs/data/quickstart-s16a/zoom_colour-heldout/samples.jsonl
     .venv/bin/python scripts/checkpoint_probe.py options runs/sft/quickstart-s12/latest \\
         runs/data/quickstart-s12/colour-heldout/samples.jsonl --system short
 
@@ -104,6 +109,38 @@ def base(args, _system: str, records: list[dict]) -> None:
                       "last_outputs": [points[-1][:40], colours[-1][:40]]}))
 
 
+def crops(args, _system: str, records: list[dict]) -> None:
+    import torch
+    from PIL import Image
+
+    from vigorl_core.frames import get_profile, resize_to_model
+    from vigorl_core.prompts import observation_text
+    from vigorl_core.records import Sample
+    from vigorl_core.synthetic.base import BASE_SYSTEM
+    from vigorl_core.synthetic.chains import quadrant_point
+    from vigorl_core.zoom import OBSERVATION_TAIL, point_crop, zoom_settings
+
+    proc, model = _load(args.model)
+    settings, profile = zoom_settings("visual_search", "tiny"), get_profile("tiny")
+    texts = []
+    for rec in records:
+        image = Image.open(Path(args.samples).parent / rec["images"][0]).convert("RGB")
+        model_image, frame = resize_to_model(image, profile)
+        crop = point_crop(model_image, *quadrant_point(Sample.model_validate(rec), image.size, frame), settings)
+        prompt = proc.apply_chat_template([{"role": "system", "content": BASE_SYSTEM}, {"role": "user", "content": [
+            {"type": "text", "text": observation_text(settings.draw_dot)}, {"type": "image"},
+            {"type": "text", "text": OBSERVATION_TAIL}]}], tokenize=False, add_generation_prompt=True)
+        enc = proc(text=[prompt], images=[[crop.image]], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=args.max_tokens, do_sample=False)
+        texts.append(proc.tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True))
+    answers = [re.search(r"<answer>\s*(.*?)\s*</answer>", t) for t in texts]
+    n = len(records)
+    print(json.dumps({"model": args.model, "n": n, "format": sum(bool(a) for a in answers) / n,
+                      "accuracy": sum(bool(a) and a.group(1) == r["answer"] for a, r in zip(answers, records)) / n,
+                      "last_output": texts[-1][:60]}))
+
+
 def options(args, system: str, records: list[dict]) -> None:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -147,9 +184,9 @@ def options(args, system: str, records: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("measure", choices=["generate", "options", "base"])
+    parser.add_argument("measure", choices=["generate", "options", "base", "crops"])
     parser.add_argument("model", help="model folder (a checkpoint's latest/)")
-    parser.add_argument("samples", help="synthetic colour samples.jsonl")
+    parser.add_argument("samples", help="synthetic colour samples.jsonl (crops: zoom_colour)")
     parser.add_argument("--n", type=int, default=64, help="first N samples")
     parser.add_argument("--system", choices=["full", "short"], default="full",
                         help="the project's grounded visual-search prompt, or a one-line one (the plain loop's)")
@@ -160,7 +197,7 @@ def main() -> None:
 
     system = system_prompt("visual_search", "grounded") if args.system == "full" else SHORT_SYSTEM
     records = [json.loads(line) for line in Path(args.samples).read_text().splitlines() if line.strip()][:args.n]
-    {"generate": generate, "options": options, "base": base}[args.measure](args, system, records)
+    {"generate": generate, "options": options, "base": base, "crops": crops}[args.measure](args, system, records)
 
 
 if __name__ == "__main__":

@@ -72,12 +72,15 @@ def test_quickstart_fast_runs_every_stage_and_a_rerun_skips_them(tmp_path, subpr
         assert not noise, (stage, noise[:5])
         assert terminal[1].startswith(f"logs: {root / run / 'job.log'}"), (stage, terminal[:2])
     assert "(ServeReplica:" in (root / runs["eval_grpo_zoom"] / "job.log").read_text()  # the engine's logs
-    # The stages after mcts and sft read their input by run name (no trees, no model in their configs).
+    # chains reads the trees by run name; single-turn GRPO starts from SFT's checkpoint after grpo_start_step
+    # steps (2 of 4 here), which the SFT run keeps beside its last one.
     assert "trees" not in yaml.safe_load((out / "configs" / "chains.yaml").read_text())
-    assert "model" not in yaml.safe_load((out / "configs" / "grpo.yaml").read_text())
     grpo = yaml.safe_load((root / runs["grpo"] / "config.yaml").read_text())
-    assert grpo["model"] == str((root / runs["sft"] / "latest").resolve())
-    base = (root / runs["base"] / "latest").resolve()  # the teacher and SFT start from the base, not random
+    partial = root / runs["sft"] / "checkpoints" / "step-2"
+    assert Path(grpo["model"]).resolve() == partial.resolve() and (partial / "model.safetensors").is_file()
+    # The teacher and SFT start from the base's best validation model, not from random.
+    base = (root / runs["base"] / "best").resolve()
+    assert (base / "best.json").is_file()
     assert all(Path(yaml.safe_load((out / "configs" / f"{stage}.yaml").read_text())["model"]).resolve() == base
                for stage in ("teacher", "sft"))
     zoom = yaml.safe_load((out / "configs" / "grpo_zoom.yaml").read_text())  # the multi-turn arm starts from SFT

@@ -70,7 +70,7 @@ def _colour_predictions(colour, correct: int):
 
 def test_report_has_a_row_per_model_the_curves_and_before_after_examples(pointing, colour, tmp_path):
     evals = {}
-    for model, correct in (("sft", 1), ("grpo", 4)):
+    for model, correct in (("sft_partial", 1), ("grpo", 4)):
         run = tmp_path / "eval" / model
         run.mkdir(parents=True)
         predictions = _predictions(pointing, correct) + _colour_predictions(colour, correct)
@@ -81,15 +81,17 @@ def test_report_has_a_row_per_model_the_curves_and_before_after_examples(pointin
     (grpo / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "reward_mean": 0.1 * s, "accuracy": 0.05 * s, "format_rate": 0.9}) + "\n"
         for s in (1, 2, 3)))
-    report = write_quickstart_report(tmp_path / "out", evals, {"grpo": grpo, "grpo_zoom": tmp_path / "none"})
+    report = write_quickstart_report(tmp_path / "out", evals, {"grpo": grpo, "grpo_zoom": tmp_path / "none"},
+                                     rl_start="sft_partial")
     text = report.read_text()
     # colour columns: accuracy with its interval, format, grounding (every step inside the square); no zoom rows
-    assert "| sft | 25% [5%, 70%] | 100% | 100% | - |" in text, text
+    assert "| sft_partial | 25% [5%, 70%] | 100% | 100% | - |" in text, text
     assert "| grpo | 100% [51%, 100%] | 100% | 100% | - |" in text
     assert "grpo: 3 steps; reward 0.10 -> 0.30, accuracy 5% -> 15%" in text
     assert (tmp_path / "out" / "curves.png").is_file() and (tmp_path / "out" / "curves.svg").is_file()
     examples = sorted((tmp_path / "out" / "examples").glob("*.png"))
     assert len(examples) == 3 and text.count("![colour-") == 3  # RL's fixes first: three of the four
+    assert "## Examples: before (sft partial) and after (GRPO) RL" in text  # from the model GRPO started from
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["models"]["grpo"]["synthetic_grounding"]["accuracy"] == 1.0
 

@@ -125,19 +125,26 @@ def test_colour_background_tells_each_vision_token_where_it_is():
 
 def test_base_data_points_at_the_square_and_names_its_colour(tmp_path):
     from vigorl_core.prompts import user_text
+    from vigorl_core.protocol import FORCED_FINAL_PREFIX
     from vigorl_core.synthetic.base import BASE_SYSTEM, COLOUR_QUESTION, write_base_data
     from vigorl_core.synthetic.chains import token_point
+    from vigorl_core.synthetic.teacher import teacher_steps
 
     profile = get_profile("tiny")
     chains = read_conversations(write_base_data(tmp_path, 6, 0, profile, val_n=3))
     kinds = [c.id.rsplit("-", 1)[1] for c in chains]
-    assert kinds.count("point") == 6 and kinds.count("colour") == 2 and kinds.count("crop") == 2
+    assert kinds.count("point") == 6 + 2 and kinds.count("colour") == 2 and kinds.count("crop") == 2
     samples = dict((s.id, s) for s, _ in generate("colour", 6, 0))
     for conv in chains:
         (_, system), (_, question), (_, answer) = conv.messages
         assert system == BASE_SYSTEM and conv.task == "visual_search" and len(conv.images) == 1
         sample_id, kind = conv.id.rsplit("-", 1)
-        if kind == "point":  # the chains' first sentence, after the task's question and options
+        if kind == "point" and sample_id.startswith("zoom_colour"):  # where a zoom turn opens
+            sample, image = next((s, im) for s, im in generate("zoom_colour", 2, 0) if s.id == sample_id)
+            assert question.endswith(user_text(sample.question, sample.options))
+            assert answer == "<think> " + teacher_steps(sample, image, profile)[0]
+            assert f"the {sample.metadata['quadrant']} quadrant is near" in answer
+        elif kind == "point":  # the chains' first sentence, after the task's question and options
             sample = samples[sample_id]
             assert question.endswith(user_text(sample.question, sample.options))
             assert answer == "<think>\nThe square is at ({}, {}).".format(*token_point(sample.bbox, profile))
@@ -148,7 +155,7 @@ def test_base_data_points_at_the_square_and_names_its_colour(tmp_path):
     zoom = generate("zoom_colour", 1, 0)[0][0]
     settings = zoom_settings("visual_search", "tiny")
     assert crop.messages[1][1] == observation_text(settings.draw_dot) + IMAGE_TOKEN + OBSERVATION_TAIL
-    assert crop.messages[2][1] == f"<think>  </think>\n<answer> {zoom.answer} </answer>"
+    assert crop.messages[2][1] == f"{FORCED_FINAL_PREFIX} {zoom.answer} </answer>"
     assert crop.id.startswith(zoom.id)
     # Validation: pointing records of other images, the skill the quickstart keeps the best base model by.
     val = read_conversations(tmp_path / "val.jsonl")

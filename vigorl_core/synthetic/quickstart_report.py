@@ -100,8 +100,9 @@ def _cell(result: dict[str, Any] | None, key: str) -> str:
 
 
 def write_quickstart_report(out_dir: str | Path, eval_runs: Mapping[str, Path], grpo_runs: Mapping[str, Path], *,
-                            fast: bool = False, examples: int = 3, header: str = "") -> Path:
-    """report.md, curves.png and .svg, examples/ and results.json in `out_dir`; returns the report's path."""
+                            fast: bool = False, examples: int = 3, header: str = "", rl_start: str = "sft") -> Path:
+    """report.md, curves.png and .svg, examples/ and results.json in `out_dir`; returns the report's path.
+    `rl_start`: the evaluated model single-turn GRPO started from (the examples' "before")."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     predictions = {model: read_predictions(run / "predictions.jsonl").predictions
@@ -138,23 +139,24 @@ def write_quickstart_report(out_dir: str | Path, eval_runs: Mapping[str, Path], 
                 first, last = records[0], records[-1]
                 lines.append(f"- {name}: {len(records)} steps; reward {first['reward_mean']:.2f} -> "
                              f"{last['reward_mean']:.2f}, accuracy {first['accuracy']:.0%} -> {last['accuracy']:.0%}")
-    lines += _examples(out, predictions, examples)
+    lines += _examples(out, predictions, examples, rl_start)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _examples(out: Path, predictions: Mapping[str, list[Prediction]], k: int) -> list[str]:
-    """Before and after RL on the same held-out colour images: the SFT model against the GRPO model."""
-    if "sft" not in predictions or "grpo" not in predictions:
+def _examples(out: Path, predictions: Mapping[str, list[Prediction]], k: int, rl_start: str) -> list[str]:
+    """Before and after RL on the same held-out colour images: the model GRPO started from against the GRPO model."""
+    if rl_start not in predictions or "grpo" not in predictions:
         return []
     after = {p.id: p for p in predictions["grpo"] if p.benchmark == SINGLE}
-    pairs = [(p, after[p.id]) for p in predictions["sft"] if p.benchmark == SINGLE and p.id in after]
+    pairs = [(p, after[p.id]) for p in predictions[rl_start] if p.benchmark == SINGLE and p.id in after]
     pairs.sort(key=lambda pair: (pair[1].score - pair[0].score), reverse=True)  # RL's fixes first
-    lines = ["", "## Examples: before (SFT) and after (GRPO) RL", ""]
+    label = "SFT" if rl_start == "sft" else rl_start.replace("_", " ")
+    lines = ["", f"## Examples: before ({label}) and after (GRPO) RL", ""]
     for before, later in pairs[:k]:
         name = f"examples/{before.id}.png"
-        if example_png(out / name, before, later, ("SFT", "GRPO")):
+        if example_png(out / name, before, later, (label, "GRPO")):
             lines += [f"**{before.question}** (target box in green; points numbered in order)", "",
                       f"![{before.id}]({name})", ""]
     return lines
