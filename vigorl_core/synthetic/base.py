@@ -65,9 +65,10 @@ def _pointing(sample, image, out: Path, profile: ModelProfile, opening: str = "<
 def write_base_data(out_dir: str | Path, n: int, seed: int, profile: ModelProfile, val_n: int = 0) -> Path:
     """n `colour` images with a pointing record each, a colour record for the first n // 3 of them, and n // 3
     `zoom_colour` images with a pointing record and a record of their zoom crop each (pointing takes the tiny
-    model several times the samples that colour does), under out_dir/images, the records in out_dir/chains.jsonl; returns its path. With val_n, also
-    out_dir/val.jsonl: pointing records of val_n other images (seed + 500), the skill worth validating (its
-    exact-match share is the greedy first point's accuracy). Same arguments give the same files."""
+    model several times the samples that colour does), under out_dir/images, the records in
+    out_dir/chains.jsonl; returns its path. With val_n, also out_dir/val.jsonl: `colour` pointing records of val_n
+    other images (seed + 500), the skill worth validating (its exact-match share is the greedy first point's
+    accuracy). Same arguments give the same files."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = []
