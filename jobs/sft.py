@@ -224,7 +224,6 @@ def train_worker(config: dict) -> None:
     from jobs.training import RunLog, deepspeed_engine, first_fault, grad_norm, load_checkpoint, save_checkpoint
     from vigorl_core.rollout.chat_tokens import ChatTokens
     from vigorl_core.train.device_batch import to_device
-    from vigorl_core.train.grad_sums import fuse_bf16_grad_sums
     from vigorl_core.train.sft_data import BatchPlan, SFTDataset, collate
     from vigorl_core.train.sft_train import set_system_template
 
@@ -237,7 +236,6 @@ def train_worker(config: dict) -> None:
     plan = BatchPlan([e.length for e in data["train"]], cfg.global_batch_size, cfg.micro_batch_size, world, cfg.seed)
     total = cfg.max_steps or math.ceil(cfg.epochs * plan.steps_per_epoch)
     engine, optimizer = deepspeed_engine(cfg, model_dir, plan.accumulation, world)
-    fuse_bf16_grad_sums(engine.optimizer)  # one bf16 rank: its fp32 gradient sums in one pass per micro-step
     client = load_checkpoint(engine)
     start = client["step"] if client else 0
     chat = ChatTokens.from_pretrained(model_dir)

@@ -42,11 +42,13 @@ def deepspeed_engine(cfg: Any, model_dir: str, accumulation: int, world: int):
     """The model (vision tower frozen as configured) in a DeepSpeed engine with a torch AdamW; `cfg` is a
     stage config with the trainer fields (SFTConfig, GRPOConfig): precision, zero_stage, micro_batch_size,
     max_grad_norm, offload_optimizer, use_gpu, attn_implementation, freeze_*, gradient_checkpointing, kernels, lr,
-    adam_betas, weight_decay. Returns (engine, optimizer)."""
+    adam_betas, weight_decay. A single bf16 rank's gradient sums run in one pass (grad_sums). Returns (engine,
+    optimizer)."""
     import deepspeed
     import torch
     from transformers import AutoModelForImageTextToText
 
+    from vigorl_core.train.grad_sums import fuse_bf16_grad_sums
     from vigorl_core.train.sft_train import deepspeed_config, prepare_for_training
 
     if not cfg.use_gpu:
@@ -67,6 +69,7 @@ def deepspeed_engine(cfg: Any, model_dir: str, accumulation: int, world: int):
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
                                   fused=fused or None)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    fuse_bf16_grad_sums(engine.optimizer)  # one bf16 rank: its fp32 gradient sums in one pass per micro-step
     return engine, optimizer
 
 

@@ -18,9 +18,10 @@ Top level:
 rollout/   engine (vLLM AsyncLLM), engine_worker (collective_rpc methods), chat_tokens (the token contract),
            driver (single- and multi-turn conversations), planned (zoom-plan test engine), openai_policy
 search/    mcts (tree search with a teacher), trees (tree records), linearize (trees -> SFT chains)
-train/     sft_data, sft_train, grpo (loss math), grpo_batch, grpo_metrics, vision_attention (batched ViT windows)
+train/     sft_data, sft_train, grpo (loss math), grpo_batch, grpo_metrics, vision_attention (batched ViT windows),
+           vision_speed, kernels, device_batch, grad_sums (trainer speed)
 evals/     evaluation (predictions, scores, metrics), benchmarks (the table), original_eval, report,
            behaviour (grounding behaviour), trace_image (annotated PNG of a trace)
 synthetic/ tasks (deterministic synthetic tasks), tiny (random-weight models), chains (written SFT chains),
-           teacher (the quickstart teacher's data), quickstart_report
+           teacher (the quickstart teacher's data), base (the quickstart base's data), quickstart_report
 """
