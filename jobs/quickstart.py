@@ -237,7 +237,8 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
                 "max_tokens_per_turn": s["turn_tokens"], "max_response_tokens": s["response_tokens"]},
         progress=_steps_progress(p.run("grpo", "-zoom") / "metrics.jsonl", s["grpo_zoom_steps"])))
     for model in s["eval_models"]:
-        zoom = "multiturn" if model == "grpo_zoom" else "grounded"
+        # The zoom arm and the SFT model it starts from search with zooms; the others answer from the full view.
+        zoom = "multiturn" if model in ("sft", "grpo_zoom") else "grounded"
         benchmarks = [{"name": f"synthetic_{SINGLE}", "path": str(p.split(SINGLE, "heldout")), "mode": "grounded"},
                       {"name": f"synthetic_{SEARCH}", "path": str(p.split(SEARCH, "heldout")), "mode": zoom}]
         run_dir = p.run("eval", f"-{model}")
