@@ -73,12 +73,14 @@ class QuickstartConfig(StageConfig):
 
 
 # What each stage does at each size. The full sizes are chosen for learning on 2 cores (docs/tiny_learning.md);
+# teacher_steps 1,000: after 500 the teacher zoomed right but then answered the zoom question "<answer>\n<answer>"
+# (its base's "<think>\n" and "<think> The" openings outweighed its 512 answer turns: s16b, 5 zoom chains).
 # --fast keeps every kind of stage with a few samples, steps and tokens, and evaluates the last model only
 # (grpo_zoom: grounded on colour and multi-turn on zoom_colour, so both evaluation modes run).
 SIZES: dict[str, dict[str, Any]] = {
     "full": {"train_n": 1024, "heldout_n": 64, "base_images": 3072, "base_val": 128, "base_steps": 2000,
              "base_eval_every": 200,
-             "teacher_chains": 512, "teacher_steps": 500, "mcts_n": 256,
+             "teacher_chains": 512, "teacher_steps": 1000, "mcts_n": 256,
              "sft_steps": 400, "grpo_start_step": 25,
              "grpo_steps": 60, "grpo_zoom_steps": 36, "rollout_batch": 8, "group": 8, "mcts_simulations": 4,
              "turn_tokens": 96, "response_tokens": 384, "eval_models": MODELS,
