@@ -223,7 +223,11 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
     stages.append(Stage(
         "grpo", "GRPO single-turn (grounded, colour) from the partly trained SFT checkpoint", p.model("grpo"),
         module="jobs.grpo",
+        # Temperature 0.3: sampled at 0.7, sft_partial wrote 17% well-formed answers (greedy: 100%) and GRPO traded the
+        # format for accuracy (greedy 77% -> 5%); at 0.3 its rollouts start 89% well-formed and greedy goes 77% -> 98%
+        # (s16c, docs/tiny_learning.md, ninth round).
         config={**grpo, "run_name": p.name, "model": str(p.model("sft_partial")), "data": str(p.split(SINGLE, "train")),
+                "temperature": 0.3,
                 "task": "visual_search", "mode": "grounded", "max_steps": s["grpo_steps"],
                 "save_every": s["grpo_steps"],
                 "max_tokens_per_turn": s["turn_tokens"], "max_response_tokens": s["turn_tokens"]},
