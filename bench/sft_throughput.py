@@ -267,8 +267,8 @@ def _measure(args, work: Path) -> dict:
     gap = max(abs(a - b) for a, b in zip(vigorl["losses"], plain["losses"]))
     result = {
         "ratio": vigorl["tokens_per_s"] / plain["tokens_per_s"],
-        "metric": "training tokens/s (padding excluded, median step time after warm-up), vigorl job / plain "
-                  "single-process HF loop",
+        "metric": "training tokens/s (padding excluded; the median of the steps' own rates after warm-up), vigorl "
+                  "job / plain single-process HF loop",
         "vigorl": vigorl, "baseline": plain, **extra, "max_loss_difference": gap,
         "config": {**{k: v for k, v in config.items() if k not in ("runs_dir", "model", "data")},
                    "model": "tiny (random weights)" if not (gpu or args.model) else
