@@ -110,7 +110,7 @@ class Paths:
     """Where every stage reads and writes (all under runs_dir, named after the quickstart run)."""
 
     def __init__(self, cfg: QuickstartConfig):
-        self.grpo_start_step = SIZES["fast" if cfg.fast else "full"]["grpo_start_step"]
+        self.sizes = SIZES["fast" if cfg.fast else "full"]  # what each stage does at this run's size
         self.runs = Path(cfg.runs_dir).resolve()
         self.name = f"quickstart-{cfg.run_name}" + ("-fast" if cfg.fast else "")
         self.out = self.runs / "quickstart" / cfg.run_name
@@ -127,7 +127,7 @@ class Paths:
         return {"random": self.random_model, "base": self.run("sft", "-base") / "best",
                 "teacher": self.run("sft", "-teacher") / "latest",
                 "sft": self.run("sft") / "latest",
-                "sft_partial": self.run("sft") / "checkpoints" / f"step-{self.grpo_start_step}",
+                "sft_partial": self.run("sft") / "checkpoints" / f"step-{self.sizes['grpo_start_step']}",
                 "grpo": self.run("grpo") / "latest",
                 "grpo_zoom": self.run("grpo", "-zoom") / "latest"}[name]
 
@@ -148,7 +148,7 @@ def _steps_progress(log: Path, total: int) -> Callable[[], tuple[int, int]]:
 
 
 def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
-    s = SIZES["fast" if cfg.fast else "full"]
+    s = p.sizes
     common = {"runs_dir": str(p.runs), "seed": cfg.seed}
     engine = {"max_model_len": 4096, "dtype": "float32", "enforce_eager": True}
     stages = [Stage("data", "synthetic data: train and held-out splits", p.split(SEARCH, "heldout"),

@@ -386,18 +386,17 @@ def _keep_best(engine, cfg: SFTConfig, processor, model_dir: str, run_dir: Path,
     the all-reduced measures; ZeRO-3 gathers the weights, a collective). A resumed run keeps the best it had."""
     import torch
 
-    from vigorl_core.train.sft_train import save_hf_checkpoint
+    from jobs.training import write_hf_model
 
-    measure, best = cfg.keep_best, run_dir / "best"
+    measure, best, staging = cfg.keep_best, run_dir / "best", run_dir / ".best.tmp"
     sign = -1 if measure == "val_loss" else 1
     previous = json.loads((best / "best.json").read_text()) if (best / "best.json").is_file() else None
     if previous is not None and sign * record[measure] <= sign * previous[measure]:
         return
-    state = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else None
     if rank == 0:
-        staging = run_dir / ".best.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        save_hf_checkpoint(staging, engine.module, processor, state_dict=state, source_dir=model_dir)
+    write_hf_model(engine, cfg.zero_stage, processor, model_dir, staging, rank)
+    if rank == 0:
         (staging / "best.json").write_text(json.dumps({"step": record["step"], measure: record[measure]}) + "\n")
         shutil.rmtree(best, ignore_errors=True)
         os.replace(staging, best)

@@ -109,20 +109,29 @@ def save_checkpoint(engine, zero_stage: int, processor, model_dir: str, run_dir:
     import ray.train
     from ray.train import CheckpointUploadMode
 
-    from vigorl_core.train.sft_train import point_latest, save_hf_checkpoint
+    from vigorl_core.train.sft_train import point_latest
 
     folder = run_dir / "checkpoints" / f"step-{done}"
     (folder / "deepspeed").mkdir(parents=True, exist_ok=True)
     engine.save_checkpoint(str(folder / "deepspeed"), tag="state", client_state=client_state,
                            exclude_frozen_parameters=True)
-    state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None  # a collective
+    write_hf_model(engine, zero_stage, processor, model_dir, folder, rank)
     if rank == 0:
-        save_hf_checkpoint(folder, engine.module, processor, state_dict=state, source_dir=model_dir)
         (folder / "trainer_state.json").write_text(json.dumps(client_state) + "\n")
     ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                      checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
     if rank == 0:
         point_latest(run_dir, folder)
+
+
+def write_hf_model(engine, zero_stage: int, processor, model_dir: str, folder: Path, rank: int) -> None:
+    """Rank 0 writes the engine's model as a Hugging Face folder at `folder` (sft_train.save_hf_checkpoint). Call it
+    on every rank: ZeRO-3 first gathers the 16-bit weights, a collective."""
+    from vigorl_core.train.sft_train import save_hf_checkpoint
+
+    state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    if rank == 0:
+        save_hf_checkpoint(folder, engine.module, processor, state_dict=state, source_dir=model_dir)
 
 
 def load_checkpoint(engine) -> dict | None:

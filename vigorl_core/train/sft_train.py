@@ -61,7 +61,6 @@ def token_nll(logits, labels, positions):
     return nll, (targets != IGNORE_INDEX).sum()
 
 
-
 def exact_matches(logits, labels, positions):
     """Per row of labels [B, L]: 1 when every labelled token is the most likely one given the true prefix
     (logits [B, K, V] at `positions` [K], as token_nll takes them), i.e. greedy decoding would write the
@@ -73,6 +72,7 @@ def exact_matches(logits, labels, positions):
     labelled = targets != IGNORE_INDEX
     right = (logits.argmax(-1) == targets) | ~labelled
     return torch.where(labelled.any(1), right.all(1).long(), torch.full_like(right[:, 0], -1, dtype=torch.long))
+
 
 def deepspeed_config(stage: int, micro_batch: int, accumulation: int, world_size: int, bf16: bool,
                      max_grad_norm: float, offload_optimizer: bool = False, gpu: bool = False) -> dict[str, Any]:
