@@ -92,6 +92,9 @@ def test_report_has_a_row_per_model_the_curves_and_before_after_examples(pointin
     examples = sorted((tmp_path / "out" / "examples").glob("*.png"))
     assert len(examples) == 3 and text.count("![colour-") == 3  # RL's fixes first: three of the four
     assert "## Examples: before (sft partial) and after (GRPO) RL" in text  # from the model GRPO started from
+    (tmp_path / "out" / "examples" / "colour-old.png").write_bytes(b"")  # an earlier report's example
+    write_quickstart_report(tmp_path / "out", evals, {"grpo": grpo}, rl_start="sft_partial")
+    assert sorted((tmp_path / "out" / "examples").glob("*.png")) == examples  # rewritten, nothing stale left
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["models"]["grpo"]["synthetic_grounding"]["accuracy"] == 1.0
 

@@ -152,6 +152,8 @@ def _examples(out: Path, predictions: Mapping[str, list[Prediction]], k: int, rl
     after = {p.id: p for p in predictions["grpo"] if p.benchmark == SINGLE}
     pairs = [(p, after[p.id]) for p in predictions[rl_start] if p.benchmark == SINGLE and p.id in after]
     pairs.sort(key=lambda pair: (pair[1].score - pair[0].score), reverse=True)  # RL's fixes first
+    for stale in (out / "examples").glob("*.png"):  # a resumed run's earlier report picked other images
+        stale.unlink()
     label = "SFT" if rl_start == "sft" else rl_start.replace("_", " ")
     lines = ["", f"## Examples: before ({label}) and after (GRPO) RL", ""]
     for before, later in pairs[:k]:
