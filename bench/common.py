@@ -23,6 +23,105 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+class StackSampler:
+    """Where a thread spends its time, sampled: every `interval` s another thread reads that thread's stack
+    (`sys._current_frames`). A sample whose innermost frame waits in `selectors` (an event loop with nothing to
+    do) counts as idle. `report()` gives, over the busy samples, the functions most often innermost (`self`) and
+    most often anywhere on the stack (`inclusive`), as fractions of all samples. Costs one stack walk per sample.
+
+        with StackSampler() as sampler:   # samples the thread that entered it
+            ...
+        sampler.report()
+    """
+
+    def __init__(self, interval: float = 0.002, top: int = 25):
+        self.interval, self.top = interval, top
+        self.samples = self.idle = 0
+        self.own: dict[str, int] = {}
+        self.anywhere: dict[str, int] = {}
+
+    @staticmethod
+    def _name(code) -> str:
+        path = code.co_filename.replace("\\", "/")
+        for root in ("site-packages/", "/vigorl_core/", "/bench/", "/jobs/", "/lib/python"):
+            if root in path:
+                path = path.split(root, 1)[1]
+                break
+        return f"{path}:{code.co_name}"
+
+    def _run(self, ident: int) -> None:
+        import sys
+
+        while not self._stop.wait(self.interval):
+            frame = sys._current_frames().get(ident)
+            if frame is None:
+                continue
+            self.samples += 1
+            if frame.f_code.co_filename.endswith("selectors.py"):
+                self.idle += 1
+                continue
+            self.own[self._name(frame.f_code)] = self.own.get(self._name(frame.f_code), 0) + 1
+            seen = set()
+            while frame is not None:
+                seen.add(self._name(frame.f_code))
+                frame = frame.f_back
+            for name in seen:
+                self.anywhere[name] = self.anywhere.get(name, 0) + 1
+
+    def __enter__(self):
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(threading.get_ident(),), daemon=True,
+                                        name="stack-sampler")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def report(self) -> dict:
+        n = max(self.samples, 1)
+
+        def top(counts: dict[str, int]) -> dict[str, float]:
+            return {k: round(v / n, 4) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:self.top]}
+
+        return {"samples": self.samples, "interval_s": self.interval, "busy": round(1 - self.idle / n, 4),
+                "self": top(self.own), "inclusive": top(self.anywhere)}
+
+
+class GcPauses:
+    """Time the garbage collector stopped the process (every generation's collections, via `gc.callbacks`)."""
+
+    def __enter__(self):
+        import gc
+
+        self.seconds, self.worst, self.collections, self._start = 0.0, 0.0, 0, 0.0
+        gc.callbacks.append(self._on)
+        return self
+
+    def _on(self, phase: str, info: dict) -> None:
+        import time
+
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            pause = time.perf_counter() - self._start
+            self.seconds += pause
+            self.worst = max(self.worst, pause)
+            self.collections += 1
+
+    def __exit__(self, *exc):
+        import gc
+
+        gc.callbacks.remove(self._on)
+
+    def report(self) -> dict:
+        return {"gc_seconds": round(self.seconds, 4), "gc_max_seconds": round(self.worst, 4),
+                "gc_collections": self.collections}
+
+
 def provenance() -> dict:
     """Commit, machine and date of a result. $VIGORL_COMMIT overrides the commit: a device host's copy of the
     working tree may carry a stale .git."""

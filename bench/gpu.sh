@@ -44,10 +44,10 @@ for what in "$@"; do
     step) python3 -m bench.sft_profile --model "$MODEL" --micro-steps 6 --micro-batch 2 --no-checkpointing \
              --arms "${STEP_ARMS:-stock,vigorl,vigorl_liger,vigorl_compile,deepspeed}" ${STEP_ARGS:-} --out "$OUT" ;;
     # Turn lengths with a long tail (thoughts of 8-900 tokens, log-spaced), as a trained model's.
-    # CONVERSATIONS=256 for GRPO-sized batches.
-    rollout) python3 -m bench.rollout_lockstep --model "$MODEL" --conversations "${CONVERSATIONS:-64}" --repeats 2 \
-               --think-lengths 8,16,32,64,128,256,512,900 --name "async_vs_lockstep_gpu${ROLLOUT_SUFFIX:-}" \
-               --out "$OUT" ;;
+    # CONVERSATIONS=256 for GRPO-sized batches; ROLLOUT_ARGS=--profile samples the event loop's stack.
+    rollout) python3 -m bench.rollout_lockstep --model "$MODEL" --conversations "${CONVERSATIONS:-64}" \
+               --repeats "${ROLLOUT_REPEATS:-3}" --think-lengths 8,16,32,64,128,256,512,900 \
+               --name "async_vs_lockstep_gpu${ROLLOUT_SUFFIX:-}" --out "$OUT" ${ROLLOUT_ARGS:-} ;;
     # The rollout driver (single- and multi-turn, paper's multi-turn budgets) against plain vLLM, one run.
     plain) python3 -m bench.rollout_vs_plain --model "$MODEL" --max-tokens 512 --name gpu --out "$OUT" ${PLAIN_ARGS:-} ;;
     model) ;;

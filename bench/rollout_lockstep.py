@@ -18,12 +18,19 @@ in tokens instead (log-spaced: most turns short, a few near the turn budget, as 
 without a grammar (PlannedTurnsEngine: letter tokens under a logits mask, then a short grammar for the point and
 the call), so the engine decodes at its own speed; the turn count histogram is in the JSON. `bench/gpu.sh
 rollout` uses it.
+
+Per arm and repeat the JSON also says where host time went (`host`): how late a 5 ms ticker on the event loop
+woke (the loop runs the driver, AsyncLLM's output handling and its request submission), the garbage collector's
+pauses, the slowest conversation's time split into its engine calls and the rest (the driver's work between turns;
+in lockstep also the wait for the turn's slowest member), and vLLM's prefix- and image-cache counters. `--profile`
+adds the event loop thread's sampled stacks per arm (bench.common.StackSampler).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
@@ -45,6 +52,16 @@ def _generated_runs(loss_mask: list[int]) -> list[int]:
     return runs
 
 
+def _critical(records) -> dict:
+    """The conversation that took longest (its own clock, from its group's start): how long it took, how much
+    of that its engine calls took (each call's wall time as the driver saw it, vLLM's input processing and
+    queueing included), and the rest: the driver's host work between its turns."""
+    slowest = max(records, key=lambda r: r.timings["seconds"])
+    total, engine = slowest.timings["seconds"], slowest.timings["engine_seconds"]
+    return {"seconds": round(total, 3), "engine_seconds": round(engine, 3), "between_turns_seconds":
+            round(total - engine, 3), "turns": slowest.num_turns, "generated_tokens": sum(slowest.loss_mask)}
+
+
 async def _main(args) -> dict:
     from vigorl_core.rollout.chat_tokens import ChatTokens
     from vigorl_core.rollout.engine import EngineConfig, VLLMEngine
@@ -52,6 +69,9 @@ async def _main(args) -> dict:
     from vigorl_core.rollout.driver import RolloutConfig, RolloutDriver
     from vigorl_core.synthetic.tasks import generate
     from vigorl_core.synthetic.tiny import build_tiny_model
+
+    from bench.common import GcPauses, StackSampler
+    from bench.rollout_vs_plain import LoopLag, cache_counters, counter_delta
 
     model = args.model or str(build_tiny_model(tempfile.mkdtemp(prefix="vigorl-bench-") + "/tiny"))
     engine = await VLLMEngine.create(EngineConfig(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
@@ -74,13 +94,19 @@ async def _main(args) -> dict:
     arms = {"lockstep": lambda: driver.run_lockstep(prepared), "async": run_async}
     await run_async()  # warm-up: grammar compilation, encoder cache shapes
     seconds: dict[str, list[float]] = {name: [] for name in arms}
+    host: dict[str, list[dict]] = {name: [] for name in arms}
+    samplers = {name: StackSampler() if args.profile else None for name in arms}
     stats: dict[str, dict] = {}
     for _ in range(args.repeats):
         for name, arm in arms.items():
-            start = time.perf_counter()
-            groups = await arm()
-            seconds[name].append(time.perf_counter() - start)
+            before = cache_counters()
+            with LoopLag() as lag, GcPauses() as gc_pauses, samplers[name] or contextlib.nullcontext():
+                start = time.perf_counter()
+                groups = await arm()
+                seconds[name].append(time.perf_counter() - start)
             records = [r.record for g in groups for r in g]
+            host[name].append({**lag.report(), **gc_pauses.report(), "critical": _critical(records),
+                               "cache": counter_delta(before, cache_counters())})
             turn_tokens = [n for r in records for n in _generated_runs(r.loss_mask)]
             stats[name] = {
                 "conversations": len(records),
@@ -92,6 +118,10 @@ async def _main(args) -> dict:
                 "finishes": dict(Counter(r.finish for r in records)),
             }
     engine.shutdown()
+    for name in arms:
+        stats[name]["host"] = host[name]
+        if samplers[name]:
+            stats[name]["event_loop_profile"] = samplers[name].report()
     rate = {name: args.conversations / statistics.median(s) for name, s in seconds.items()}
     return {
         "ratio": rate["async"] / rate["lockstep"],
@@ -123,6 +153,8 @@ def main() -> None:
                         "to --max-think-chars characters")
     parser.add_argument("--dtype", default=None, help="default: EngineConfig's (bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--eager", action="store_true", help="force eager (default: compiled on GPU)")
+    parser.add_argument("--profile", action="store_true", help="sample the event loop thread's stack every 2 ms "
+                        "during each arm (bench.common.StackSampler): where its busy time goes, in the JSON")
     parser.add_argument("--name", default="async_vs_lockstep", help="result file rollout_<name>.json in --out")
     from bench.common import add_out_argument
 

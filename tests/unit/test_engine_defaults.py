@@ -44,3 +44,30 @@ def test_grpo_asks_for_engine_logprobs_only_when_off_policy():
 def test_grpo_rejects_async_without_engine_logprobs():
     with pytest.raises(ValueError, match="engine_logprobs"):
         _grpo(max_staleness=2, engine_logprobs=False)
+
+
+def test_image_ids_name_the_content_once_per_image_object():
+    import asyncio
+    import gc
+
+    from PIL import Image
+
+    from vigorl_core.images import image_hash
+    from vigorl_core.rollout.engine import ImageIds
+
+    async def main():
+        ids = ImageIds()
+        red, blue = Image.new("RGB", (28, 28), "red"), Image.new("RGB", (28, 28), "blue")
+        twin = Image.new("RGB", (28, 28), "red")  # another object, same content: same id
+        palette = Image.new("P", (28, 28))
+        assert await ids.of([red, blue, twin, palette]) == [image_hash(red), image_hash(blue), image_hash(red), None]
+        assert len(ids) == 3  # the palette image is left to vLLM's own hash
+        assert await ids.of([blue, red]) == [image_hash(blue), image_hash(red)]
+        del twin, palette
+        gc.collect()
+        assert len(ids) == 2  # forgotten with the image: no stale id for a reused object id
+        return ids
+
+    ids = asyncio.run(main())
+    gc.collect()
+    assert len(ids) == 0

@@ -34,6 +34,7 @@ import asyncio
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -277,6 +278,7 @@ class RolloutDriver:
         self.config = config
         self.profile = config.profile or ("tiny" if chat.profile.max_pixels <= 200_704 else "qwen2.5-vl")
         self.constrained = bool(getattr(engine, "constrained", False))
+        self._host: ThreadPoolExecutor | None = None  # created on the first multi-turn advance (_advance)
 
     def prepare(self, sample: Sample, images: Sequence[Image.Image] | None = None,
                 frame: FrameMap | None = None) -> PreparedSample:
@@ -302,17 +304,28 @@ class RolloutDriver:
         gens = await self.engine.generate(ids, images, replace(sampling, n=n))
         return gens, time.perf_counter() - start
 
+    async def _advance(self, conv: Conversation, gen: Generation, seconds: float) -> None:
+        """`conv.advance`; in multi-turn mode in the driver's worker thread: a zoom crops and resizes an image
+        (milliseconds of PIL work) and encodes the observation, which on the event loop would hold up every other
+        conversation's next turn and the engine's output handling. One thread: a conversation's state is only
+        touched by its own coroutine, and the tokenizer is never used by two threads of the driver at once."""
+        if self.config.mode != "multiturn":
+            return conv.advance(gen, seconds)
+        if self._host is None:
+            self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vigorl-rollout")
+        await asyncio.get_running_loop().run_in_executor(self._host, conv.advance, gen, seconds)
+
     async def rollout_group(self, prepared: PreparedSample) -> list[Rollout]:
         """One GRPO group: the first turn is one n-sample call; then each conversation goes on alone."""
         convs = self.conversations(prepared)
         gens, seconds = await self._generate(convs[0], n=len(convs))
         for conv, gen in zip(convs, gens):
-            conv.advance(gen, seconds)
+            await self._advance(conv, gen, seconds)
 
         async def finish(conv: Conversation) -> None:
             while not conv.done:
                 [gen], seconds = await self._generate(conv)
-                conv.advance(gen, seconds)
+                await self._advance(conv, gen, seconds)
 
         await asyncio.gather(*(finish(c) for c in convs))
         return [c.to_rollout(self.constrained) for c in convs]
@@ -338,6 +351,6 @@ class RolloutDriver:
         while live:
             results = await asyncio.gather(*(self._generate(c) for c in live))
             for conv, ([gen], seconds) in zip(live, results):
-                conv.advance(gen, seconds)
+                await self._advance(conv, gen, seconds)
             live = [c for c in live if not c.done]
         return [[c.to_rollout(self.constrained) for c in g] for g in groups]

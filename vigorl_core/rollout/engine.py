@@ -24,6 +24,7 @@ import itertools
 import os
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -166,6 +167,7 @@ class VLLMEngine:
         self._admitted = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._image_ids = ImageIds()
 
     @classmethod
     async def create(cls, config: EngineConfig) -> VLLMEngine:
@@ -202,13 +204,25 @@ class VLLMEngine:
             allowed_token_ids=list(sampling.allowed_token_ids) or None,
         )
 
-    def _outputs(self, prompt_ids: Sequence[int], images: Sequence[Any], params: Any, request_id: str):
+    async def _outputs(self, prompt_ids: Sequence[int], images: Sequence[Any], params: Any, request_id: str):
         """Submit token ids (one `<|image_pad|>` per image) plus images; vLLM's stream of outputs.
-        Closing the stream early (a client that went away) aborts the request inside vLLM."""
+        Closing the stream early (a client that went away) aborts the request inside vLLM.
+
+        Off the event loop (which also runs vLLM's output handling and the callers' other requests): the images'
+        content ids (`ImageIds`, passed as `multi_modal_uuids`, so vLLM does not hash a conversation's images again
+        on every turn) and vLLM's input processing (the HF image processor on new images; its renderer thread, as
+        vLLM's OpenAI server does). AsyncLLM.generate given a raw prompt processes it on the loop."""
         prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_ids)}
         if images:
             prompt["multi_modal_data"] = {"image": list(images)}
-        return self._llm.generate(prompt, params, f"{request_id}-{next(self._ids)}-{uuid.uuid4().hex[:8]}")
+            prompt["multi_modal_uuids"] = {"image": await self._image_ids.of(images)}
+            (prompt,) = await self._llm.renderer.render_cmpl_async([prompt])
+        stream = self._llm.generate(prompt, params, f"{request_id}-{next(self._ids)}-{uuid.uuid4().hex[:8]}")
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            await stream.aclose()  # a consumer that stops early: vLLM aborts the request now, not at collection
 
     async def _admit(self) -> int:
         """Wait while weights are being swapped, then count the request in; returns the version it runs on."""
@@ -338,6 +352,35 @@ class VLLMEngine:
             # AsyncLLM.__del__ calls shutdown() again, at interpreter exit when vLLM's module globals are
             # already gone (a TypeError traceback after the program's last line); once is enough.
             llm.shutdown = lambda *args, **kwargs: None
+
+
+class ImageIds:
+    """Content ids of the images sent to an engine, computed once per image object (in a worker thread) and
+    remembered while the object lives. A conversation re-sends all of its images on every turn, by reference: only
+    a new crop is hashed. vLLM uses an id as the image's hash (processor, encoder and prefix caches), so an id must
+    name the content: `image_hash` (mode, size, pixels). Images with a palette get None (vLLM hashes them itself:
+    their pixels are palette indices). An image must not be changed in place after it was sent."""
+
+    def __init__(self):
+        self._ids: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    async def of(self, images: Sequence[Any]) -> list[str | None]:
+        from PIL import Image
+
+        from vigorl_core.images import image_hash
+
+        new = {id(im): im for im in images
+               if isinstance(im, Image.Image) and im.palette is None and id(im) not in self._ids}
+        if new:
+            hashes = await asyncio.to_thread(lambda: [image_hash(im) for im in new.values()])
+            for (key, im), digest in zip(new.items(), hashes):
+                if key not in self._ids:
+                    self._ids[key] = digest
+                    weakref.finalize(im, self._ids.pop, key, None)
+        return [self._ids.get(id(im)) for im in images]
 
 
 def weights_folder(tensors: Mapping[str, Any]) -> str:
