@@ -324,6 +324,8 @@ def _worker_lines(data: dict, ignore_prefix: bool = False) -> None:
     terminal (and log), the rest to job.log; with --verbose (or no job.log), Ray's own printing with the mark
     removed."""
     lines = data.get("lines", [])
+    if _from_another_job(data):
+        return
     if _output.log is None:
         _output.ray_print({**data, "lines": [line.replace(JOB_LINE, "", 1) for line in lines]}, ignore_prefix)
         return
@@ -338,6 +340,19 @@ def _worker_lines(data: dict, ignore_prefix: bool = False) -> None:
             sys.stdout.write(line.split(JOB_LINE, 1)[1] + "\n")
         else:
             _output.log.write(f"({who}) {line}\n")
+
+
+def _from_another_job(data: dict) -> bool:
+    """Lines of another job's worker: Ray Serve turns off Ray's filter of worker lines by job (its replicas run
+    under the job that started Serve), so every job that uses Serve gets the lines of every job on the cluster,
+    e.g. the other GRPO arm's training progress when the quickstart runs two stages at once. Serve's own actors'
+    lines (replicas, controller, proxies: the engine's logs) are kept."""
+    import ray
+
+    job = data.get("job")
+    if not job or not ray.is_initialized() or str(data.get("actor_name") or "").startswith(("Serve", "Proxy")):
+        return False
+    return job != ray.get_runtime_context().get_job_id()
 
 
 def quiet_worker_logs() -> None:

@@ -4,9 +4,11 @@
     vigorl quickstart --fast          # every stage on a few samples: checks the plumbing, not the learning
     vigorl quickstart --verbose       # also show the jobs' output on the terminal (engine, Ray and library logs)
 
-Stages, in order; each is the real job (`python -m jobs.<stage>`), run as its own process against ONE local
-Ray that the quickstart starts, with its config written to runs/quickstart/<run>/configs/<stage>.yaml, so
-any stage can be rerun by hand with the same command (the stage's log names it):
+Stages; each is the real job (`python -m jobs.<stage>`), run as its own process against ONE local Ray that the
+quickstart starts, with its config written to runs/quickstart/<run>/configs/<stage>.yaml, so any stage can be
+rerun by hand with the same command (the stage's log names it). A stage starts once the stages it reads are done;
+two run at once where neither reads the other and the Ray has room for both (`--parallel`): each job runs one
+thread, so on 2 cores the two GRPO arms, or an evaluation beside a training stage, take about the time of one:
 1. data        the two quickstart tasks (vigorl_core.synthetic.tasks.QUICKSTART_TASKS), a train and a held-out split:
                `colour` (the colour of a square that spans several vision tokens; single-turn, grounded) and
                `zoom_colour` (the colour of a small square in a named quadrant: near chance in the full view,
@@ -58,6 +60,8 @@ from vigorl_core.config import StageConfig, parse_config
 # Evaluated (the base answers in its own format). sft_partial: the SFT run after `grpo_start_step` steps, where
 # single-turn GRPO starts (the whole SFT run answers `colour` right about every time: nothing left for RL).
 MODELS = ("random", "teacher", "sft_partial", "sft", "grpo", "grpo_zoom")
+MADE_BY = {"random": "data", "teacher": "teacher", "sft_partial": "sft", "sft": "sft", "grpo": "grpo",
+           "grpo_zoom": "grpo_zoom"}  # the stage that writes each model
 SINGLE, SEARCH = "colour", "zoom_colour"  # the single-turn and the multi-turn (zoom) task
 
 
@@ -70,25 +74,29 @@ class QuickstartConfig(StageConfig):
     seed: int = Field(0, description="data and training seed")
     num_cpus: int = Field(8, ge=1, description="logical CPUs of the local Ray it starts (stages schedule "
                                                "fractions); with RAY_ADDRESS set, the stages join that Ray instead")
+    parallel: int = Field(2, ge=1, description="stages run at once where one does not need the other's output "
+                                               "(e.g. the two GRPO arms, the evaluations) and the Ray has room for "
+                                               "both: each job runs one thread, so on 2 cores two go about twice "
+                                               "as fast")
 
 
 # What each stage does at each size. The full sizes are chosen for learning on 2 cores (docs/tiny_learning.md);
 # teacher_steps 1,000: after 500 the teacher zoomed right but then answered the zoom question "<answer>\n<answer>"
 # (its base's "<think>\n" and "<think> The" openings outweighed its 512 answer turns: s16b, 5 zoom chains).
-# --fast keeps every kind of stage with a few samples, steps and tokens, and evaluates the last model only
-# (grpo_zoom: grounded on colour and multi-turn on zoom_colour, so both evaluation modes run).
+# --fast keeps every kind of stage with a few samples, steps and tokens, and evaluates the two models that search
+# with zooms (grounded on colour and multi-turn on zoom_colour, so both evaluation modes run), side by side.
 SIZES: dict[str, dict[str, Any]] = {
     "full": {"train_n": 1024, "heldout_n": 64, "base_images": 3072, "base_val": 128, "base_steps": 2000,
              "base_eval_every": 200,
              "teacher_chains": 512, "teacher_steps": 1000, "mcts_n": 256,
              "sft_steps": 400, "grpo_start_step": 25,
-             "grpo_steps": 60, "grpo_zoom_steps": 36, "rollout_batch": 8, "group": 8, "mcts_simulations": 4,
+             "grpo_steps": 40, "grpo_zoom_steps": 24, "rollout_batch": 8, "group": 8, "mcts_simulations": 4,
              "turn_tokens": 96, "response_tokens": 384, "eval_models": MODELS,
              "mcts": {"children": 3, "rollouts_per_child": 2, "max_depth": 4, "time_limit_s": 120}},
     "fast": {"train_n": 8, "heldout_n": 4, "base_images": 24, "base_val": 4, "base_steps": 2, "base_eval_every": 1,
              "teacher_chains": 8, "teacher_steps": 4, "mcts_n": 2, "sft_steps": 4, "grpo_start_step": 2,
              "grpo_steps": 2, "grpo_zoom_steps": 2, "rollout_batch": 2, "group": 2, "mcts_simulations": 1,
-             "turn_tokens": 48, "response_tokens": 144, "eval_models": ("grpo_zoom",),
+             "turn_tokens": 48, "response_tokens": 144, "eval_models": ("sft", "grpo_zoom"),
              "mcts": {"children": 2, "rollouts_per_child": 1, "max_depth": 2, "time_limit_s": 10}},
 }
 
@@ -104,6 +112,9 @@ class Stage:
     config: dict[str, Any] | None = None
     call: Callable[[], None] | None = None
     progress: Callable[[], tuple[int, int]] | None = None  # (done, total) from the job's files
+    after: tuple[str, ...] = ()  # the stages whose output it reads: it may start once they are done
+    cpus: float = 1.0  # Ray CPUs its job reserves (its actors and replicas), so stages run side by side only
+    # where the Ray has room for both
 
 
 class Paths:
@@ -163,8 +174,13 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
     stages.append(Stage("base_data", "base data: point at the square, name its colour", base_data,
                         call=lambda: _write_base_data(base_data.parent, s["base_images"], cfg.seed + 3000,
                                                       s["base_val"])))
+    teacher_data = p.data / "teacher-chains" / "chains.jsonl"
+    stages.append(Stage("teacher_data", "teacher data: written grounded chains", teacher_data,
+                        call=lambda: _write_teacher_chains(teacher_data.parent, s["teacher_chains"], cfg.seed + 2000)))
+    sft_job = {"module": "jobs.sft", "cpus": 1.5}  # a trainer worker and Ray Train's controller
     stages.append(Stage(
-        "base", "base: the random model, short SFT to point and see", p.model("base"), module="jobs.sft",
+        "base", "base: the random model, short SFT to point and see", p.model("base"), **sft_job,
+        after=("data", "base_data"),
         # Qwen's default chat (the records' own system prompt), 16 a step: short sequences, many images. The
         # pointing of one seed ranges from 44% to 98% and can peak before the last step: the stage keeps the
         # model that names the exact point most often on the validation images (docs/tiny_learning.md).
@@ -174,12 +190,9 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
                 "micro_batch_size": 16, "warmup_ratio": 0.03, "max_length": 512,
                 "save_every": s["base_steps"], "eval_every": s["base_eval_every"]},
         progress=_steps_progress(p.run("sft", "-base") / "log.jsonl", s["base_steps"])))
-    teacher_data = p.data / "teacher-chains" / "chains.jsonl"
-    stages.append(Stage("teacher_data", "teacher data: written grounded chains", teacher_data,
-                        call=lambda: _write_teacher_chains(teacher_data.parent, s["teacher_chains"], cfg.seed + 2000)))
     stages.append(Stage(
         "teacher", "teacher: the base model, short SFT on written grounded chains", p.model("teacher"),
-        module="jobs.sft",
+        **sft_job, after=("base", "teacher_data"),
         config={**common, **sft, "run_name": p.name + "-teacher", "model": str(p.model("base")),
                 "data": str(teacher_data), "val_fraction": 0.05, "max_steps": s["teacher_steps"],
                 "save_every": s["teacher_steps"], "eval_every": s["teacher_steps"]},
@@ -187,6 +200,7 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
     mcts_data = [{"path": str(p.split(task, "train")), "limit": s["mcts_n"]} for task in (SINGLE, SEARCH)]
     stages.append(Stage(
         "mcts", "MCTS with the teacher on the train split", p.run("mcts") / "stats.json", module="jobs.mcts",
+        after=("data", "teacher"), cpus=2.0,
         config={"runs_dir": str(p.runs), "run_name": p.name, "data": mcts_data,
                 "teacher": {"model": str(p.model("teacher")), "replicas": 1, "engine": engine},
                 # No "at least N thoughts" line: the teacher learned the mcts prompt without it.
@@ -197,6 +211,7 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
         progress=lambda: (_lines(p.run("mcts") / "trees.jsonl"), 2 * s["mcts_n"])))
     stages.append(Stage(
         "chains", "chains: trees linearized into SFT data", p.run("chains") / "train.json", module="jobs.chains",
+        after=("mcts",),
         config={"runs_dir": str(p.runs), "run_name": p.name, "student": "tiny",  # trees: runs/mcts/<run_name>
                 "formats": ["single_turn", "multi_turn"], "statuses": ["ok", "timeout"],
                 # At most 2 backtracking chains per sample (default 10): each one is a long, unique text that
@@ -204,9 +219,9 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
                 "linearize": {"val_fraction": 0.1, "seed": cfg.seed, "max_images": 5, "max_backtrack": 2}}))
     sft_data = p.out / "sft_data.jsonl"
     stages.append(Stage("sft_data", "SFT data: the single-turn and zoom chains in one file", sft_data,
-                        call=lambda: _merge_chains(p, sft_data, s["train_n"], cfg.seed, cfg.fast)))
+                        call=lambda: _merge_chains(p, sft_data, s["train_n"], cfg.seed, cfg.fast), after=("chains",)))
     stages.append(Stage(
-        "sft", "SFT: the base model on the MCTS chains", p.model("sft"), module="jobs.sft",
+        "sft", "SFT: the base model on the MCTS chains", p.model("sft"), **sft_job, after=("base", "sft_data"),
         config={**common, **sft, "run_name": p.name, "model": str(p.model("base")), "data": str(sft_data),
                 "val_fraction": 0.1, "max_steps": s["sft_steps"], "keep_checkpoints": None,
                 "save_every": s["sft_steps"], "save_at": [s["grpo_start_step"]], "eval_every": s["sft_steps"]},
@@ -220,9 +235,12 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
             "temperature": 0.7,
             "num_workers": 1, "precision": "fp32", "keep_checkpoints": 1, "log_every": 1,
             "policy": {"engine": engine}}
+    # The two arms start from SFT's checkpoints and run side by side. Each reserves a trainer worker, a policy
+    # replica, a rollout worker and a zoom server.
+    grpo_job = {"module": "jobs.grpo", "after": ("sft",), "cpus": 3.5}
     stages.append(Stage(
         "grpo", "GRPO single-turn (grounded, colour) from the partly trained SFT checkpoint", p.model("grpo"),
-        module="jobs.grpo",
+        **grpo_job,
         # Temperature 0.3: sampled at 0.7, sft_partial wrote 17% well-formed answers (greedy: 100%) and GRPO traded the
         # format for accuracy (greedy 77% -> 5%); at 0.3 its rollouts start 89% well-formed and greedy goes 77% -> 98%
         # (s16c, docs/tiny_learning.md, ninth round).
@@ -234,10 +252,12 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
         progress=_steps_progress(p.run("grpo") / "metrics.jsonl", s["grpo_steps"])))
     stages.append(Stage(
         "grpo_zoom", "GRPO multi-turn with zoom (zoom_colour) from the SFT checkpoint", p.model("grpo_zoom"),
-        module="jobs.grpo",
+        **grpo_job,
         # From SFT, as the paper's multi-turn model: single-turn GRPO on `colour` never sees a tool call and
         # garbles them (measured: 92% of this stage's first rollouts malformed when it started from GRPO).
-        config={**grpo, "run_name": p.name + "-zoom", "model": str(p.model("sft")),
+        # lr 1e-4: SFT's rollouts start 98-100% right, and at 3e-4 the few failing ones carried every advantage
+        # and collapsed the arm to 12% at step 21 (s16c); at 1e-4 it holds (docs/tiny_learning.md, tenth round).
+        config={**grpo, "run_name": p.name + "-zoom", "model": str(p.model("sft")), "lr": 1e-4,
                 "data": str(p.split(SEARCH, "train")), "task": "visual_search", "mode": "multiturn",
                 "max_steps": s["grpo_zoom_steps"], "save_every": s["grpo_zoom_steps"],
                 "max_tokens_per_turn": s["turn_tokens"], "max_response_tokens": s["response_tokens"]},
@@ -250,14 +270,15 @@ def _stages(cfg: QuickstartConfig, p: Paths) -> list[Stage]:
         run_dir = p.run("eval", f"-{model}")
         stages.append(Stage(
             f"eval_{model}", f"evaluation of {model} on the held-out split", run_dir / "metrics.json",
-            module="jobs.evaluate",
+            module="jobs.evaluate", after=(MADE_BY[model],), cpus=2.5,  # a policy replica, an eval actor, zooms
             config={"runs_dir": str(p.runs), "run_name": f"{p.name}-{model}", "model": str(p.model(model)),
                     "benchmarks": benchmarks, "policy": {"replicas": 1, "engine": engine},
                     "sampling": {"temperature": 0.0, "max_tokens_per_turn": s["turn_tokens"],
                                  "max_response_tokens": s["response_tokens"]},
                     "actors": 1, "batch_size": 8, "concurrency": 8, "examples": 0},
             progress=lambda run_dir=run_dir: (_lines(run_dir / "predictions.jsonl"), 2 * s["heldout_n"])))
-    stages.append(Stage("report", "report", p.out / "report.md", call=lambda: _report(cfg, p)))
+    stages.append(Stage("report", "report", p.out / "report.md", call=lambda: _report(cfg, p),
+                        after=tuple(stage.name for stage in stages)))
     return stages
 
 
@@ -325,7 +346,7 @@ def _provenance(p: Paths) -> str:
     """When and from which commit the run was made, and the stages' wall time (from their markers)."""
     markers = sorted((p.out / "stages").glob("*.json"), key=lambda f: f.stat().st_mtime)
     stages = [json.loads(f.read_text()) for f in markers]
-    seconds = sum(stage["seconds"] for stage in stages)
+    seconds = _wall_seconds(stages)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or "unknown"
@@ -333,41 +354,38 @@ def _provenance(p: Paths) -> str:
         commit = "unknown"
     times = ", ".join(f"{stage['stage']} {stage['seconds']:.0f} s" for stage in stages)
     return (f"Made {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit {commit}, "
-            f"{os.cpu_count()} CPUs; the stages took {seconds / 60:.1f} min ({times}).")
+            f"{os.cpu_count()} CPUs; the stages took {seconds / 60:.1f} min ({times}; the evaluations ran "
+            f"side by side, so their times overlap).")
+
+
+def _wall_seconds(stages: list[dict[str, Any]]) -> float:
+    """Time the stages took together: the union of their [started, ended] intervals, so stages that ran side
+    by side count once, plus the seconds of markers without times (written before they were recorded)."""
+    timed = sorted((stage["started"], stage["ended"]) for stage in stages if "started" in stage)
+    total = sum(stage["seconds"] for stage in stages if "started" not in stage)
+    end = float("-inf")
+    for start, stop in timed:
+        total += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return total
 
 
 # ----------------------------------------------------------------------------------------------- running
 
-def _run_job(stage: Stage, p: Paths, env: dict[str, str], verbose: bool) -> int:
-    """The stage's job as a process, its output in logs/<stage>.log; a progress bar while it runs."""
+def _start_job(stage: Stage, p: Paths, env: dict[str, str], verbose: bool) -> subprocess.Popen:
+    """The stage's job as a process, its output appended to logs/<stage>.log (the terminal with --verbose)."""
     config_path = p.out / "configs" / f"{stage.name}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(stage.config, sort_keys=False))
     command = [sys.executable, "-m", stage.module, "--config", str(config_path), *(["--verbose"] if verbose else [])]
     log_path = p.out / "logs" / f"{stage.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    # A bar on a terminal only: the stage lines are all a log or a test reads.
-    on_terminal = stage.progress and not verbose and sys.stderr.isatty()
-    bar = Progress(1, f"  {stage.name}", leave=False) if on_terminal else None
-    with open(log_path, "a") as log:
+    with open(log_path, "a") as log:  # the child keeps its own copy of the descriptor
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        out = None if verbose else log
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=None if verbose else log,
+                                stderr=subprocess.STDOUT,
                                 preexec_fn=_die_with_parent)  # noqa: PLW1509 - one system call, no locks
-        try:
-            while proc.poll() is None:
-                time.sleep(1.0)
-                if bar:
-                    bar.show(*stage.progress())
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait()
-            raise
-        finally:
-            if bar:
-                bar.close()
-    return proc.returncode
 
 
 def _die_with_parent() -> None:
@@ -389,17 +407,20 @@ def _libc():
 _LIBC = _libc()
 
 
-def _ray_address(cfg: QuickstartConfig, log_path: Path) -> tuple[str, bool]:
-    """The Ray every stage runs on, and whether this process started it. With RAY_ADDRESS set (a running
-    cluster, as under `ray job submit`) the stages join it; otherwise one local Ray is started for them all,
-    and what it reports to this driver (the raylet's warnings) goes to `log_path`, not the terminal."""
+def _ray_address(cfg: QuickstartConfig, log_path: Path) -> tuple[str, float]:
+    """The Ray every stage runs on and its CPUs free now (what the stages may
+    reserve together). With RAY_ADDRESS set (a running cluster, as under `ray job submit`) the stages join it;
+    otherwise one local Ray is started for them all. What Ray reports to this driver (the raylet's warnings)
+    goes to `log_path`, not the terminal."""
     import ray
     import ray._private.worker as ray_worker
 
-    if os.environ.get("RAY_ADDRESS"):
-        return os.environ["RAY_ADDRESS"], False
-    ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False,
-             _node_ip_address="127.0.0.1", logging_level="ERROR")
+    joined = os.environ.get("RAY_ADDRESS")
+    if joined:
+        ray.init(address=joined, log_to_driver=False, logging_level="ERROR")
+    else:
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1", logging_level="ERROR")
 
     # log_to_driver=False silences the workers, not the raylet's messages to every driver (e.g. "8 PYTHON worker
     # processes have been started"), which Ray's listener thread prints through this module function.
@@ -407,7 +428,143 @@ def _ray_address(cfg: QuickstartConfig, log_path: Path) -> tuple[str, bool]:
         with open(log_path, "a") as log:
             log.writelines(f"({data.get('pid')}) {line}\n" for line in data.get("lines", []))
     ray_worker.print_to_stdstream = to_log
-    return ray.get_runtime_context().gcs_address, True
+    return joined or ray.get_runtime_context().gcs_address, ray.available_resources().get("CPU", 0.0)
+
+
+class _Runner:
+    """Runs the stages in order of their dependencies: up to `parallel` jobs at once, each as soon as the stages
+    it reads are done and the Ray has room for its CPUs (one job always may start); in-process stages (data
+    writers, the report) run as soon as they are ready, in this process. A stage line as each job starts and
+    ends; one progress bar on a terminal (only: the stage lines are all a log or a test reads) for the running
+    jobs' work."""
+
+    def __init__(self, cfg: QuickstartConfig, p: Paths, stages: list[Stage]):
+        self.cfg, self.p, self.stages = cfg, p, stages
+        self.heads = {stage.name: f"[{n}/{len(stages)}] {stage.title}" for n, stage in enumerate(stages, 1)}
+        self.env: dict[str, str] | None = None
+        self.room = 0.0  # Ray CPUs free when the first job started
+        self.running: dict[str, tuple[Stage, subprocess.Popen, float]] = {}
+        self.bar: Progress | None = None
+        self.bar_label = ""
+
+    def marker(self, stage: Stage) -> Path:
+        return self.p.out / "stages" / f"{stage.name}.json"
+
+    def run(self) -> bool:
+        """True when every stage is done; False when one failed (the jobs running then are let finish)."""
+        todo = []
+        for stage in self.stages:
+            if self.marker(stage).is_file() and stage.done_when.exists():
+                print(f"{self.heads[stage.name]}: done before, skipped")
+            else:
+                todo.append(stage)
+        done = {stage.name for stage in self.stages} - {stage.name for stage in todo}
+        failed = False
+        try:
+            while (todo and not failed) or self.running:
+                for stage in [] if failed else [s for s in todo if set(s.after) <= done]:
+                    if stage.call is not None:
+                        failed = not self._call(stage)
+                    elif self._fits(stage):
+                        self._start(stage)
+                    else:
+                        continue
+                    todo.remove(stage)
+                    if failed:
+                        break
+                    if stage.call is not None:
+                        done.add(stage.name)
+                if not self.running:
+                    if todo and not failed and not any(set(s.after) <= done for s in todo):
+                        raise RuntimeError(f"stages wait on stages that never run: {[s.name for s in todo]}")
+                    continue
+                time.sleep(1.0)
+                for name, (stage, proc, since) in list(self.running.items()):
+                    if proc.poll() is None:
+                        continue
+                    del self.running[name]
+                    if proc.returncode != 0 or not stage.done_when.exists():
+                        failed = True
+                        print(f"{self.heads[name]}: FAILED (exit {proc.returncode}); see "
+                              f"{self.p.out / 'logs' / (name + '.log')}", flush=True)
+                    else:
+                        done.add(name)
+                        self._done(stage, time.perf_counter() - since)
+                self._show()
+        except KeyboardInterrupt:
+            for _, proc, _ in self.running.values():
+                proc.terminate()
+                proc.wait()
+            raise
+        finally:
+            if self.bar:
+                self.bar.close()
+            if self.env is not None:
+                import ray
+
+                ray.shutdown()  # stops the local Ray it started; only disconnects from one it joined
+        return not failed
+
+    def _fits(self, stage: Stage) -> bool:
+        if not self.running:
+            return True
+        reserved = sum(job.cpus for job, _, _ in self.running.values())
+        return len(self.running) < self.cfg.parallel and reserved + stage.cpus <= self.room
+
+    def _call(self, stage: Stage) -> bool:
+        started = time.perf_counter()
+        try:
+            with open(self.p.out / "logs" / f"{stage.name}.log", "a") as log, \
+                    contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                stage.call()
+        except (RuntimeError, ValueError, OSError) as err:
+            print(f"{self.heads[stage.name]}: FAILED: {err}", flush=True)
+            return False
+        self._done(stage, time.perf_counter() - started)
+        return True
+
+    def _start(self, stage: Stage) -> None:
+        """The stage's job as a process, its output appended to logs/<stage>.log (the terminal with --verbose)."""
+        if self.env is None:
+            address, self.room = _ray_address(self.cfg, self.p.out / "logs" / "ray.log")
+            self.env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
+        config_path = self.p.out / "configs" / f"{stage.name}.yaml"
+        config_path.parent.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(yaml.safe_dump(stage.config, sort_keys=False))
+        verbose = is_verbose()
+        command = [sys.executable, "-m", stage.module, "--config", str(config_path),
+                   *(["--verbose"] if verbose else [])]
+        print(f"{self.heads[stage.name]} ...", flush=True)
+        with open(self.p.out / "logs" / f"{stage.name}.log", "a") as log:  # the child keeps its own descriptor
+            log.write(f"$ {' '.join(command)}\n")
+            log.flush()
+            proc = subprocess.Popen(command, cwd=REPO_ROOT, env=self.env, stdout=None if verbose else log,
+                                    stderr=subprocess.STDOUT,
+                                    preexec_fn=_die_with_parent)  # noqa: PLW1509 - one system call, no locks
+        self.running[stage.name] = (stage, proc, time.perf_counter())
+
+    def _done(self, stage: Stage, seconds: float) -> None:
+        # started/ended: the run's wall time counts stages that ran side by side once (see _provenance)
+        now = time.time()
+        self.marker(stage).write_text(json.dumps(
+            {"stage": stage.name, "seconds": round(seconds, 1), "started": round(now - seconds, 1),
+             "ended": round(now, 1), "output": str(stage.done_when)}) + "\n")
+        print(f"{self.heads[stage.name]}: done in {seconds:.0f} s ({_summary(stage)})", flush=True)
+
+    def _show(self) -> None:
+        jobs = [job for job, _, _ in self.running.values() if job.progress]
+        if is_verbose() or not sys.stderr.isatty() or not jobs:
+            if self.bar:
+                self.bar.close()
+                self.bar = None
+            return
+        label = "  " + ", ".join(job.name for job in jobs)
+        if self.bar is None or self.bar_label != label:
+            if self.bar:
+                self.bar.close()
+            self.bar, self.bar_label = Progress(1, label, leave=False), label
+        counts = [job.progress() for job in jobs]
+        self.bar.show(sum(done for done, _ in counts), sum(total for _, total in counts))
 
 
 def _run(argv: list[str]) -> int:
@@ -417,44 +574,10 @@ def _run(argv: list[str]) -> int:
     (p.out / "logs").mkdir(parents=True, exist_ok=True)
     (p.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     stages = _stages(cfg, p)
-    env = None
-    started_ray = False
     started = time.perf_counter()
     print(f"vigorl quickstart{' --fast' if cfg.fast else ''}: {len(stages)} stages; logs in {p.out / 'logs'}")
-    try:
-        for number, stage in enumerate(stages, 1):
-            marker = p.out / "stages" / f"{stage.name}.json"
-            head = f"[{number}/{len(stages)}] {stage.title}"
-            if marker.is_file() and stage.done_when.exists():
-                print(f"{head}: done before, skipped")
-                continue
-            stage_started = time.perf_counter()
-            if stage.call is not None:
-                try:
-                    with open(p.out / "logs" / f"{stage.name}.log", "a") as log, \
-                            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                        stage.call()
-                except (RuntimeError, ValueError, OSError) as err:
-                    print(f"{head}: FAILED: {err}")
-                    return 1
-            else:
-                if env is None:
-                    address, started_ray = _ray_address(cfg, p.out / "logs" / "ray.log")
-                    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
-                print(f"{head} ...", flush=True)
-                code = _run_job(stage, p, env, is_verbose())
-                if code != 0 or not stage.done_when.exists():
-                    print(f"{head}: FAILED (exit {code}); see {p.out / 'logs' / (stage.name + '.log')}")
-                    return 1
-            seconds = time.perf_counter() - stage_started
-            marker.write_text(json.dumps({"stage": stage.name, "seconds": round(seconds, 1),
-                                          "output": str(stage.done_when)}) + "\n")
-            print(f"{head}: done in {seconds:.0f} s ({_summary(stage)})")
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+    if not _Runner(cfg, p, stages).run():
+        return 1
     print(f"quickstart finished in {time.perf_counter() - started:.0f} s: {p.out / 'report.md'}")
     return 0
 

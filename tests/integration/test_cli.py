@@ -52,9 +52,12 @@ def test_quickstart_fast_runs_every_stage_and_a_rerun_skips_them(tmp_path, subpr
     result = _vigorl(["quickstart", "--fast", "--runs_dir", str(tmp_path)], env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = tmp_path / "quickstart" / "default"
-    stages = sorted(f.stem for f in (out / "stages").glob("*.json"))  # --fast evaluates the last model, in both modes
+    # --fast evaluates the two models that search with zooms, in both modes, side by side
+    stages = sorted(f.stem for f in (out / "stages").glob("*.json"))
     assert stages == sorted(["data", "base_data", "base", "teacher_data", "teacher", "mcts", "chains", "sft_data",
-                             "sft", "grpo", "grpo_zoom", "eval_grpo_zoom", "report"])
+                             "sft", "grpo", "grpo_zoom", "eval_sft", "eval_grpo_zoom", "report"])
+    evals = [json.loads((out / "stages" / f"eval_{m}.json").read_text()) for m in ("sft", "grpo_zoom")]
+    assert max(e["started"] for e in evals) < min(e["ended"] for e in evals), evals  # they overlapped
     lines = result.stdout.strip().splitlines()
     assert all(line.startswith(("vigorl quickstart", "[", "quickstart finished")) for line in lines), lines
     assert "INFO" not in result.stdout + result.stderr  # engine and Ray logs stay in the log files
@@ -86,14 +89,14 @@ def test_quickstart_fast_runs_every_stage_and_a_rerun_skips_them(tmp_path, subpr
     zoom = yaml.safe_load((out / "configs" / "grpo_zoom.yaml").read_text())  # the multi-turn arm starts from SFT
     assert Path(zoom["model"]).resolve() == (root / runs["sft"] / "latest").resolve()
     results = json.loads((out / "results.json").read_text())
-    assert set(results["models"]) == {"grpo_zoom"}
+    assert set(results["models"]) == {"sft", "grpo_zoom"}
     assert results["models"]["grpo_zoom"]["synthetic_colour"]["n"] == 4
     assert results["models"]["grpo_zoom"]["synthetic_colour"]["mode"] == "grounded"
     assert results["models"]["grpo_zoom"]["synthetic_zoom_colour"]["mode"] == "multiturn"
     assert [r["step"] for r in results["grpo"]["grpo"]] == [1, 2]
     assert "| grpo_zoom |" in (out / "report.md").read_text()
     rerun = _vigorl(["quickstart", "--fast", "--runs_dir", str(tmp_path)], env)
-    assert rerun.returncode == 0 and rerun.stdout.count("done before, skipped") == 13
+    assert rerun.returncode == 0 and rerun.stdout.count("done before, skipped") == 14
 
 
 def test_every_command_has_help(subprocess_env):
@@ -108,3 +111,16 @@ def test_every_command_has_help(subprocess_env):
 def test_serve_rejects_bad_configuration(subprocess_env):
     result = _vigorl(["serve", "--model", "m", "--gateway.limits.max_turns", "many"], subprocess_env)
     assert result.returncode == 2 and "gateway.limits.max_turns" in result.stderr
+
+
+def test_a_job_drops_the_lines_of_another_jobs_workers_but_keeps_serves(ray_local):
+    """Serve turns off Ray's per-job filter of worker lines: a job keeps its own workers' lines and Serve's
+    actors' (the engine logs), and drops another job's (e.g. the other GRPO arm's training progress)."""
+    from jobs.common import _from_another_job
+
+    ours = ray_local.get_runtime_context().get_job_id()
+    other = "7f" + ours[2:] if not ours.startswith("7f") else "01" + ours[2:]
+    assert not _from_another_job({"job": ours, "actor_name": "RayTrainWorker", "lines": ["step 1/2"]})
+    assert _from_another_job({"job": other, "actor_name": "RayTrainWorker", "lines": ["step 1/2"]})
+    assert not _from_another_job({"job": other, "actor_name": "ServeReplica:app:PolicyServer", "lines": ["INFO"]})
+    assert not _from_another_job({"job": "", "pid": "raylet", "lines": ["a raylet warning"]})
