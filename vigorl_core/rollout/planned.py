@@ -22,6 +22,14 @@ over a 1,000-token thought made every decode step wait on the structured-output 
 does), then the point, `</think>` and the tool call or answer under a short grammar, prompted with everything
 before it (a prefix-cache hit). The forced `<think> ` opening is part of the returned tokens with log-prob 0, as
 under a grammar that allows one token.
+
+`grammar_tail=False` takes the grammar off the tail as well: the second call samples only the point's 6 digits
+(under a logits mask of digit tokens), and the tail's fixed text (the point, `</think>`, the zoom call at that point
+or an answer word spelled from the digits, `<|im_end|>`) is appended as forced tokens with log-prob 0, like the
+`<think> ` opening. A turn then runs no grammar at all, as a trained model's (the driver's forced-final answer still
+does). Under vLLM a grammar request in a batch is a structured-output step for the whole batch; with turn-
+asynchronous rollouts some conversation is always in its tail, so the grammar tail taxes that schedule on nearly
+every step and lockstep only during each turn's tail.
 """
 
 from __future__ import annotations
@@ -80,6 +88,23 @@ def think_tail(zoom: bool) -> str:
     return r" \(C, C\)\. </think>\n".replace("C", _COORD) + (_TOOL.replace("C", _COORD) if zoom else _ANSWER)
 
 
+POINT_DIGITS = 6  # a free tail's point: 3 sampled digits per coordinate (0-999, as the grammar's)
+
+
+def digit_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """Ids of the one-character tokens 0-9."""
+    return tuple(sorted(i for token, i in tokenizer.get_vocab().items() if len(token) == 1 and token in "0123456789"))
+
+
+def free_tail_text(digits: str, zoom: bool) -> str:
+    """The tail after a free thought, from `POINT_DIGITS` sampled digits: the point, `</think>`, then the zoom call
+    at that point or an answer word spelled from the digits (a-j). Matches `think_tail(zoom)`."""
+    x, y = int(digits[:3]), int(digits[3:6])
+    end = (f'<tool_call>\n{{"name": "search_coordinate", "arguments": {{"coordinate": [{x}, {y}]}}}}\n</tool_call>'
+           if zoom else f"<answer> {''.join('abcdefghij'[int(d)] for d in digits)} </answer>")
+    return f" ({x}, {y}). </think>\n{end}"
+
+
 def letter_token_ids(tokenizer: Any) -> tuple[int, ...]:
     """Ids of the byte-level tokens that decode to lowercase letters and spaces only (Ġ is the space byte)."""
     plain = re.compile("[a-z\u0120]+")
@@ -94,7 +119,7 @@ class PlannedTurnsEngine:
     constrained = True
 
     def __init__(self, engine: PolicyEngine, tokenizer: Any, max_zooms: int = 4, max_think_chars: int = 48,
-                 min_zooms: int = 0, think_lengths: Sequence[int] = ()):
+                 min_zooms: int = 0, think_lengths: Sequence[int] = (), grammar_tail: bool = True):
         if not 0 <= min_zooms <= max_zooms:
             raise ValueError(f"need 0 <= min_zooms <= max_zooms, got {min_zooms}, {max_zooms}")
         if any(n < 1 for n in think_lengths):
@@ -102,6 +127,9 @@ class PlannedTurnsEngine:
         self.engine = engine
         self.think_lengths = tuple(think_lengths)
         self.letters = letter_token_ids(tokenizer) if think_lengths else ()
+        self.grammar_tail = grammar_tail
+        self.digits = digit_token_ids(tokenizer) if think_lengths and not grammar_tail else ()
+        self.tokenizer = tokenizer
         self.think_open = tokenizer.encode(THINK_OPEN, add_special_tokens=False)
         # Room kept after a free thought for its point, `</think>` and the call: the longest tail's tokens, spelled
         # letter by letter as a grammar may (the tiny model's small vocabulary does).
@@ -161,9 +189,18 @@ class PlannedTurnsEngine:
         [thought] = await self.engine.generate(head, images, replace(
             sampling, max_tokens=min(length, room), stop=(), stop_token_ids=(), allowed_token_ids=self.letters),
             f"{request_id}-think")
-        [tail] = await self.engine.generate(head + thought.token_ids, images, replace(
-            sampling, max_tokens=sampling.max_tokens - len(self.think_open) - len(thought.token_ids),
-            regex=think_tail(zoom), stop_token_ids=(self.eos_id,)), f"{request_id}-tail")
+        if self.grammar_tail:
+            [tail] = await self.engine.generate(head + thought.token_ids, images, replace(
+                sampling, max_tokens=sampling.max_tokens - len(self.think_open) - len(thought.token_ids),
+                regex=think_tail(zoom), stop_token_ids=(self.eos_id,)), f"{request_id}-tail")
+        else:
+            [digits] = await self.engine.generate(head + thought.token_ids, images, replace(
+                sampling, max_tokens=POINT_DIGITS, stop=(), stop_token_ids=(), allowed_token_ids=self.digits),
+                f"{request_id}-tail")
+            text = free_tail_text(digits.text.ljust(POINT_DIGITS, "0"), zoom) + "<|im_end|>"
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            tail = replace(digits, token_ids=ids, text=text, finish_reason="stop", stop_reason=self.eos_id,
+                           logprobs=None if digits.logprobs is None else [0.0] * len(ids))
         logprobs = None
         if thought.logprobs is not None and tail.logprobs is not None:
             logprobs = [0.0] * len(self.think_open) + thought.logprobs + tail.logprobs
