@@ -25,9 +25,11 @@ def percentile(values: list[float], q: float) -> float:
 
 class StackSampler:
     """Where a thread spends its time, sampled: every `interval` s another thread reads that thread's stack
-    (`sys._current_frames`). A sample whose innermost frame waits in `selectors` (an event loop with nothing to
-    do) counts as idle. `report()` gives, over the busy samples, the functions most often innermost (`self`) and
-    most often anywhere on the stack (`inclusive`), as fractions of all samples. Costs one stack walk per sample.
+    (`sys._current_frames`). Each sample stands for the time since the previous one (a thread running Python holds
+    the GIL, so the sampler wakes late then: counting samples would under-weight busy time). A sample whose innermost
+    frame waits in `selectors` (an event loop with nothing to do) is idle time. `report()` gives, over the busy
+    time, the functions most often innermost (`self`) and anywhere on the stack (`inclusive`), as fractions of all
+    the time sampled. Costs one stack walk per sample.
 
         with StackSampler() as sampler:   # samples the thread that entered it
             ...
@@ -36,9 +38,9 @@ class StackSampler:
 
     def __init__(self, interval: float = 0.002, top: int = 25):
         self.interval, self.top = interval, top
-        self.samples = self.idle = 0
-        self.own: dict[str, int] = {}
-        self.anywhere: dict[str, int] = {}
+        self.samples, self.total, self.idle = 0, 0.0, 0.0
+        self.own: dict[str, float] = {}
+        self.anywhere: dict[str, float] = {}
 
     @staticmethod
     def _name(code) -> str:
@@ -51,22 +53,28 @@ class StackSampler:
 
     def _run(self, ident: int) -> None:
         import sys
+        import time
 
+        last = time.perf_counter()
         while not self._stop.wait(self.interval):
             frame = sys._current_frames().get(ident)
+            now = time.perf_counter()
+            weight, last = now - last, now
             if frame is None:
                 continue
             self.samples += 1
+            self.total += weight
             if frame.f_code.co_filename.endswith("selectors.py"):
-                self.idle += 1
+                self.idle += weight
                 continue
-            self.own[self._name(frame.f_code)] = self.own.get(self._name(frame.f_code), 0) + 1
+            leaf = self._name(frame.f_code)
+            self.own[leaf] = self.own.get(leaf, 0.0) + weight
             seen = set()
             while frame is not None:
                 seen.add(self._name(frame.f_code))
                 frame = frame.f_back
             for name in seen:
-                self.anywhere[name] = self.anywhere.get(name, 0) + 1
+                self.anywhere[name] = self.anywhere.get(name, 0.0) + weight
 
     def __enter__(self):
         import threading
@@ -82,13 +90,13 @@ class StackSampler:
         self._thread.join()
 
     def report(self) -> dict:
-        n = max(self.samples, 1)
+        total = self.total or 1.0
 
-        def top(counts: dict[str, int]) -> dict[str, float]:
-            return {k: round(v / n, 4) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:self.top]}
+        def top(times: dict[str, float]) -> dict[str, float]:
+            return {k: round(v / total, 4) for k, v in sorted(times.items(), key=lambda kv: -kv[1])[:self.top]}
 
-        return {"samples": self.samples, "interval_s": self.interval, "busy": round(1 - self.idle / n, 4),
-                "self": top(self.own), "inclusive": top(self.anywhere)}
+        return {"samples": self.samples, "seconds": round(self.total, 3), "interval_s": self.interval,
+                "busy": round(1 - self.idle / total, 4), "self": top(self.own), "inclusive": top(self.anywhere)}
 
 
 class GcPauses:

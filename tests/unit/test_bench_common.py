@@ -48,3 +48,38 @@ def test_percentile_is_a_nearest_rank_value():
     assert common.percentile([5, 1, 3, 2, 4], 0.5) == 3
     assert common.percentile(list(range(100)), 0.99) == 98 and common.percentile(list(range(100)), 1.0) == 99
     assert common.percentile([7], 0.1) == 7
+
+
+def test_stack_sampler_counts_busy_and_idle_samples_of_the_thread_that_entered_it():
+    import asyncio
+    import time
+
+    from bench.common import StackSampler
+
+    def spin(seconds):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    async def main():
+        with StackSampler(interval=0.001) as sampler:
+            spin(0.15)  # busy on the loop thread
+            await asyncio.sleep(0.15)  # idle: the loop waits in selectors
+        return sampler.report()
+
+    report = asyncio.run(main())
+    assert report["samples"] > 20 and 0.2 < report["busy"] < 0.9
+    assert any(name.endswith(":spin") for name in report["self"])
+    assert any(name.endswith(":main") for name in report["inclusive"])
+
+
+def test_gc_pauses_are_timed_while_inside():
+    import gc
+
+    from bench.common import GcPauses
+
+    with GcPauses() as pauses:
+        gc.collect()
+    gc.collect()
+    report = pauses.report()
+    assert report["gc_collections"] == 1 and report["gc_seconds"] >= report["gc_max_seconds"] > 0
