@@ -594,11 +594,9 @@ def _summary(stage: Stage) -> str:
         kept = f", kept step {best['step']} (val exact match {best['val_exact_match']:.0%})" if best else ""
         return f"{summary['steps']} steps, loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}{kept}"
     if stage.module == "jobs.grpo":
-        records = [json.loads(line) for line in (out.parent / "metrics.jsonl").read_text().splitlines()
-                   if '"reward_mean"' in line]
-        first, last = records[0], records[-1]
-        return (f"{len(records)} steps, reward {first['reward_mean']:.2f} -> {last['reward_mean']:.2f}, "
-                f"accuracy {first['accuracy']:.0%} -> {last['accuracy']:.0%}")
+        from vigorl_core.synthetic.quickstart_report import curve_change, grpo_curves
+
+        return curve_change(grpo_curves(out.parent / "metrics.jsonl"))
     return str(out.parent if out.name in ("samples.jsonl", "stats.json", "train.json") else out)
 
 

@@ -103,3 +103,12 @@ def test_format_is_a_rate_even_when_the_multiturn_format_reward_exceeds_1(pointi
     rewards = [{"overall": 1.0, "format": f, "accuracy": 1.0} for f in (1.4, 1.2, 0.0, 1.0)]
     preds = [p.model_copy(update={"reward": r}) for p, r in zip(_predictions(pointing, correct=4), rewards)]
     assert model_results(preds)["synthetic_grounding"]["format_rate"] == 0.75
+
+
+def test_curve_change_averages_the_first_and_last_steps_of_a_long_run():
+    from vigorl_core.synthetic.quickstart_report import curve_change
+
+    records = [{"reward_mean": 0.5, "accuracy": 0.4}] * 5 + [{"reward_mean": 1.0, "accuracy": 1.0}] * 30 \
+        + [{"reward_mean": 0.9, "accuracy": 0.9}] * 4 + [{"reward_mean": 0.5, "accuracy": 0.5}]  # a bad last step
+    assert curve_change(records) == ("40 steps; reward 0.50 -> 0.82, accuracy 40% -> 82% "
+                                     "(means of the first and last 5 steps)")
