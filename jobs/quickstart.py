@@ -354,8 +354,8 @@ def _provenance(p: Paths) -> str:
         commit = "unknown"
     times = ", ".join(f"{stage['stage']} {stage['seconds']:.0f} s" for stage in stages)
     return (f"Made {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at commit {commit}, "
-            f"{os.cpu_count()} CPUs; the stages took {seconds / 60:.1f} min ({times}; the evaluations ran "
-            f"side by side, so their times overlap).")
+            f"{os.cpu_count()} CPUs; the stages took {seconds / 60:.1f} min ({times}; stages that ran side by "
+            f"side count once).")
 
 
 def _wall_seconds(stages: list[dict[str, Any]]) -> float:
@@ -524,23 +524,12 @@ class _Runner:
         return True
 
     def _start(self, stage: Stage) -> None:
-        """The stage's job as a process, its output appended to logs/<stage>.log (the terminal with --verbose)."""
+        """Start the stage's job (with the Ray it runs on, started or joined before the first job)."""
         if self.env is None:
             address, self.room = _ray_address(self.cfg, self.p.out / "logs" / "ray.log")
             self.env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
-        config_path = self.p.out / "configs" / f"{stage.name}.yaml"
-        config_path.parent.mkdir(parents=True, exist_ok=True)
-        config_path.write_text(yaml.safe_dump(stage.config, sort_keys=False))
-        verbose = is_verbose()
-        command = [sys.executable, "-m", stage.module, "--config", str(config_path),
-                   *(["--verbose"] if verbose else [])]
         print(f"{self.heads[stage.name]} ...", flush=True)
-        with open(self.p.out / "logs" / f"{stage.name}.log", "a") as log:  # the child keeps its own descriptor
-            log.write(f"$ {' '.join(command)}\n")
-            log.flush()
-            proc = subprocess.Popen(command, cwd=REPO_ROOT, env=self.env, stdout=None if verbose else log,
-                                    stderr=subprocess.STDOUT,
-                                    preexec_fn=_die_with_parent)  # noqa: PLW1509 - one system call, no locks
+        proc = _start_job(stage, self.p, self.env, is_verbose())
         self.running[stage.name] = (stage, proc, time.perf_counter())
 
     def _done(self, stage: Stage, seconds: float) -> None:
